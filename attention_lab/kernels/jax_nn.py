@@ -1,0 +1,61 @@
+"""``jax.nn.dot_product_attention`` behind the kernel contract.
+
+It adds what the contract asks beyond ``jax.nn``: any number of batch
+dimensions, and zeros (not the mean of the values) for a query whose keys are
+all masked. On GPU, ``jax_implementation="cudnn"`` selects cuDNN's fused
+kernel; on CPU XLA runs the materialised formulation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from attention_lab.kernels import checks
+from attention_lab.kernels.reference import full_mask
+
+
+def jax_nn_attention(query, key, value, bias=None, mask=None, *,
+                     scale: Optional[float] = None, is_causal: bool = False,
+                     local_window_size=None,
+                     jax_implementation: Optional[str] = None):
+  """Same arguments and shapes as ``reference_attention`` (no dropout)."""
+  shape = checks.check_inputs(query, key, value, mask, bias,
+                              who="jax_nn_attention")
+  batch = shape.batch
+  flat = math.prod(batch) if batch else 1
+
+  def flatten(x):
+    return x.reshape((flat,) + x.shape[len(batch):])
+
+  def flatten_scores(x):
+    if x is None:
+      return None
+    x = jnp.broadcast_to(x, batch + tuple(x.shape[-3:]) if x.ndim >= 3
+                         else batch + (1,) * (3 - x.ndim) + tuple(x.shape))
+    return x.reshape((flat,) + x.shape[len(batch):])
+
+  # jax.nn wants value_dim == head_dim; zero-padding the narrower side leaves
+  # the scores (scale fixed from the true head_dim) and the output unchanged.
+  width = max(shape.head_dim, shape.value_dim)
+  pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+  scale = shape.head_dim ** -0.5 if scale is None else scale
+  out = jax.nn.dot_product_attention(
+      flatten(pad(query)), flatten(pad(key)), flatten(pad(value)),
+      bias=flatten_scores(bias), mask=flatten_scores(mask), scale=scale,
+      is_causal=is_causal, local_window_size=local_window_size,
+      implementation=jax_implementation)
+  out = out.reshape(batch + out.shape[1:])[..., :shape.value_dim]
+
+  # jax.nn gives a fully masked row the mean of the values; the contract
+  # says zeros. Only a user mask or a window can empty a row.
+  if mask is not None or local_window_size is not None:
+    combined = full_mask(shape, mask, is_causal, local_window_size)
+    combined = jnp.broadcast_to(combined, shape.scores)
+    row_has_key = jnp.any(combined, axis=-1)            # [batch..., heads, q]
+    row_has_key = jnp.swapaxes(row_has_key, -1, -2)     # [batch..., q, heads]
+    out = jnp.where(row_has_key[..., None], out, jnp.zeros((), out.dtype))
+  return out

@@ -1,0 +1,119 @@
+"""Basic attention: Bahdanau (additive) and Luong (multiplicative), and attention pooling.
+
+These attend from one query vector per step (an RNN decoder state, or a learned
+pooling query) over a sequence of encoder states. The score math is in
+``attention_lab.kernels.scores``; these modules hold the parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from attention_lab.kernels import scores as scores_lib
+
+
+def _attend(module, scores, values, mask):
+  """Masked softmax over keys, weighted sum of values, weights sown.
+
+  scores ``[batch, q, kv]``, values ``[batch, kv, dv]``, mask ``[batch, kv]``.
+  """
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)[..., None, :]
+  weights = scores_lib.masked_softmax(scores, mask)         # float32
+  module.sow("intermediates", "attention_weights", weights)
+  context = jnp.einsum("...qk,...kd->...qd", weights, values.astype(weights.dtype))
+  return context.astype(values.dtype), weights
+
+
+def _as_queries(query):
+  """Accepts ``[batch, d]`` (one query) or ``[batch, q, d]``."""
+  single = query.ndim == 2
+  return (query[:, None, :] if single else query), single
+
+
+class AdditiveAttention(nn.Module):
+  """Bahdanau attention: ``score(q, k) = v^T tanh(W q + U k + b)``.
+
+  Attributes:
+    units: width of the hidden layer inside the score.
+  """
+  units: int
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, query, keys, values=None, mask=None):
+    """Attends from ``query`` to ``keys``.
+
+    Args:
+      query: ``[batch, q_features]`` or ``[batch, q_length, q_features]``.
+      keys: ``[batch, kv_length, k_features]``.
+      values: ``[batch, kv_length, v_features]`` (default: ``keys``).
+      mask: bool ``[batch, kv_length]``, True = valid key.
+
+    Returns:
+      context ``[batch, (q_length,) v_features]`` and weights
+      ``[batch, (q_length,) kv_length]``.
+    """
+    values = keys if values is None else values
+    queries, single = _as_queries(query)
+    init = nn.initializers.lecun_normal()
+    w = self.param("query_weight", init, (queries.shape[-1], self.units))
+    u = self.param("key_weight", init, (keys.shape[-1], self.units))
+    b = self.param("bias", nn.initializers.zeros, (self.units,))
+    v = self.param("energy_weight", nn.initializers.normal(self.units ** -0.5),
+                   (self.units,))
+    scores = scores_lib.additive_scores(queries, keys, w, u, v, b)
+    context, weights = _attend(self, scores, values, mask)
+    return (context[:, 0], weights[:, 0]) if single else (context, weights)
+
+
+class LuongAttention(nn.Module):
+  """Luong attention with ``dot`` (``q . k``) or ``general`` (``q W k``) scores."""
+  score: str = "general"
+
+  @nn.compact
+  def __call__(self, query, keys, values=None, mask=None):
+    """Same arguments and returns as ``AdditiveAttention``."""
+    values = keys if values is None else values
+    queries, single = _as_queries(query)
+    if self.score == "dot":
+      scores = scores_lib.dot_scores(queries, keys)
+    elif self.score == "general":
+      w = self.param("weight", nn.initializers.lecun_normal(),
+                     (queries.shape[-1], keys.shape[-1]))
+      scores = scores_lib.general_scores(queries, keys, w)
+    else:
+      raise ValueError(
+          f"LuongAttention: unknown score {self.score!r}; use 'dot' or 'general'")
+    context, weights = _attend(self, scores, values, mask)
+    return (context[:, 0], weights[:, 0]) if single else (context, weights)
+
+
+class AttentionPooling(nn.Module):
+  """Pools ``[batch, length, features]`` to ``[batch, features]`` with additive attention.
+
+  The query is a learned vector in the score's hidden space, so the score is
+  ``v^T tanh(q + U h_i)``: the attention-pooling classifier of Bahdanau-style
+  sequence models.
+  """
+  units: int
+
+  @nn.compact
+  def __call__(self, inputs, mask=None):
+    """inputs ``[batch, length, features]``, mask bool ``[batch, length]``.
+
+    Returns:
+      pooled ``[batch, features]`` and weights ``[batch, length]``.
+    """
+    query = self.param("query", nn.initializers.zeros, (1, self.units))
+    u = self.param("key_weight", nn.initializers.lecun_normal(),
+                   (inputs.shape[-1], self.units))
+    v = self.param("energy_weight", nn.initializers.normal(self.units ** -0.5),
+                   (self.units,))
+    queries = jnp.broadcast_to(query, inputs.shape[:-2] + (1, self.units))
+    scores = scores_lib.additive_scores(queries, inputs, None, u, v)
+    context, weights = _attend(self, scores, inputs, mask)
+    return context[..., 0, :], weights[..., 0, :]

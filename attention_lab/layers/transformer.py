@@ -1,0 +1,104 @@
+"""Transformer encoder pieces: pre-norm blocks, MLP, positional encodings."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from attention_lab.layers.attention import SelfAttention
+
+
+def sinusoidal_positions(length: int, features: int, max_scale: float = 1e4):
+  """Fixed sin/cos encodings of Vaswani et al.; returns ``[length, features]``."""
+  positions = np.arange(length)[:, None]
+  div = np.exp(np.arange(0, features, 2) * (-np.log(max_scale) / features))
+  table = np.zeros((length, features), np.float32)
+  table[:, 0::2] = np.sin(positions * div)
+  table[:, 1::2] = np.cos(positions * div)[:, : features // 2]
+  return jnp.asarray(table)
+
+
+class LearnedPositionEmbedding(nn.Module):
+  """Adds a learned ``[length, features]`` table to ``[batch, length, features]``."""
+  stddev: float = 0.02
+
+  @nn.compact
+  def __call__(self, x):
+    table = self.param("embedding", nn.initializers.normal(self.stddev),
+                       x.shape[-2:])
+    return x + table.astype(x.dtype)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> dropout -> Dense -> dropout."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool = True):
+    features = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype)(x)
+    x = nn.gelu(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dense(features, dtype=self.dtype)(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm Transformer block: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``.
+
+  Pre-norm keeps gradients well scaled without a long warm-up, which matters
+  for the short CPU runs this project trains.
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  kernel: Optional[str] = None
+  is_causal: bool = False
+  local_window_size: Any = None
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, deterministic: bool = True):
+    """``x [batch, length, features]``, mask broadcastable to
+    ``[batch, heads, length, length]`` -> ``[batch, length, features]``."""
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = SelfAttention(
+        num_heads=self.num_heads, kernel=self.kernel,
+        dropout_rate=self.attention_dropout_rate, is_causal=self.is_causal,
+        local_window_size=self.local_window_size, dtype=self.dtype,
+        name="attention")(y, mask=mask, deterministic=deterministic)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    return x + MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
+                        name="mlp")(y, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+  """A stack of ``EncoderBlock`` with a final LayerNorm."""
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  kernel: Optional[str] = None
+  is_causal: bool = False
+  local_window_size: Any = None
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, deterministic: bool = True):
+    for i in range(self.num_layers):
+      x = EncoderBlock(
+          num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+          dropout_rate=self.dropout_rate,
+          attention_dropout_rate=self.attention_dropout_rate,
+          kernel=self.kernel, is_causal=self.is_causal,
+          local_window_size=self.local_window_size, dtype=self.dtype,
+          name=f"block_{i}")(x, mask=mask, deterministic=deterministic)
+    return nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)

@@ -1,0 +1,33 @@
+"""Whole networks, built by name from ``config.model``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Type
+
+import flax.linen as nn
+
+from attention_lab.models.image import ViT
+
+MODELS: Dict[str, Type[nn.Module]] = {
+    "vit": ViT,
+}
+
+
+def build(model_config) -> nn.Module:
+  """Instantiates ``MODELS[model_config.name]`` with the other config fields.
+
+  Raises:
+    ValueError: unknown model name, or a config field the model does not have.
+  """
+  fields = dict(model_config)
+  name = fields.pop("name", None)
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+  cls = MODELS[name]
+  known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(
+        f"model {name!r} has no field(s) {unknown}; its fields: {', '.join(sorted(known))}")
+  return cls(**fields)

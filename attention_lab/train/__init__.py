@@ -1,0 +1,6 @@
+"""Training: one loop for every task, orbax checkpoints, metrics."""
+
+from attention_lab.train.loop import evaluate_checkpoint
+from attention_lab.train.loop import train_and_evaluate
+
+__all__ = ["evaluate_checkpoint", "train_and_evaluate"]

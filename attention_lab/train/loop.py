@@ -1,0 +1,260 @@
+"""The one training loop: every task trains and evaluates through here.
+
+Determinism: the batch of step ``s`` is a pure function of ``(config.seed, s)``
+and the dropout key of step ``s`` is ``fold_in(key(seed), s)``, so a run that
+is stopped and resumed from a checkpoint ends with exactly the parameters of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax.training import train_state
+
+from attention_lab import data as data_lib
+from attention_lab import models
+from attention_lab.train import checkpoint as checkpoint_lib
+from attention_lab.train import optim
+from attention_lab.train import progress as progress_lib
+from attention_lab.train import tasks as tasks_lib
+from attention_lab.viz import report as report_lib
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState (step, params, opt_state); nothing else is needed."""
+
+
+def _keys(seed: int):
+  init_key, dropout_key = jax.random.split(jax.random.key(seed))
+  return init_key, dropout_key
+
+
+def train_step(state: TrainState, batch, *, model, task, config, schedule,
+               dropout_key):
+  """One optimiser step. Returns the new state and scalar metrics."""
+  step_key = jax.random.fold_in(dropout_key, state.step)
+
+  def loss_fn(params):
+    outputs = model.apply({"params": params}, batch["inputs"], train=True,
+                          rngs={"dropout": step_key})
+    return task.train_loss(outputs, batch, config)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics = dict(metrics, grad_norm=_global_norm(grads),
+                 learning_rate=schedule(state.step))
+  return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(params, batch, *, model, task):
+  """Weighted metric sums over one evaluation batch."""
+  outputs = model.apply({"params": params}, batch["inputs"], train=False)
+  sums = task.eval_sums(outputs, batch)
+  sums["count"] = batch["weight"].sum()
+  return sums
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree_util.tree_leaves(tree)))
+
+
+class Experiment:
+  """Model, data, task and jitted steps built from one config.
+
+  Both ``train_and_evaluate`` and the ``eval`` mode use it, so a checkpoint is
+  always read back into exactly the structure that wrote it.
+  """
+
+  def __init__(self, config):
+    self.config = config
+    self.task = tasks_lib.get(config.task)
+    self.data = data_lib.build(config)
+    self.model = models.build(config.model)
+    self.tx, self.schedule = optim.make_optimizer(config)
+    init_key, self.dropout_key = _keys(config.seed)
+    example = self.data.train(0)["inputs"][:1]
+    params = jax.jit(lambda k, x: self.model.init({"params": k}, x, train=False))(
+        init_key, example)["params"]
+    self.initial_state = TrainState.create(
+        apply_fn=self.model.apply, params=params, tx=self.tx)
+    self.train_step = jax.jit(functools.partial(
+        train_step, model=self.model, task=self.task, config=config,
+        schedule=self.schedule, dropout_key=self.dropout_key), donate_argnums=0)
+    self.eval_step = jax.jit(functools.partial(
+        eval_step, model=self.model, task=self.task))
+
+  def num_params(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in
+               jax.tree_util.tree_leaves(self.initial_state.params))
+
+  def evaluate(self, params) -> Dict[str, float]:
+    """Metrics over the whole eval split (every example counted once)."""
+    totals: Dict[str, float] = {}
+    for batch in data_lib.eval_batches(self.data.eval, self.config.eval_batch_size):
+      sums = jax.device_get(self.eval_step(params, batch))
+      for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    count = totals.pop("count")
+    return {k: v / count for k, v in totals.items()}
+
+
+def _checkpoints(config, workdir):
+  return checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                    keep=config.keep_checkpoints)
+
+
+def train_and_evaluate(config, workdir: str, *,
+                       stop_after: Optional[int] = None) -> Dict[str, float]:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint.
+
+  Args:
+    config: an experiment ConfigDict (see ``experiments/``).
+    workdir: checkpoints, ``metrics.jsonl``, TensorBoard logs, pictures and
+      ``results.json`` go here.
+    stop_after: stop (with a checkpoint) once this step is reached, as if
+      the run were interrupted there; used to test resuming.
+
+  Returns:
+    The final evaluation metrics (also in ``WORKDIR/results.json``), or the
+    last logged training metrics when stopped early.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  exp = Experiment(config)
+  logging.info("%s: model %s with %s parameters; %d train / %d eval examples",
+               config.experiment, config.model.name, f"{exp.num_params():,}",
+               exp.data.train.size, len(exp.data.eval["label"]))
+
+  ckpts = _checkpoints(config, workdir)
+  writer = progress_lib.Writer(workdir)
+  state, record = exp.initial_state, {"elapsed_s": 0.0}
+  if ckpts.latest_step() is not None:
+    state, record = ckpts.restore(exp.initial_state)
+    writer.history.truncate_after(int(state.step))
+    logging.info("resumed from step %d in %s", int(state.step), ckpts.directory)
+  step = int(state.step)
+  progress = progress_lib.Progress(config.total_steps, step, record["elapsed_s"])
+
+  def save(step):
+    ckpts.save(step, state, {"elapsed_s": progress.elapsed(),
+                             "experiment": config.experiment})
+
+  pending = []  # per-step metrics since the last log line
+  metrics: Dict[str, float] = {}
+  while step < config.total_steps:
+    state, step_metrics = exp.train_step(state, exp.data.train(step))
+    step += 1
+    pending.append(step_metrics)
+    if step % config.log_every == 0 or step == config.total_steps:
+      metrics = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                 for k in pending[0]}
+      pending = []
+      _check_finite(step, metrics)
+      writer.scalars("train", step, metrics)
+      logging.info("%s", progress.line(step, metrics))
+    if step % config.eval_every == 0 and step < config.total_steps:
+      eval_metrics = exp.evaluate(state.params)
+      writer.scalars("eval", step, eval_metrics)
+      logging.info("eval at step %d: %s", step, _fmt(eval_metrics))
+    if step % config.checkpoint_every == 0 or step == config.total_steps:
+      save(step)
+    if stop_after is not None and step >= stop_after and step < config.total_steps:
+      if step % config.checkpoint_every:
+        save(step)
+      logging.info("stopping at step %d as asked; rerun to resume", step)
+      writer.close()
+      ckpts.close()
+      return metrics
+
+  if ckpts.latest_step() != step:
+    save(step)
+  results = finish(exp, state, workdir, writer, progress.elapsed())
+  writer.close()
+  ckpts.close()
+  return results
+
+
+def finish(exp: Experiment, state, workdir: str, writer, elapsed: float):
+  """Final evaluation, ``results.json`` and pictures."""
+  config = exp.config
+  step = int(state.step)
+  eval_metrics = exp.evaluate(state.params)
+  writer.scalars("eval", step, eval_metrics)
+  logging.info("final eval at step %d: %s", step, _fmt(eval_metrics))
+  results = {"experiment": config.experiment, "step": step,
+             "wall_time_s": round(elapsed, 2), "num_params": exp.num_params(),
+             **{f"eval_{k}": v for k, v in eval_metrics.items()}}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  pictures = draw(exp, state.params, workdir)
+  for path, image in pictures.items():
+    writer.image(os.path.splitext(os.path.basename(path))[0], step, image)
+  writer.flush()
+  logging.info("results in %s; pictures in %s", os.path.join(workdir, "results.json"),
+               os.path.join(workdir, "attention"))
+  return results
+
+
+def draw(exp: Experiment, params, workdir: str):
+  """Training curves and attention pictures of the first eval examples."""
+  config = exp.config
+  out_dir = os.path.join(workdir, "attention")
+  history = progress_lib.History(os.path.join(workdir, "metrics.jsonl")).read()
+  pictures = {}
+  pictures.update(report_lib.draw_curves(history, os.path.join(workdir, "curves.png")))
+  n = config.viz.num_examples
+  inputs = exp.data.eval["inputs"][:n]
+  logits, state = exp.model.apply({"params": params}, inputs, train=False,
+                                  mutable=["intermediates"])
+  weights = report_lib.collect_attention(state.get("intermediates", {}))
+  pictures.update(report_lib.draw_examples(
+      config.viz.kind, out_dir, inputs=np.asarray(inputs),
+      labels=np.asarray(exp.data.eval["label"][:n]),
+      predictions=np.asarray(jnp.argmax(logits, -1)), attention=weights))
+  return pictures
+
+
+def evaluate_checkpoint(config, workdir: str) -> Dict[str, float]:
+  """``--mode=eval``: evaluates the latest checkpoint in ``workdir``.
+
+  Raises:
+    FileNotFoundError: when ``workdir`` has no checkpoint.
+  """
+  ckpts = _checkpoints(config, workdir)
+  if ckpts.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}; train first")
+  exp = Experiment(config)
+  state, _ = ckpts.restore(exp.initial_state)
+  metrics = exp.evaluate(state.params)
+  logging.info("eval of step %d: %s", int(state.step), _fmt(metrics))
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump({"experiment": config.experiment, "step": int(state.step),
+               **{f"eval_{k}": v for k, v in metrics.items()}}, f, indent=2)
+  ckpts.close()
+  return metrics
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a NaN or infinity."""
+
+
+def _check_finite(step: int, metrics: Dict[str, float]) -> None:
+  bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+  if bad:
+    raise NonFiniteError(
+        f"non-finite {bad[0]} ({metrics[bad[0]]}) at step {step}; the last "
+        "checkpoint is kept; set --config.debug_nans=True to find the source")
+
+
+def _fmt(metrics: Dict[str, float]) -> str:
+  return ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))

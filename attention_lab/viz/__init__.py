@@ -1,0 +1,1 @@
+"""Pictures of attention: rollout math and matplotlib drawings."""

@@ -1,0 +1,46 @@
+"""Fields every experiment has; each experiment overrides what it needs.
+
+Every hyper-parameter the training loop reads is defined here or in the
+experiment file: the loop has no defaults of its own.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.experiment = ""             # set from the file name by experiments.get_config
+  config.seed = 0                    # model init, data order, dropout, augmentation
+  config.task = "classification"
+  config.total_steps = 1000
+  config.batch_size = 128
+  config.eval_batch_size = 500
+  config.log_every = 50
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 3
+  config.label_smoothing = 0.0
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 100
+  config.optimizer.end_factor = 0.01   # final LR = learning_rate * end_factor
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.grad_clip = 1.0     # global-norm clipping
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = ""
+  config.data.data_dir = ""          # "" = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+  config.data.train_split = "train"
+  config.data.eval_split = "test"
+  config.data.augment_shift = 0      # max random translation in pixels (images)
+
+  config.model = ml_collections.ConfigDict()
+
+  config.viz = ml_collections.ConfigDict()
+  config.viz.kind = "image"
+  config.viz.num_examples = 4
+  return config
