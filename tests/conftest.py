@@ -1,0 +1,55 @@
+"""Shared fixtures: a prepared offline TFDS directory and a tiny config."""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests run on CPU
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A TFDS data directory with mnist_offline prepared once per session."""
+  from attention_lab.data import sources
+  path = str(tmp_path_factory.mktemp("tfds"))
+  sources.load_split("mnist_offline", "test[:1]", path)
+  return path
+
+
+def tiny_vit_config(data_dir, **overrides):
+  """mnist_vit shrunk to seconds: 1 layer, width 16, 50 eval digits."""
+  import experiments
+  config = experiments.get_config("mnist_vit")
+  config.data.data_dir = data_dir
+  config.data.eval_split = "test[:50]"
+  config.total_steps = 6
+  config.batch_size = 16
+  config.eval_batch_size = 32
+  config.log_every = 2
+  config.eval_every = 3
+  config.checkpoint_every = 2
+  config.optimizer.warmup_steps = 2
+  config.model.patch_size = 7
+  config.model.hidden_dim = 16
+  config.model.num_layers = 2
+  config.model.num_heads = 2
+  config.model.mlp_dim = 32
+  config.viz.num_examples = 2
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture
+def tiny_config(data_dir):
+  return lambda **overrides: tiny_vit_config(data_dir, **overrides)

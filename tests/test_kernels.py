@@ -1,0 +1,315 @@
+"""Every registered kernel against the float64 reference, forward and gradients.
+
+Tolerances (absolute and relative, on outputs and on gradients):
+  float32 inputs:  2e-5 (forward), 1e-4 (gradients): float32 accumulation over
+                   <= 16 keys.
+  bfloat16 inputs: 3e-2: bfloat16 keeps 8 bits of mantissa (~4e-3 relative per
+                   rounding), and output and gradients are rounded once more.
+The float64 reference sees the same (already rounded) inputs, so the tolerance
+measures the kernel's arithmetic, not the input rounding.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+enable_x64 = lambda: jax.enable_x64(True)
+
+from attention_lab import kernels
+from attention_lab.kernels import masks
+
+TOLERANCE = {
+    jnp.float32: dict(forward=2e-5, grad=1e-4),
+    jnp.bfloat16: dict(forward=3e-2, grad=3e-2),
+}
+
+
+def _inputs(seed, batch=(2,), q_len=7, kv_len=13, heads=4, kv_heads=4,
+            head_dim=8, value_dim=8, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=batch + (q_len, heads, head_dim))
+  k = rng.normal(size=batch + (kv_len, kv_heads, head_dim))
+  v = rng.normal(size=batch + (kv_len, kv_heads, value_dim))
+  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def _padding(batch, q_len, kv_len, seed):
+  """Key padding, plus query padding that empties whole rows."""
+  rng = np.random.default_rng(seed)
+  kv_lengths = rng.integers(1, kv_len + 1, size=batch)
+  q_lengths = rng.integers(1, q_len, size=batch)  # leaves >= 1 empty query row
+  q_valid = masks.padding_mask(q_lengths, q_len)
+  kv_valid = masks.padding_mask(kv_lengths, kv_len)
+  return masks.attention_mask(q_valid, kv_valid)   # [batch, 1, q, kv]
+
+
+CASES = {
+    "plain": {},
+    "padding_mask": {"mask": "padding"},
+    "bias": {"bias": True},
+    "causal": {"is_causal": True},
+    "window": {"local_window_size": (2, 1)},
+    "causal_window_bias_mask": {"is_causal": True, "local_window_size": 3,
+                                "bias": True, "mask": "padding"},
+    "grouped_query_heads": {"kv_heads": 2},
+    "value_dim_differs": {"value_dim": 5},
+    "length_one": {"q_len": 1, "kv_len": 1},
+    "two_batch_dims": {"batch": (2, 3), "mask": "padding"},
+}
+
+
+def _build(case, dtype, seed=0):
+  case = dict(case)
+  shape = {k: case.pop(k) for k in ("batch", "q_len", "kv_len", "kv_heads", "value_dim")
+           if k in case}
+  q, k, v = _inputs(seed, dtype=dtype, **shape)
+  batch, q_len, kv_len = q.shape[:-3], q.shape[-3], k.shape[-3]
+  kwargs = {}
+  if case.pop("mask", None) == "padding":
+    kwargs["mask"] = _padding(batch, q_len, kv_len, seed + 1)
+  if case.pop("bias", False):
+    rng = np.random.default_rng(seed + 2)
+    kwargs["bias"] = jnp.asarray(rng.normal(size=(q.shape[-2], q_len, kv_len)), dtype)
+  kwargs.update(case)
+  return (q, k, v), kwargs
+
+
+def _loss_grads(fn, q, k, v, bias, cotangent, **kwargs):
+  """Gradients of ``sum(out * cotangent)`` wrt q, k, v (and bias)."""
+  def loss(q, k, v, bias):
+    out = fn(q, k, v, bias=bias, **kwargs)
+    return jnp.sum(out.astype(cotangent.dtype) * cotangent)
+  argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
+  return jax.grad(loss, argnums=argnums)(q, k, v, bias)
+
+
+def _reference64(q, k, v, kwargs, cotangent):
+  with enable_x64():
+    cast = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
+    q64, k64, v64 = (cast(x) for x in (q, k, v))
+    kw = dict(kwargs)
+    bias = cast(kw.pop("bias", None))
+    out = kernels.reference_attention(q64, k64, v64, bias=bias, **kw)
+    grads = _loss_grads(kernels.reference_attention, q64, k64, v64, bias,
+                        jnp.asarray(cotangent, jnp.float64), **kw)
+    return np.asarray(out), [np.asarray(g) for g in grads]
+
+
+def _assert_close(got, want, tol, what):
+  got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+  assert np.all(np.isfinite(got)), f"{what}: non-finite values"
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=what)
+
+
+@pytest.mark.parametrize("name", kernels.names())
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_kernel_matches_float64_reference(name, case, dtype):
+  (q, k, v), kwargs = _build(CASES[case], dtype)
+  out = jax.jit(lambda q, k, v, b: kernels.dot_product_attention(
+      q, k, v, bias=b, implementation=name,
+      **{x: y for x, y in kwargs.items() if x != "bias"}))(q, k, v, kwargs.get("bias"))
+  assert out.dtype == dtype
+  assert out.shape == q.shape[:-1] + (v.shape[-1],)
+  cotangent = np.random.default_rng(9).normal(size=out.shape)
+  want, want_grads = _reference64(q, k, v, kwargs, cotangent)
+  tol = TOLERANCE[dtype]
+  _assert_close(out, want, tol["forward"], f"{name} forward")
+
+  kw = dict(kwargs)
+  bias = kw.pop("bias", None)
+  fn = lambda q, k, v, bias, **a: kernels.dot_product_attention(
+      q, k, v, bias=bias, implementation=name, **a)
+  grads = _loss_grads(fn, q, k, v, bias, jnp.asarray(cotangent, jnp.float32), **kw)
+  for label, g, w in zip("qkvb", grads, want_grads):
+    _assert_close(g, w, tol["grad"], f"{name} d{label}")
+
+
+@pytest.mark.parametrize("name", kernels.names())
+def test_fully_masked_rows_are_zero_with_finite_gradients(name):
+  q, k, v = _inputs(3)
+  mask = jnp.ones((2, 1, 7, 13), bool).at[0, :, 2].set(False).at[1].set(False)
+  out, vjp = jax.vjp(lambda q, k, v: kernels.dot_product_attention(
+      q, k, v, mask=mask, implementation=name), q, k, v)
+  assert np.all(np.asarray(out[0, 2]) == 0.0)
+  assert np.all(np.asarray(out[1]) == 0.0)
+  assert np.all(np.isfinite(np.asarray(out)))
+  for g in vjp(jnp.ones_like(out)):
+    assert np.all(np.isfinite(np.asarray(g)))
+  # No gradient flows to the keys of an all-masked batch element.
+  assert np.all(np.asarray(vjp(jnp.ones_like(out))[1][1]) == 0.0)
+
+
+def test_reference_matches_independent_numpy_loops():
+  """The ground truth itself, against the textbook formula written with loops."""
+  q, k, v = (np.asarray(x, np.float64) for x in _inputs(5, batch=(1,), q_len=3, kv_len=4, heads=2, kv_heads=2))
+  mask = np.array([[True, True, False, True], [False] * 4, [True] * 4])
+  bias = np.random.default_rng(0).normal(size=(3, 4))
+  want = np.zeros((1, 3, 2, 8))
+  for h in range(2):
+    for i in range(3):
+      if not mask[i].any():
+        continue
+      logits = np.array([q[0, i, h] @ k[0, j, h] / np.sqrt(8) + bias[i, j] for j in range(4)])
+      logits = np.where(mask[i], logits, -np.inf)
+      p = np.exp(logits - logits.max())
+      p /= p.sum()
+      want[0, i, h] = sum(p[j] * v[0, j, h] for j in range(4))
+  with enable_x64():
+    got = kernels.reference_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                      bias=jnp.asarray(bias), mask=jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_matches_jax_nn_semantics_for_causal_and_window():
+  """Causal and window masks mean what they mean in jax.nn (start-aligned)."""
+  q, k, v = _inputs(1, q_len=5, kv_len=9)
+  for kw in ({"is_causal": True}, {"local_window_size": (1, 2)},
+             {"is_causal": True, "local_window_size": (2, 0)}):
+    want = jax.nn.dot_product_attention(q, k, v, implementation="xla", **kw)
+    got = kernels.reference_attention(q, k, v, **kw)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=str(kw))
+
+
+def test_softmax_runs_in_float32_for_bfloat16_inputs():
+  q, k, v = _inputs(2, dtype=jnp.bfloat16)
+  weights = kernels.attention_weights(q, k)
+  assert weights.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, atol=1e-6)
+
+
+def test_dropout_matches_flax_semantics():
+  import flax.linen as nn
+  q, k, v = _inputs(4)
+  rng = jax.random.key(7)
+  got = kernels.dot_product_attention(q, k, v, dropout_rate=0.3, dropout_rng=rng,
+                                      deterministic=False, implementation="reference")
+  want = nn.dot_product_attention(q, k, v, dropout_rate=0.3, dropout_rng=rng,
+                                  deterministic=False)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  same = kernels.dot_product_attention(q, k, v, dropout_rate=0.3, dropout_rng=rng,
+                                       deterministic=True)
+  np.testing.assert_allclose(same, kernels.reference_attention(q, k, v), rtol=2e-5, atol=2e-5)
+
+
+def test_kernels_compose_with_vmap_and_jit():
+  q, k, v = _inputs(6, batch=(3,))
+  for name in kernels.names():
+    fn = lambda q, k, v: kernels.dot_product_attention(q, k, v, implementation=name,
+                                                       is_causal=True)
+    batched = jax.jit(jax.vmap(fn))(q[:, None], k[:, None], v[:, None])[:, 0]
+    np.testing.assert_allclose(batched, fn(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_lists_kernels_and_capabilities():
+  assert {"reference", "jax_nn"} <= set(kernels.names())
+  caps = kernels.capabilities("reference")
+  assert all(caps[f] for f in kernels.FEATURES)
+  jax_caps = kernels.capabilities("jax_nn")
+  assert jax_caps["mask"] and jax_caps["causal"] and not jax_caps["dropout"]
+  assert "cpu" in jax_caps["platforms"]
+
+
+def test_unknown_kernel_lists_known_ones():
+  with pytest.raises(ValueError, match=r"unknown attention kernel 'flash9'.*reference"):
+    kernels.get("flash9")
+  q, k, v = _inputs(0)
+  with pytest.raises(ValueError, match="flash9"):
+    kernels.dot_product_attention(q, k, v, implementation="flash9")
+  with pytest.raises(ValueError, match="flash9"):
+    kernels.attention_fn("flash9")
+
+
+def test_missing_feature_names_kernel_and_feature():
+  q, k, v = _inputs(0)
+  with pytest.raises(ValueError, match=r"'jax_nn' does not support 'dropout'"):
+    kernels.dot_product_attention(q, k, v, implementation="jax_nn", dropout_rate=0.1,
+                                  dropout_rng=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"'jax_nn' does not support 'weights'"):
+    kernels.dot_product_attention(q, k, v, implementation="jax_nn", return_weights=True)
+
+
+def test_default_dispatch_picks_a_capable_kernel_and_logs_it(caplog):
+  q, k, v = _inputs(0)
+  assert kernels.select(frozenset()).name == kernels.preference()[0]
+  spec = kernels.select(frozenset({"dropout"}))
+  assert spec.name == "reference"
+  out = kernels.dot_product_attention(q, k, v, dropout_rate=0.5,
+                                      dropout_rng=jax.random.key(0))
+  assert out.shape == q.shape
+
+
+def test_dropout_without_rng_is_an_error():
+  q, k, v = _inputs(0)
+  with pytest.raises(ValueError, match="dropout_rng"):
+    kernels.dot_product_attention(q, k, v, dropout_rate=0.1)
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (lambda q, k, v: (q, k[..., :5], v), "head_dim differ"),
+    (lambda q, k, v: (q, k, v[:, :3]), "lengths differ"),
+    (lambda q, k, v: (q[:1], k, v), "batch dimensions differ"),
+    (lambda q, k, v: (q[..., :3, :], k, v), r"multiple of key/value heads"),
+    (lambda q, k, v: (q[0, 0], k[0, 0], v[0, 0]), "at least 3 dims"),
+    (lambda q, k, v: (q.astype(jnp.int32), k, v), "floating point"),
+])
+def test_bad_shapes_name_the_arrays(bad, pattern):
+  q, k, v = bad(*_inputs(0))
+  for name in kernels.names():
+    with pytest.raises(ValueError, match=pattern) as info:
+      kernels.dot_product_attention(q, k, v, implementation=name)
+    assert "query" in str(info.value) and "key" in str(info.value)
+
+
+def test_bad_mask_and_bias_shapes():
+  q, k, v = _inputs(0)
+  with pytest.raises(ValueError, match=r"mask shape \(2, 1, 7, 12\) does not broadcast"):
+    kernels.dot_product_attention(q, k, v, mask=jnp.ones((2, 1, 7, 12), bool))
+  with pytest.raises(ValueError, match=r"bias shape \(3, 7, 13\) does not broadcast"):
+    kernels.dot_product_attention(q, k, v, bias=jnp.ones((3, 7, 13)))
+  with pytest.raises(ValueError, match="mask must be boolean"):
+    kernels.reference_attention(q, k, v, mask=jnp.ones((7, 13)))
+
+
+def test_float_flax_masks_are_read_as_truthy():
+  q, k, v = _inputs(0)
+  float_mask = jnp.asarray(np.random.default_rng(0).random((2, 1, 7, 13)) > 0.3, jnp.float32)
+  np.testing.assert_array_equal(
+      kernels.dot_product_attention(q, k, v, mask=float_mask),
+      kernels.dot_product_attention(q, k, v, mask=float_mask.astype(bool)))
+
+
+# ---------------------------------------------------------------- masks
+
+
+def test_mask_helpers():
+  np.testing.assert_array_equal(masks.padding_mask(jnp.array([0, 2, 3]), 3),
+                                [[0, 0, 0], [1, 1, 0], [1, 1, 1]])
+  np.testing.assert_array_equal(masks.causal_mask(3), np.tril(np.ones((3, 3), bool)))
+  np.testing.assert_array_equal(masks.causal_mask(2, 4), [[1, 0, 0, 0], [1, 1, 0, 0]])
+  band = masks.sliding_window_mask(4, window=(1, 0))
+  np.testing.assert_array_equal(band, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])
+  pair = masks.attention_mask(jnp.array([[1, 1, 0]], bool), jnp.array([[1, 0]], bool))
+  assert pair.shape == (1, 1, 3, 2)
+  np.testing.assert_array_equal(pair[0, 0], [[1, 0], [1, 0], [0, 0]])
+  assert masks.combine_masks(None, None) is None
+  np.testing.assert_array_equal(masks.combine_masks(masks.causal_mask(3), band[:3, :3]),
+                                [[1, 0, 0], [1, 1, 0], [0, 1, 1]])
+  assert masks.key_padding_mask(jnp.array([1, 2]), 3).shape == (2, 1, 1, 3)
+  with pytest.raises(ValueError, match="window"):
+    masks.sliding_window_mask(3, window=(-1, 0))
+
+
+@pytest.mark.parametrize("q_len, kv_len, window", list(itertools.product((1, 4), (1, 5), (0, 2))))
+def test_window_and_causal_masks_match_jax_nn(q_len, kv_len, window):
+  q, k, v = _inputs(8, q_len=q_len, kv_len=kv_len)
+  explicit = masks.combine_masks(masks.causal_mask(q_len, kv_len),
+                                 masks.sliding_window_mask(q_len, kv_len, (window, 0)))
+  got = kernels.reference_attention(q, k, v, mask=explicit)
+  want = kernels.reference_attention(q, k, v, is_causal=True, local_window_size=(window, 0))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

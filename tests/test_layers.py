@@ -1,0 +1,177 @@
+"""Flax layers: interop with flax.linen, sown weights, basic attention, ViT."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_lab import kernels
+from attention_lab import layers
+from attention_lab import models
+from attention_lab.kernels import scores
+
+X = jax.random.normal(jax.random.key(0), (2, 5, 16))
+VALID = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize("name", kernels.names())
+def test_attention_fn_matches_flax_attention_with_masks(name):
+  flax_mha = nn.MultiHeadDotProductAttention(num_heads=4)
+  ours = nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=kernels.attention_fn(name))
+  params = flax_mha.init(jax.random.key(1), X)
+  key_padding = nn.make_attention_mask(jnp.ones_like(VALID), VALID)        # float 0/1
+  causal_and_padding = nn.combine_masks(key_padding, nn.make_causal_mask(VALID))
+  for mask in (None, key_padding, causal_and_padding, key_padding.astype(bool)):
+    np.testing.assert_allclose(ours.apply(params, X, mask=mask),
+                               flax_mha.apply(params, X, mask=mask), rtol=1e-5, atol=1e-5)
+  # With query padding some rows have no key: Flax averages the values there,
+  # the contract returns zeros. Rows with a key agree.
+  both = nn.make_attention_mask(VALID, VALID)
+  got, want = ours.apply(params, X, mask=both), flax_mha.apply(params, X, mask=both)
+  np.testing.assert_allclose(got[0, :3], want[0, :3], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_fn_sows_weights_through_flax():
+  mha = nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=kernels.attention_fn("jax_nn"))
+  params = mha.init(jax.random.key(1), X)
+  _, state = mha.apply(params, X, sow_weights=True, mutable=["intermediates"])
+  (weights,) = state["intermediates"]["attention_weights"]
+  assert weights.shape == (2, 4, 5, 5)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+
+
+def test_attention_fn_passes_flax_dropout():
+  mha = nn.MultiHeadDotProductAttention(num_heads=4, dropout_rate=0.5,
+                                        attention_fn=kernels.attention_fn(None))
+  params = mha.init(jax.random.key(1), X, deterministic=True)
+  a = mha.apply(params, X, deterministic=False, rngs={"dropout": jax.random.key(2)})
+  b = mha.apply(params, X, deterministic=True)
+  assert not np.allclose(a, b)
+
+
+def test_our_multi_head_attention_equals_flax_with_the_same_parameters():
+  flax_mha = nn.MultiHeadDotProductAttention(num_heads=4)
+  params = flax_mha.init(jax.random.key(1), X)
+  mask = nn.make_attention_mask(jnp.ones_like(VALID), VALID)
+  for name in kernels.names():
+    ours = layers.MultiHeadAttention(num_heads=4, kernel=name)
+    np.testing.assert_allclose(ours.apply(params, X, mask=mask),
+                               flax_mha.apply(params, X, mask=mask), rtol=1e-5, atol=1e-5)
+
+
+def test_sown_weights_do_not_depend_on_the_kernel():
+  params = layers.SelfAttention(num_heads=4).init(jax.random.key(3), X)
+  mask = nn.make_attention_mask(VALID, VALID).astype(bool)
+  sown = {}
+  for name in kernels.names():
+    _, state = layers.SelfAttention(num_heads=4, kernel=name).apply(
+        params, X, mask=mask, mutable=["intermediates"])
+    sown[name] = state["intermediates"]["attention_weights"][0]
+  first = sown[kernels.names()[0]]
+  for w in sown.values():
+    np.testing.assert_allclose(w, first, rtol=1e-6, atol=1e-6)
+  assert np.all(np.asarray(first[0, :, 3:]) == 0.0)   # padded queries attend nowhere
+
+
+def test_cross_attention_shapes_and_heads_check():
+  ctx = jax.random.normal(jax.random.key(4), (2, 3, 8))
+  cross = layers.CrossAttention(num_heads=2, qkv_features=8)
+  params = cross.init(jax.random.key(5), X, ctx)
+  assert cross.apply(params, X, ctx).shape == (2, 5, 16)
+  with pytest.raises(ValueError, match="not divisible by num_heads 3"):
+    layers.SelfAttention(num_heads=3).init(jax.random.key(0), X)
+
+
+def test_multi_head_attention_unknown_kernel():
+  with pytest.raises(ValueError, match="unknown attention kernel 'nope'"):
+    layers.SelfAttention(num_heads=4, kernel="nope").init(jax.random.key(0), X)
+
+
+def test_scores_match_their_formulas():
+  rng = np.random.default_rng(0)
+  q, k = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 5, 4))
+  w, wq, wk, v, b = (rng.normal(size=s) for s in ((4, 4), (4, 6), (4, 6), (6,), (6,)))
+  np.testing.assert_allclose(scores.dot_scores(q, k), q @ k.transpose(0, 2, 1), rtol=1e-5)
+  np.testing.assert_allclose(scores.scaled_dot_scores(q, k), q @ k.transpose(0, 2, 1) / 2, rtol=1e-5)
+  np.testing.assert_allclose(scores.general_scores(q, k, w), q @ w @ k.transpose(0, 2, 1), rtol=1e-5)
+  want = np.array([[[v @ np.tanh(wq.T @ q[n, i] + wk.T @ k[n, j] + b) for j in range(5)]
+                    for i in range(3)] for n in range(2)])
+  np.testing.assert_allclose(scores.additive_scores(q, k, wq, wk, v, b), want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="weight shape"):
+    scores.general_scores(q, k, np.ones((3, 4)))
+  with pytest.raises(ValueError, match="query features 4 != key features 3"):
+    scores.dot_scores(q, k[..., :3])
+
+
+def test_masked_softmax_edges():
+  logits = jnp.array([[1.0, 1e30, 2.0], [5.0, 6.0, 7.0]], jnp.bfloat16)
+  mask = jnp.array([[True, False, True], [False, False, False]])
+  w = scores.masked_softmax(logits, mask)
+  assert w.dtype == jnp.float32
+  np.testing.assert_allclose(w[0], [np.exp(-1) / (1 + np.exp(-1)), 0, 1 / (1 + np.exp(-1))], rtol=1e-2)
+  np.testing.assert_array_equal(w[1], [0, 0, 0])
+  grad = jax.grad(lambda x: scores.masked_softmax(x, mask)[0, 0])(logits.astype(jnp.float32))
+  assert np.all(np.isfinite(grad)) and grad[0, 1] == 0
+
+
+@pytest.mark.parametrize("module", [
+    layers.AdditiveAttention(units=8), layers.LuongAttention(score="dot"),
+    layers.LuongAttention(score="general")])
+def test_basic_attention_masks_and_normalises(module):
+  query = X[:, 0]                                           # [batch, features]
+  mask = VALID.astype(bool)
+  params = module.init(jax.random.key(0), query, X, mask=mask)
+  (context, weights), state = module.apply(params, query, X, mask=mask, mutable=["intermediates"])
+  assert context.shape == (2, 16) and weights.shape == (2, 5)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+  assert np.all(np.asarray(weights[0, 3:]) == 0)
+  np.testing.assert_allclose(context[0], (weights[0, :, None] * X[0]).sum(0), rtol=1e-5, atol=1e-5)
+  assert "attention_weights" in state["intermediates"]
+  # Several queries at once (the teacher-forced decoder case).
+  ctx_many, w_many = module.apply(params, X[:, :3], X, mask=mask)
+  assert ctx_many.shape == (2, 3, 16) and w_many.shape == (2, 3, 5)
+
+
+def test_luong_unknown_score():
+  with pytest.raises(ValueError, match="unknown score 'cosine'"):
+    layers.LuongAttention(score="cosine").init(jax.random.key(0), X[:, 0], X)
+
+
+def test_attention_pooling():
+  pool = layers.AttentionPooling(units=8)
+  params = pool.init(jax.random.key(0), X)
+  pooled, weights = pool.apply(params, X, mask=VALID.astype(bool))
+  assert pooled.shape == (2, 16)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+  assert np.all(np.asarray(weights[0, 3:]) == 0)
+  np.testing.assert_allclose(pooled[0], (weights[0, :, None] * X[0]).sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_and_sinusoids():
+  enc = layers.Encoder(num_layers=2, num_heads=4, mlp_dim=32, dropout_rate=0.1)
+  params = enc.init(jax.random.key(0), X)
+  out = enc.apply(params, X, deterministic=False, rngs={"dropout": jax.random.key(1)})
+  assert out.shape == X.shape
+  table = layers.sinusoidal_positions(10, 6)
+  assert table.shape == (10, 6)
+  np.testing.assert_allclose(table[0], [0, 1, 0, 1, 0, 1], atol=1e-6)
+
+
+def test_vit_builds_from_config_and_checks_inputs():
+  config = {"name": "vit", "num_classes": 10, "patch_size": 7, "hidden_dim": 16,
+            "num_layers": 1, "num_heads": 2, "mlp_dim": 16, "kernel": "reference"}
+  model = models.build(config)
+  images = jnp.zeros((3, 28, 28, 1))
+  params = model.init(jax.random.key(0), images)
+  assert model.apply(params, images).shape == (3, 10)
+  _, state = model.apply(params, images, mutable=["intermediates"])
+  (w,) = jax.tree_util.tree_leaves(state)
+  assert w.shape == (3, 2, 17, 17)                    # 16 patches + CLS
+  with pytest.raises(ValueError, match="not divisible by patch_size 7"):
+    model.init(jax.random.key(0), jnp.zeros((1, 30, 30, 1)))
+  with pytest.raises(ValueError, match=r"has no field\(s\) \['depth'\]"):
+    models.build({**config, "depth": 3})
+  with pytest.raises(ValueError, match="unknown model 'resnet9'"):
+    models.build({**config, "name": "resnet9"})
