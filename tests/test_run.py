@@ -68,7 +68,8 @@ def test_overrides_reach_the_run(tmp_path, data_dir):
               f"--config.data.data_dir={data_dir}", "--config.data.eval_split=test[:20]",
               "--config.total_steps=2", "--config.batch_size=8", "--config.log_every=1",
               "--config.model.num_layers=1", "--config.model.hidden_dim=16",
-              "--config.model.patch_size=7", "--config.model.kernel=reference",
+              "--config.model.patch_size=7", "--config.model.stem=patch",
+              "--config.model.kernel=reference",
               "--config.viz.num_examples=1")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 2/2" in proc.stderr and "steps/s" in proc.stderr and "ETA" in proc.stderr
