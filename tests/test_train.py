@@ -89,6 +89,8 @@ def test_resuming_with_a_changed_model_fails_and_keeps_checkpoints(tmp_path, tin
   with pytest.raises(checkpoint_lib.CheckpointError, match=r"cannot restore checkpoint step 2.*shape"):
     train.train_and_evaluate(tiny_config(total_steps=4, **{"model.hidden_dim": 24}), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["hidden_dim"] == 16      # the saved run's config stays
 
 
 def test_corrupt_checkpoint_is_named_in_the_error(tmp_path, tiny_config):

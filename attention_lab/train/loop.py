@@ -128,20 +128,32 @@ def train_and_evaluate(config, workdir: str, *,
     last logged training metrics when stopped early.
   """
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
   exp = Experiment(config)
   logging.info("%s: model %s with %s parameters; %d train / %d eval examples",
                config.experiment, config.model.name, f"{exp.num_params():,}",
                exp.data.train.size, len(exp.data.eval["label"]))
-
   ckpts = _checkpoints(config, workdir)
-  writer = progress_lib.Writer(workdir)
-  state, record = exp.initial_state, {"elapsed_s": 0.0}
-  if ckpts.latest_step() is not None:
-    state, record = ckpts.restore(exp.initial_state)
+  writer = None
+  try:
+    state, record = exp.initial_state, {"elapsed_s": 0.0}
+    if ckpts.latest_step() is not None:
+      state, record = ckpts.restore(exp.initial_state)
+      logging.info("resumed from step %d in %s", int(state.step), ckpts.directory)
+    # Written only once the checkpoint (if any) fits this config.
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    writer = progress_lib.Writer(workdir)
     writer.history.truncate_after(int(state.step))
-    logging.info("resumed from step %d in %s", int(state.step), ckpts.directory)
+    return _train(exp, state, record, ckpts, writer, workdir, stop_after)
+  finally:
+    if writer is not None:
+      writer.close()
+    ckpts.close()
+
+
+def _train(exp, state, record, ckpts, writer, workdir, stop_after):
+  """The loop proper: steps, logs, evaluations, checkpoints, then ``finish``."""
+  config = exp.config
   step = int(state.step)
   progress = progress_lib.Progress(config.total_steps, step, record["elapsed_s"])
 
@@ -172,16 +184,11 @@ def train_and_evaluate(config, workdir: str, *,
       if step % config.checkpoint_every:
         save(step)
       logging.info("stopping at step %d as asked; rerun to resume", step)
-      writer.close()
-      ckpts.close()
       return metrics
 
   if ckpts.latest_step() != step:
     save(step)
-  results = finish(exp, state, workdir, writer, progress.elapsed())
-  writer.close()
-  ckpts.close()
-  return results
+  return finish(exp, state, workdir, writer, progress.elapsed())
 
 
 def finish(exp: Experiment, state, workdir: str, writer, elapsed: float):
@@ -232,15 +239,18 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, float]:
   """
   ckpts = _checkpoints(config, workdir)
   if ckpts.latest_step() is None:
+    ckpts.close()
     raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}; train first")
-  exp = Experiment(config)
-  state, _ = ckpts.restore(exp.initial_state)
+  try:
+    exp = Experiment(config)
+    state, _ = ckpts.restore(exp.initial_state)
+  finally:
+    ckpts.close()
   metrics = exp.evaluate(state.params)
   logging.info("eval of step %d: %s", int(state.step), _fmt(metrics))
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump({"experiment": config.experiment, "step": int(state.step),
                **{f"eval_{k}": v for k, v in metrics.items()}}, f, indent=2)
-  ckpts.close()
   return metrics
 
 
