@@ -103,11 +103,26 @@ def _assert_close(got, want, tol, what):
   np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=what)
 
 
-@pytest.mark.parametrize("name", kernels.names())
+# Kernels that run on this backend (pallas runs interpreted on CPU).
+RUNNABLE = [n for n in kernels.names() if jax.default_backend() in kernels.get(n).platforms]
+
+
+def _skip_unless_supported(name, kwargs, dtype=None):
+  features = kernels.requested_features(
+      mask=kwargs.get("mask"), bias=kwargs.get("bias"),
+      is_causal=kwargs.get("is_causal", False),
+      local_window_size=kwargs.get("local_window_size"))
+  missing = features - kernels.get(name).features
+  if missing:
+    pytest.skip(f"{name} declares no {sorted(missing)}")
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_kernel_matches_float64_reference(name, case, dtype):
   (q, k, v), kwargs = _build(CASES[case], dtype)
+  _skip_unless_supported(name, kwargs)
   out = jax.jit(lambda q, k, v, b: kernels.dot_product_attention(
       q, k, v, bias=b, implementation=name,
       **{x: y for x, y in kwargs.items() if x != "bias"}))(q, k, v, kwargs.get("bias"))
@@ -127,19 +142,27 @@ def test_kernel_matches_float64_reference(name, case, dtype):
     _assert_close(g, w, tol["grad"], f"{name} d{label}")
 
 
-@pytest.mark.parametrize("name", kernels.names())
+@pytest.mark.parametrize("name", RUNNABLE)
 def test_fully_masked_rows_are_zero_with_finite_gradients(name):
+  """Query row 2 of element 0 and all of element 1 see no key."""
   q, k, v = _inputs(3)
-  mask = jnp.ones((2, 1, 7, 13), bool).at[0, :, 2].set(False).at[1].set(False)
+  dense = "mask" in kernels.get(name).features
+  if dense:
+    mask = jnp.ones((2, 1, 7, 13), bool).at[0, :, 2].set(False).at[1].set(False)
+    options = {"mask": mask}
+  else:  # kernels without dense masks pad by lengths: element 1 has no keys
+    options = {"kv_lengths": jnp.array([13, 0])}
   out, vjp = jax.vjp(lambda q, k, v: kernels.dot_product_attention(
-      q, k, v, mask=mask, implementation=name), q, k, v)
-  assert np.all(np.asarray(out[0, 2]) == 0.0)
-  assert np.all(np.asarray(out[1]) == 0.0)
+      q, k, v, implementation=name, **options), q, k, v)
   assert np.all(np.isfinite(np.asarray(out)))
-  for g in vjp(jnp.ones_like(out)):
+  assert np.all(np.asarray(out[1]) == 0.0)
+  if dense:
+    assert np.all(np.asarray(out[0, 2]) == 0.0)
+  grads = vjp(jnp.ones_like(out))
+  for g in grads:
     assert np.all(np.isfinite(np.asarray(g)))
-  # No gradient flows to the keys of an all-masked batch element.
-  assert np.all(np.asarray(vjp(jnp.ones_like(out))[1][1]) == 0.0)
+  # No gradient flows to the keys of the batch element that has none visible.
+  assert np.all(np.asarray(grads[1][1]) == 0.0)
 
 
 def test_reference_matches_independent_numpy_loops():
@@ -196,7 +219,7 @@ def test_dropout_matches_flax_semantics():
 
 def test_kernels_compose_with_vmap_and_jit():
   q, k, v = _inputs(6, batch=(3,))
-  for name in kernels.names():
+  for name in RUNNABLE:
     fn = lambda q, k, v: kernels.dot_product_attention(q, k, v, implementation=name,
                                                        is_causal=True)
     batched = jax.jit(jax.vmap(fn))(q[:, None], k[:, None], v[:, None])[:, 0]
@@ -207,7 +230,7 @@ def test_kernels_compose_with_vmap_and_jit():
 
 
 def test_registry_lists_kernels_and_capabilities():
-  assert {"reference", "jax_nn"} <= set(kernels.names())
+  assert {"reference", "jax_nn", "blockwise", "pallas", "cudnn"} <= set(kernels.names())
   caps = kernels.capabilities("reference")
   assert all(caps[f] for f in kernels.FEATURES)
   jax_caps = kernels.capabilities("jax_nn")
@@ -234,14 +257,48 @@ def test_missing_feature_names_kernel_and_feature():
     kernels.dot_product_attention(q, k, v, implementation="jax_nn", return_weights=True)
 
 
-def test_default_dispatch_picks_a_capable_kernel_and_logs_it(caplog):
-  q, k, v = _inputs(0)
-  assert kernels.select(frozenset()).name == kernels.preference()[0]
-  spec = kernels.select(frozenset({"dropout"}))
-  assert spec.name == "reference"
-  out = kernels.dot_product_attention(q, k, v, dropout_rate=0.5,
-                                      dropout_rng=jax.random.key(0))
+def test_default_dispatch_per_backend():
+  assert kernels.preference("cpu")[0] == "blockwise"
+  assert kernels.preference("gpu")[:2] == ["cudnn", "pallas"]
+  assert kernels.preference("tpu")[0] == "pallas"
+  assert kernels.select(frozenset({"dropout"}), "cpu").name == "reference"
+  # On GPU: cuDNN for half precision, the Pallas kernel for float32, jax.nn
+  # when a dense mask is asked for.
+  shape = kernels.checks.AttentionShape((1,), 128, 128, 8, 8, 64, 64)
+  assert kernels.select(frozenset({"causal"}), "gpu", "bfloat16", shape).name == "cudnn"
+  assert kernels.select(frozenset({"causal"}), "gpu", "float32", shape).name == "pallas"
+  assert kernels.select(frozenset({"mask"}), "gpu", "float32", shape).name == "jax_nn"
+  odd = shape._replace(head_dim=20, value_dim=20)
+  assert kernels.select(frozenset(), "gpu", "bfloat16", odd).name == "pallas"
+  # On CPU, short sequences go to jax.nn, long ones to the blockwise kernel.
+  long = shape._replace(q_length=4096, kv_length=4096)
+  assert kernels.select(frozenset({"mask"}), "cpu", "float32", long).name == "blockwise"
+  assert kernels.select(frozenset({"mask"}), "cpu", "float32", shape).name == "jax_nn"
+
+
+def test_dispatch_logs_the_choice_and_what_it_skipped(caplog):
+  import logging
+  kernels._LOGGED_CHOICES.clear()   # each choice is logged once per process
+  q, k, v = _inputs(0, q_len=3, kv_len=3)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    out = kernels.dot_product_attention(q, k, v, dropout_rate=0.5,
+                                        dropout_rng=jax.random.key(0))
   assert out.shape == q.shape
+  chosen = [r.getMessage() for r in caplog.records
+            if "attention kernel on cpu for ['dropout']" in r.getMessage()]
+  assert chosen and "reference" in chosen[0] and "jax_nn (lacks dropout)" in chosen[0]
+
+
+def test_explicit_kernel_checks_platform_and_dtype():
+  q, k, v = _inputs(0)
+  with pytest.raises(ValueError, match=r"'cudnn' does not run on 'cpu'"):
+    kernels.dot_product_attention(q, k, v, implementation="cudnn")
+  with pytest.raises(ValueError, match=r"'pallas' does not support 'mask'"):
+    kernels.dot_product_attention(q, k, v, implementation="pallas", mask=jnp.ones((7, 13), bool))
+  with enable_x64():
+    q64 = jnp.asarray(np.asarray(q), jnp.float64)
+    with pytest.raises(ValueError, match=r"'pallas' does not support dtype float64"):
+      kernels.dot_product_attention(q64, q64, q64, implementation="pallas")
 
 
 def test_dropout_without_rng_is_an_error():
@@ -260,7 +317,7 @@ def test_dropout_without_rng_is_an_error():
 ])
 def test_bad_shapes_name_the_arrays(bad, pattern):
   q, k, v = bad(*_inputs(0))
-  for name in kernels.names():
+  for name in RUNNABLE:
     with pytest.raises(ValueError, match=pattern) as info:
       kernels.dot_product_attention(q, k, v, implementation=name)
     assert "query" in str(info.value) and "key" in str(info.value)

@@ -22,6 +22,7 @@ It also satisfies Flax's ``attention_fn`` contract, so
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
@@ -31,7 +32,9 @@ from absl import logging
 from attention_lab.kernels import checks
 from attention_lab.kernels import masks
 from attention_lab.kernels import scores
+from attention_lab.kernels.blockwise import blockwise_attention
 from attention_lab.kernels.jax_nn import jax_nn_attention
+from attention_lab.kernels.pallas import pallas_attention
 from attention_lab.kernels.reference import attention_weights
 from attention_lab.kernels.reference import reference_attention
 
@@ -50,6 +53,10 @@ class KernelSpec:
     platforms: backends it runs on.
     dtypes: input dtypes it accepts.
     description: one line for listings.
+    applies: optional ``fn(AttentionShape) -> bool``: automatic dispatch
+      skips the kernel when it says no (a hard limit such as cuDNN's head
+      sizes, or shapes where the next kernel is measurably faster). An
+      explicit ``implementation=`` ignores it.
   """
   name: str
   fn: Callable
@@ -57,6 +64,7 @@ class KernelSpec:
   platforms: Tuple[str, ...] = PLATFORMS
   dtypes: Tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
   description: str = ""
+  applies: Optional[Callable[[checks.AttentionShape], bool]] = None
 
   def supports(self, feature: str) -> bool:
     return feature in self.features
@@ -125,31 +133,48 @@ def requested_features(*, mask=None, bias=None, is_causal=False,
   return frozenset(f for f, on in wanted.items() if on)
 
 
-def select(features: FrozenSet[str], platform: Optional[str] = None) -> KernelSpec:
-  """The preferred kernel on ``platform`` that supports ``features``."""
+def _why_not(spec: KernelSpec, features, dtype, shape) -> Optional[str]:
+  """None if ``spec`` can run this call, else the reason it cannot."""
+  missing = sorted(features - spec.features)
+  if missing:
+    return f"lacks {', '.join(missing)}"
+  if dtype is not None and str(dtype) not in spec.dtypes:
+    return f"not for {dtype}"
+  if shape is not None and spec.applies is not None and not spec.applies(shape):
+    return "not for this shape"
+  return None
+
+
+def select(features: FrozenSet[str], platform: Optional[str] = None,
+           dtype=None, shape: Optional[checks.AttentionShape] = None) -> KernelSpec:
+  """The preferred kernel on ``platform`` that can run this call.
+
+  Every skipped kernel is named, with the reason, in the (once per choice) log.
+  """
   platform = platform or jax.default_backend()
   order = _PREFERENCE.get(platform, [])
-  for position, name in enumerate(order):
+  skipped = []
+  for name in order:
     spec = _REGISTRY[name]
-    if features <= spec.features:
-      key = (platform, features, name)
-      if key not in _LOGGED_CHOICES:
-        _LOGGED_CHOICES.add(key)
-        skipped = [
-            f"{n} (lacks {', '.join(sorted(features - _REGISTRY[n].features))})"
-            for n in order[:position]]
-        logging.info("attention kernel on %s for %s: %s%s", platform,
-                     sorted(features) or "plain attention", name,
-                     f"; skipped {', '.join(skipped)}" if skipped else "")
-      return spec
+    reason = _why_not(spec, features, dtype, shape)
+    if reason:
+      skipped.append(f"{name} ({reason})")
+      continue
+    key = (platform, features, str(dtype), name, tuple(skipped))
+    if key not in _LOGGED_CHOICES:
+      _LOGGED_CHOICES.add(key)
+      logging.info("attention kernel on %s for %s: %s%s", platform,
+                   sorted(features) or "plain attention", name,
+                   f"; skipped {', '.join(skipped)}" if skipped else "")
+    return spec
   raise ValueError(
       f"no registered kernel on {platform} supports {sorted(features)}; "
       f"kernels: {', '.join(names())}")
 
 
 def check_supported(spec: KernelSpec, features: FrozenSet[str],
-                    platform: Optional[str] = None) -> None:
-  """ValueError naming the kernel and the first missing feature or platform."""
+                    platform: Optional[str] = None, dtype=None) -> None:
+  """ValueError naming the kernel and the first missing feature, platform or dtype."""
   missing = sorted(features - spec.features)
   if missing:
     raise ValueError(
@@ -160,6 +185,10 @@ def check_supported(spec: KernelSpec, features: FrozenSet[str],
     raise ValueError(
         f"attention kernel {spec.name!r} does not run on {platform!r} "
         f"(platforms: {', '.join(spec.platforms)})")
+  if dtype is not None and str(dtype) not in spec.dtypes:
+    raise ValueError(
+        f"attention kernel {spec.name!r} does not support dtype {dtype} "
+        f"(dtypes: {', '.join(spec.dtypes)})")
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *,
@@ -197,18 +226,18 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
   if dtype is not None:
     query, key, value = (x.astype(dtype) for x in (query, key, value))
   mask = checks.as_bool_mask(mask)
-  checks.check_inputs(query, key, value, mask, bias,
-                      who="dot_product_attention")
+  shape = checks.check_inputs(query, key, value, mask, bias,
+                              who="dot_product_attention")
   use_dropout = dropout_rate > 0.0 and not deterministic
   return_weights = bool(options.get("return_weights", False))
   features = requested_features(mask=mask, bias=bias, is_causal=is_causal,
                                 local_window_size=local_window_size,
                                 dropout=use_dropout, weights=return_weights)
   if implementation is None:
-    spec = select(features)
+    spec = select(features, dtype=query.dtype, shape=shape)
   else:
     spec = get(implementation)
-    check_supported(spec, features)
+    check_supported(spec, features, dtype=query.dtype)
 
   kwargs = {k: v for k, v in options.items()
             if not (k == "return_weights" and not v)}
@@ -259,6 +288,13 @@ def attention_fn(name: Optional[str]):
   return fn
 
 
+_CUDNN_HEAD_DIMS = frozenset(range(8, 257, 8))  # cuDNN's fused attention limits
+# Below this many keys the materialised jax.nn formulation is faster on CPU
+# (benchmarks/README.md: at 512 tokens jax.nn runs 1.4x blockwise's speed, at
+# 1,024 blockwise runs 2.4x jax.nn's).
+BLOCKWISE_MIN_KV_LENGTH = 1024
+
+
 register(KernelSpec(
     name="reference", fn=reference_attention,
     features=frozenset(FEATURES),
@@ -266,12 +302,32 @@ register(KernelSpec(
 register(KernelSpec(
     name="jax_nn", fn=jax_nn_attention,
     features=frozenset({"mask", "bias", "causal", "window"}),
-    description="jax.nn.dot_product_attention (XLA; cuDNN on GPU by option)"),
-    prefer_on=PLATFORMS)
+    description="jax.nn.dot_product_attention, XLA formulation"),
+    prefer_on=("tpu", "gpu", "cpu"))
+register(KernelSpec(
+    name="pallas", fn=pallas_attention,
+    features=frozenset({"causal", "window"}),
+    dtypes=("float32", "bfloat16", "float16"),
+    description="Pallas flash attention (GPU/TPU; interpreted on CPU); kv_lengths for padding"),
+    prefer_on=("tpu", "gpu"))
+register(KernelSpec(
+    name="cudnn", fn=functools.partial(jax_nn_attention, jax_implementation="cudnn"),
+    features=frozenset({"mask", "bias", "causal", "window"}),
+    platforms=("gpu",), dtypes=("bfloat16", "float16"),
+    applies=lambda s: s.head_dim == s.value_dim and s.head_dim in _CUDNN_HEAD_DIMS,
+    description="cuDNN fused attention through jax.nn (GPU, half precision)"),
+    prefer_on=("gpu",))
+register(KernelSpec(
+    name="blockwise", fn=blockwise_attention,
+    features=frozenset({"mask", "bias", "causal", "window"}),
+    applies=lambda s: s.kv_length >= BLOCKWISE_MIN_KV_LENGTH,
+    description="online softmax over key blocks, custom_vjp; O(length) memory"),
+    prefer_on=("cpu",))
 
 __all__ = [
-    "FEATURES", "KernelSpec", "attention_fn", "attention_weights",
+    "FEATURES", "KernelSpec", "attention_fn", "attention_weights", "blockwise_attention",
     "capabilities", "check_supported", "dot_product_attention", "get",
-    "jax_nn_attention", "masks", "names", "preference", "reference_attention",
+    "jax_nn_attention", "masks", "names", "pallas_attention", "preference",
+    "reference_attention",
     "register", "requested_features", "scores", "select",
 ]

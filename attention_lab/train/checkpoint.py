@@ -30,7 +30,10 @@ class Checkpoints:
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        # Saves are waited for anyway (the loop needs them on disk before it
+        # goes on), so no background thread is kept writing.
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=False))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()

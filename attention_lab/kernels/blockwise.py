@@ -1,0 +1,365 @@
+"""Blockwise (flash-style) attention in plain JAX: O(length) memory, custom backward.
+
+The keys are visited in blocks while an online softmax keeps, per query, the
+running maximum ``m``, normaliser ``l`` and weighted sum ``acc``
+(Milakov & Gimelshein 2018; Dao et al. 2022). The score matrix never exists in
+full: the forward pass keeps ``out`` and the log-sum-exp per query, and the
+``custom_vjp`` backward recomputes each block's probabilities from them.
+
+Causal and windowed attention skip key blocks that lie wholly outside the band,
+so causal attention does about half the work of full attention.
+
+Layout inside: heads-major ``[batch, heads, length, dim]`` so each block is a
+batch of plain matrix products.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attention_lab.kernels import checks
+from attention_lab.kernels.masks import _window_sides
+from attention_lab.kernels.reference import repeat_kv_heads
+
+# Measured on a 2-core CPU (benchmarks/README.md): 256 x 1024 blocks are the
+# fastest for full attention; banded (causal, windowed) attention skips and
+# masks at key-block granularity, where 512 wastes less.
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_K = 1024
+DEFAULT_BLOCK_K_BANDED = 512
+_NEG_INF = -jnp.inf
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def _compact(x, batch: Tuple[int, ...], flat: int, fill, q_pad: int, kv_pad: int):
+  """Mask or bias ``[batch..., heads, q, kv]`` (broadcastable) -> 4-D, padded.
+
+  Dimensions of size one stay size one (nothing is materialised that the
+  caller did not pass); batch dims collapse to ``flat`` or 1.
+  """
+  if x is None:
+    return None
+  x = jnp.asarray(x)
+  x = x.reshape((1,) * (len(batch) + 3 - x.ndim) + x.shape)
+  lead, tail = x.shape[:len(batch)], x.shape[len(batch):]
+  if all(d == 1 for d in lead):
+    x = x.reshape((1,) + tail)
+  else:
+    x = jnp.broadcast_to(x, batch + tail).reshape((flat,) + tail)
+  pads = [(0, 0), (0, 0),
+          (0, q_pad if x.shape[2] != 1 else 0),
+          (0, kv_pad if x.shape[3] != 1 else 0)]
+  return jnp.pad(x, pads, constant_values=fill) if any(p[1] for p in pads) else x
+
+
+def _block(x, q_start, bq, k_start, bk):
+  """The ``[.., bq, bk]`` block of a compact mask/bias (size-1 dims kept)."""
+  if x is None:
+    return None
+  starts = (0, 0, q_start if x.shape[2] != 1 else 0, k_start if x.shape[3] != 1 else 0)
+  sizes = (x.shape[0], x.shape[1], bq if x.shape[2] != 1 else 1, bk if x.shape[3] != 1 else 1)
+  return lax.dynamic_slice(x, starts, sizes)
+
+
+class _Static:
+  """Static (hashable) settings of one call: lengths, blocks, masking forms."""
+
+  def __init__(self, q_len, kv_len, block_q, block_k, scale, causal, window,
+               has_mask=False, has_lengths=False):
+    self.q_len, self.kv_len = q_len, kv_len
+    self.bq, self.bk = block_q, block_k
+    self.q_padded = _round_up(q_len, block_q)
+    self.kv_padded = _round_up(kv_len, block_k)
+    self.nq, self.nk = self.q_padded // block_q, self.kv_padded // block_k
+    self.scale, self.causal, self.window = scale, causal, window
+    # Without any masking every score is valid: the where/-inf bookkeeping
+    # (a third of the forward's elementwise work) is skipped.
+    self.needs_mask = (causal or window is not None or has_mask or has_lengths
+                       or self.kv_padded != kv_len)
+    # Causal alone: blocks wholly below the diagonal need no mask, so only
+    # the diagonal blocks pay for it.
+    self.split_causal = causal and window is None and not (has_mask or has_lengths)
+
+  def unmasked_key_blocks_end(self, qi, lo, hi):
+    """For split_causal: key blocks ``[lo, end)`` are fully visible to block ``qi``."""
+    end = jnp.minimum(qi * self.bq + 1, self.kv_len) // self.bk
+    return jnp.clip(end, lo, hi)
+
+  def unmasked_query_blocks_start(self, kj, lo, hi):
+    """For split_causal: query blocks ``[start, hi)`` see all of key block ``kj``."""
+    k_end = (kj + 1) * self.bk
+    start = (k_end - 1 + self.bq - 1) // self.bq
+    start = jnp.where(k_end <= self.kv_len, start, hi)     # a padded block stays masked
+    return jnp.clip(start, lo, hi)
+
+  def key_block_range(self, qi):
+    """Key blocks that can hold a visible key for query block ``qi``."""
+    lo, hi = 0, self.nk
+    q_first, q_last = qi * self.bq, qi * self.bq + self.bq - 1
+    if self.causal:
+      hi = jnp.minimum(hi, q_last // self.bk + 1)
+    if self.window is not None:
+      left, right = self.window
+      lo = jnp.maximum(lo, (q_first - left) // self.bk)
+      hi = jnp.minimum(hi, (q_last + right) // self.bk + 1)
+    return jnp.clip(lo, 0, self.nk), jnp.clip(hi, 0, self.nk)
+
+  def query_block_range(self, kj):
+    """Query blocks that can see a key of key block ``kj``."""
+    lo, hi = 0, self.nq
+    k_first, k_last = kj * self.bk, kj * self.bk + self.bk - 1
+    if self.causal:
+      lo = jnp.maximum(lo, k_first // self.bq)
+    if self.window is not None:
+      left, right = self.window
+      lo = jnp.maximum(lo, (k_first - right) // self.bq)
+      hi = jnp.minimum(hi, (k_last + left) // self.bq + 1)
+    return jnp.clip(lo, 0, self.nq), jnp.clip(hi, 0, self.nq)
+
+  def valid(self, q_start, k_start, mask_blk, q_lengths, kv_lengths):
+    """Boolean ``[batch|1, heads|1, bq, bk]`` of visible (query, key) pairs."""
+    q_pos = q_start + jnp.arange(self.bq)[:, None]
+    k_pos = k_start + jnp.arange(self.bk)[None, :]
+    ok = k_pos < self.kv_len
+    if self.causal:
+      ok = ok & (k_pos <= q_pos)
+    if self.window is not None:
+      left, right = self.window
+      ok = ok & (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
+    ok = ok[None, None]
+    if kv_lengths is not None:
+      ok = ok & (k_pos[None, None] < kv_lengths[:, None, None, None])
+    if q_lengths is not None:
+      ok = ok & (q_pos[None, None] < q_lengths[:, None, None, None])
+    if mask_blk is not None:
+      ok = ok & mask_blk
+    return ok
+
+
+def _scores(st, qb, kb, bias_blk):
+  """Scores of a block; ``qb`` arrives pre-multiplied by the scale."""
+  s = jnp.einsum("bnqd,bnkd->bnqk", qb, kb, preferred_element_type=jnp.float32)
+  if bias_blk is not None:
+    s = s + bias_blk.astype(jnp.float32)
+  return s
+
+
+def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths):
+  """Returns ``out [b, n, Tp, dv]`` (input dtype) and ``lse [b, n, Tp]`` (float32)."""
+  b, n, _, _ = q.shape
+  dv = v.shape[-1]
+
+  def query_block(qi):
+    q_start = qi * st.bq
+    qb = lax.dynamic_slice_in_dim(q, q_start, st.bq, axis=2)
+
+    def body(kj, carry, masked=st.needs_mask):
+      m, l, acc = carry
+      k_start = kj * st.bk
+      kb = lax.dynamic_slice_in_dim(k, k_start, st.bk, axis=2)
+      vb = lax.dynamic_slice_in_dim(v, k_start, st.bk, axis=2)
+      s = _scores(st, qb, kb, _block(bias, q_start, st.bq, k_start, st.bk))
+      if masked:
+        ok = st.valid(q_start, k_start, _block(mask, q_start, st.bq, k_start, st.bk),
+                      q_lengths, kv_lengths)
+        s = jnp.where(ok, s, _NEG_INF)
+      m_new = jnp.maximum(m, s.max(-1))
+      m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new) if masked else m_new
+      p = jnp.exp(s - m_safe[..., None])                  # masked -> exp(-inf) = 0
+      correction = jnp.exp(m - m_safe)                    # m = -inf -> 0
+      l = correction * l + p.sum(-1)
+      acc = correction[..., None] * acc + jnp.einsum(
+          "bnqk,bnkd->bnqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+      return m_new, l, acc
+
+    init = (jnp.full((b, n, st.bq), _NEG_INF, jnp.float32),
+            jnp.zeros((b, n, st.bq), jnp.float32),
+            jnp.zeros((b, n, st.bq, dv), jnp.float32))
+    lo, hi = st.key_block_range(qi)
+    if st.split_causal:
+      mid = st.unmasked_key_blocks_end(qi, lo, hi)
+      carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), init)
+      m, l, acc = lax.fori_loop(mid, hi, body, carry)
+    else:
+      m, l, acc = lax.fori_loop(lo, hi, body, init)
+    has_key = l > 0
+    out = jnp.where(has_key[..., None], acc / jnp.where(has_key, l, 1.0)[..., None], 0.0)
+    lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), _NEG_INF)
+    return out.astype(q.dtype), lse
+
+  outs, lses = lax.map(query_block, jnp.arange(st.nq))     # [nq, b, n, bq, ...]
+  out = jnp.moveaxis(outs, 0, 2).reshape(b, n, st.q_padded, dv)
+  lse = jnp.moveaxis(lses, 0, 2).reshape(b, n, st.q_padded)
+  return out, lse
+
+
+def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out):
+  """Gradients wrt q, k, v (and bias), recomputing probabilities block by block."""
+  f32 = jnp.float32
+  delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)     # [b, n, Tp]
+  d_q = jnp.zeros(q.shape, f32)
+  d_k = jnp.zeros(k.shape, f32)
+  d_v = jnp.zeros(v.shape, f32)
+  d_bias = None if bias is None else jnp.zeros(bias.shape, f32)
+
+  def reduce_to(x, shape):
+    """Sums a ``[b, n, bq, bk]`` block over the dims a compact array broadcasts."""
+    axes = tuple(i for i, d in enumerate(shape) if d == 1 and x.shape[i] != 1)
+    return x.sum(axis=axes, keepdims=True) if axes else x
+
+  def key_block(kj, carry):
+    d_q, d_k, d_v, d_bias = carry
+    k_start = kj * st.bk
+    kb = lax.dynamic_slice_in_dim(k, k_start, st.bk, axis=2)
+    vb = lax.dynamic_slice_in_dim(v, k_start, st.bk, axis=2)
+
+    def query_block(qi, inner, masked=st.needs_mask):
+      d_q, d_kb, d_vb, d_bias = inner
+      q_start = qi * st.bq
+      qb = lax.dynamic_slice_in_dim(q, q_start, st.bq, axis=2)
+      dob = lax.dynamic_slice_in_dim(d_out, q_start, st.bq, axis=2)
+      lse_b = lax.dynamic_slice_in_dim(lse, q_start, st.bq, axis=2)
+      delta_b = lax.dynamic_slice_in_dim(delta, q_start, st.bq, axis=2)
+      # Keys-major [.., bk, bq] blocks: the products for dV and dK then take
+      # their left operand as stored; only dQ's needs a transposed one.
+      s_t = jnp.einsum("bnkd,bnqd->bnkq", kb, qb, preferred_element_type=f32)
+      bias_blk = _block(bias, q_start, st.bq, k_start, st.bk)
+      if bias_blk is not None:
+        s_t = s_t + jnp.swapaxes(bias_blk, -1, -2).astype(f32)
+      if masked:
+        ok = st.valid(q_start, k_start, _block(mask, q_start, st.bq, k_start, st.bk),
+                      q_lengths, kv_lengths)
+        lse_safe = jnp.where(lse_b == _NEG_INF, 0.0, lse_b)
+        p_t = jnp.where(jnp.swapaxes(ok, -1, -2),
+                        jnp.exp(s_t - lse_safe[..., None, :]), 0.0)    # [b, n, bk, bq]
+      else:
+        p_t = jnp.exp(s_t - lse_b[..., None, :])
+      d_vb = d_vb + jnp.einsum("bnkq,bnqd->bnkd", p_t.astype(dob.dtype), dob,
+                               preferred_element_type=f32)
+      dp_t = jnp.einsum("bnkd,bnqd->bnkq", vb, dob, preferred_element_type=f32)
+      ds_t = p_t * (dp_t - delta_b[..., None, :])
+      d_qb = jnp.einsum("bnkq,bnkd->bnqd", ds_t.astype(kb.dtype), kb,
+                        preferred_element_type=f32)
+      d_q = lax.dynamic_update_slice_in_dim(
+          d_q, lax.dynamic_slice_in_dim(d_q, q_start, st.bq, axis=2) + d_qb, q_start, axis=2)
+      d_kb = d_kb + jnp.einsum("bnkq,bnqd->bnkd", ds_t.astype(qb.dtype), qb,
+                               preferred_element_type=f32)     # qb is pre-scaled
+      if d_bias is not None:
+        grad = reduce_to(jnp.swapaxes(ds_t, -1, -2), d_bias.shape)
+        starts = (0, 0, q_start if d_bias.shape[2] != 1 else 0,
+                  k_start if d_bias.shape[3] != 1 else 0)
+        d_bias = lax.dynamic_update_slice(
+            d_bias, lax.dynamic_slice(d_bias, starts, grad.shape) + grad, starts)
+      return d_q, d_kb, d_vb, d_bias
+
+    lo, hi = st.query_block_range(kj)
+    init = (d_q, jnp.zeros(kb.shape, f32), jnp.zeros(vb.shape, f32), d_bias)
+    if st.split_causal:
+      mid = st.unmasked_query_blocks_start(kj, lo, hi)
+      carry = lax.fori_loop(lo, mid, query_block, init)
+      d_q, d_kb, d_vb, d_bias = lax.fori_loop(
+          mid, hi, functools.partial(query_block, masked=False), carry)
+    else:
+      d_q, d_kb, d_vb, d_bias = lax.fori_loop(lo, hi, query_block, init)
+    d_k = lax.dynamic_update_slice_in_dim(d_k, d_kb, k_start, axis=2)
+    d_v = lax.dynamic_update_slice_in_dim(d_v, d_vb, k_start, axis=2)
+    return d_q, d_k, d_v, d_bias
+
+  d_q, d_k, d_v, d_bias = lax.fori_loop(0, st.nk, key_block, (d_q, d_k, d_v, d_bias))
+  return d_q, d_k, d_v, d_bias
+
+
+def _make_attention(st: _Static):
+  """A custom_vjp attention for one static setting (padded heads-major inputs)."""
+
+  @jax.custom_vjp
+  def attend(q, k, v, bias, mask, q_lengths, kv_lengths):
+    return _forward(st, q, k, v, bias, mask, q_lengths, kv_lengths)[0]
+
+  def fwd(q, k, v, bias, mask, q_lengths, kv_lengths):
+    out, lse = _forward(st, q, k, v, bias, mask, q_lengths, kv_lengths)
+    return out, (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+
+  def bwd(res, d_out):
+    q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = res
+    d_q, d_k, d_v, d_bias = _backward(st, q, k, v, bias, mask, q_lengths,
+                                      kv_lengths, out, lse, d_out)
+    cast = lambda g, x: None if g is None else g.astype(x.dtype)
+    return (cast(d_q, q), cast(d_k, k), cast(d_v, v), cast(d_bias, bias),
+            None, None, None)
+
+  attend.defvjp(fwd, bwd)
+  return attend
+
+
+def blockwise_attention(query, key, value, bias=None, mask=None, *,
+                        scale: Optional[float] = None, is_causal: bool = False,
+                        local_window_size=None, q_lengths=None, kv_lengths=None,
+                        block_q: int = DEFAULT_BLOCK_Q,
+                        block_k: Optional[int] = None):
+  """Flash-style attention; same arguments and shapes as ``reference_attention``.
+
+  Args:
+    query: ``[batch..., q_length, heads, head_dim]``.
+    key: ``[batch..., kv_length, kv_heads, head_dim]``.
+    value: ``[batch..., kv_length, kv_heads, value_dim]``.
+    bias / mask: broadcastable to ``[batch..., heads, q_length, kv_length]``;
+      kept in their compact (broadcast) shape and sliced per block.
+    q_lengths / kv_lengths: int ``[batch...]``, valid prefix lengths: padding
+      masks in O(length) memory (rows past ``q_lengths`` return zeros).
+    block_q / block_k: block sizes (clipped to the padded lengths); block_k
+      defaults to 1024, or 512 for causal or windowed attention.
+
+  Returns:
+    ``[batch..., q_length, heads, value_dim]`` in the query dtype.
+  """
+  shape = checks.check_inputs(query, key, value, mask, bias, who="blockwise_attention")
+  batch = shape.batch
+  flat = math.prod(batch) if batch else 1
+  for name, lengths in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
+    if lengths is not None and tuple(jnp.shape(lengths)) != batch:
+      raise ValueError(
+          f"blockwise_attention: {name} shape {tuple(jnp.shape(lengths))} must equal "
+          f"the batch shape {batch}")
+  if block_k is None:
+    banded = is_causal or local_window_size is not None
+    block_k = DEFAULT_BLOCK_K_BANDED if banded else DEFAULT_BLOCK_K
+  if block_q <= 0 or block_k <= 0:
+    raise ValueError(f"blockwise_attention: block sizes must be positive, got {block_q}, {block_k}")
+  block_q = min(block_q, _round_up(shape.q_length, 8))
+  block_k = min(block_k, _round_up(shape.kv_length, 8))
+  window = None if local_window_size is None else _window_sides(local_window_size)
+  st = _Static(shape.q_length, shape.kv_length, block_q, block_k,
+               shape.head_dim ** -0.5 if scale is None else scale, is_causal, window,
+               has_mask=mask is not None,
+               has_lengths=q_lengths is not None or kv_lengths is not None)
+
+  def heads_major(x, padded):
+    x = x.reshape((flat,) + x.shape[len(batch):])                 # [b, t, n, d]
+    x = jnp.swapaxes(x, 1, 2)                                      # [b, n, t, d]
+    return jnp.pad(x, [(0, 0), (0, 0), (0, padded - x.shape[2]), (0, 0)])
+
+  # The scale goes on q (length x dim) rather than on every score block;
+  # autodiff of this multiply scales dq, so the custom backward never does.
+  q = heads_major((query.astype(jnp.float32) * st.scale).astype(query.dtype), st.q_padded)
+  k = heads_major(repeat_kv_heads(key, shape.heads), st.kv_padded)
+  v = heads_major(repeat_kv_heads(value, shape.heads), st.kv_padded)
+  q_pad, kv_pad = st.q_padded - shape.q_length, st.kv_padded - shape.kv_length
+  mask_c = _compact(mask, batch, flat, False, q_pad, kv_pad)
+  bias_c = _compact(bias, batch, flat, 0.0, q_pad, kv_pad)
+  if bias_c is not None:
+    bias_c = bias_c.astype(jnp.promote_types(bias_c.dtype, jnp.float32))
+  as_flat = lambda x: None if x is None else jnp.asarray(x, jnp.int32).reshape(flat)
+
+  out = _make_attention(st)(q, k, v, bias_c, mask_c, as_flat(q_lengths), as_flat(kv_lengths))
+  out = jnp.swapaxes(out[:, :, :shape.q_length], 1, 2)              # [b, t, n, dv]
+  return out.reshape(batch + out.shape[1:])

@@ -1,0 +1,300 @@
+"""Flash attention written in Pallas, for GPU (Triton) and TPU (Mosaic).
+
+One program per ``(batch, head, query block)`` keeps its query block, running
+max, normaliser and output in fast memory while it walks the key blocks
+(FlashAttention-2 forward). The backward pass is two kernels: one per key
+block accumulates ``dK`` and ``dV`` over the query blocks, one per query block
+accumulates ``dQ`` over the key blocks; both recompute the probabilities from
+the saved log-sum-exp, so memory stays linear in the length.
+
+Supported: causal, sliding window, key padding by ``kv_lengths``. Dense masks
+and biases are not (the registry sends such calls to another kernel, and says
+so in the log). On CPU the kernel runs in Pallas's interpreter (``interpret``
+defaults to True there): slow, but the same program, which is how the tests
+check it against the reference.
+
+Masked scores use a large finite negative rather than ``-inf``: Triton's
+``exp`` of ``-inf - (-inf)`` is NaN, and a finite value keeps fully masked rows
+at exactly zero through the explicit ``where`` on the probabilities.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from attention_lab.kernels import checks
+from attention_lab.kernels.masks import _window_sides
+from attention_lab.kernels.reference import repeat_kv_heads
+
+DEFAULT_BLOCK_Q = 64
+DEFAULT_BLOCK_K = 64
+_MASKED = -1e30  # finite: see module docstring
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+class _Setting:
+  """Static facts of one call, shared by the three kernels."""
+
+  def __init__(self, q_len, kv_len, block_q, block_k, scale, causal, window):
+    self.q_len, self.kv_len = q_len, kv_len
+    self.bq, self.bk = block_q, block_k
+    self.q_padded, self.kv_padded = _round_up(q_len, block_q), _round_up(kv_len, block_k)
+    self.nq, self.nk = self.q_padded // block_q, self.kv_padded // block_k
+    self.scale, self.causal, self.window = scale, causal, window
+
+  def key_blocks(self, qi):
+    lo, hi = 0, self.nk
+    if self.causal:
+      hi = jnp.minimum(hi, (qi * self.bq + self.bq - 1) // self.bk + 1)
+    if self.window is not None:
+      left, right = self.window
+      lo = jnp.maximum(lo, (qi * self.bq - left) // self.bk)
+      hi = jnp.minimum(hi, (qi * self.bq + self.bq - 1 + right) // self.bk + 1)
+    return jnp.maximum(lo, 0), hi
+
+  def query_blocks(self, kj):
+    lo, hi = 0, self.nq
+    if self.causal:
+      lo = jnp.maximum(lo, (kj * self.bk) // self.bq)
+    if self.window is not None:
+      left, right = self.window
+      lo = jnp.maximum(lo, (kj * self.bk - right) // self.bq)
+      hi = jnp.minimum(hi, (kj * self.bk + self.bk - 1 + left) // self.bq + 1)
+    return jnp.maximum(lo, 0), hi
+
+  def visible(self, q_start, k_start, kv_valid):
+    """``[bq, bk]`` bool: the key exists, is unpadded, and is in the band."""
+    q_pos = q_start + lax.broadcasted_iota(jnp.int32, (self.bq, self.bk), 0)
+    k_pos = k_start + lax.broadcasted_iota(jnp.int32, (self.bq, self.bk), 1)
+    ok = k_pos < kv_valid
+    if self.causal:
+      ok = ok & (k_pos <= q_pos)
+    if self.window is not None:
+      left, right = self.window
+      ok = ok & (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
+    return ok
+
+
+def _qk(q, k):
+  return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Setting):
+  qi = pl.program_id(2)
+  kv_valid = len_ref[0]
+  q = q_ref[...]
+  dv = v_ref.shape[-1]
+
+  def body(kj, carry):
+    m, l, acc = carry
+    k = k_ref[pl.ds(kj * st.bk, st.bk), :]
+    v = v_ref[pl.ds(kj * st.bk, st.bk), :]
+    ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
+    s = jnp.where(ok, _qk(q, k) * st.scale, _MASKED)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    l = correction * l + p.sum(axis=1)
+    acc = correction[:, None] * acc + jnp.dot(p.astype(v.dtype), v,
+                                              preferred_element_type=jnp.float32)
+    return m_new, l, acc
+
+  lo, hi = st.key_blocks(qi)
+  init = (jnp.full((st.bq,), _MASKED, jnp.float32), jnp.zeros((st.bq,), jnp.float32),
+          jnp.zeros((st.bq, dv), jnp.float32))
+  m, l, acc = lax.fori_loop(lo, hi, body, init)
+  has_key = l > 0.0
+  safe_l = jnp.where(has_key, l, 1.0)
+  o_ref[...] = jnp.where(has_key[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(has_key, m + jnp.log(safe_l), _MASKED)
+
+
+def _dkdv_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                 dk_ref, dv_ref, *, st: _Setting):
+  kj = pl.program_id(2)
+  kv_valid = len_ref[0]
+  k, v = k_ref[...], v_ref[...]
+
+  def body(qi, carry):
+    dk, dv = carry
+    rows = pl.ds(qi * st.bq, st.bq)
+    q, do = q_ref[rows, :], do_ref[rows, :]
+    lse, delta = lse_ref[rows], delta_ref[rows]
+    ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
+    p = jnp.where(ok, jnp.exp(_qk(q, k) * st.scale - lse[:, None]), 0.0)   # [bq, bk]
+    dv = dv + lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    dp = _qk(do, v)
+    ds = p * (dp - delta[:, None])
+    dk = dk + lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32) * st.scale
+    return dk, dv
+
+  lo, hi = st.query_blocks(kj)
+  dk, dv = lax.fori_loop(lo, hi, body, (jnp.zeros(k.shape, jnp.float32),
+                                        jnp.zeros(v.shape, jnp.float32)))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+               *, st: _Setting):
+  qi = pl.program_id(2)
+  kv_valid = len_ref[0]
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+
+  def body(kj, dq):
+    cols = pl.ds(kj * st.bk, st.bk)
+    k, v = k_ref[cols, :], v_ref[cols, :]
+    ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
+    p = jnp.where(ok, jnp.exp(_qk(q, k) * st.scale - lse[:, None]), 0.0)
+    ds = p * (_qk(do, v) - delta[:, None])
+    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * st.scale
+
+  lo, hi = st.key_blocks(qi)
+  dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _specs(st: _Setting, d: int, dv: int):
+  """BlockSpecs over heads-major ``[b, n, length, dim]`` arrays, grid (b, n, block)."""
+  length = pl.BlockSpec((1,), lambda b, n, i: (b,))
+  q_block = pl.BlockSpec((None, None, st.bq, d), lambda b, n, i: (b, n, i, 0))
+  q_full = pl.BlockSpec((None, None, st.q_padded, d), lambda b, n, i: (b, n, 0, 0))
+  k_block = pl.BlockSpec((None, None, st.bk, d), lambda b, n, i: (b, n, i, 0))
+  k_full = pl.BlockSpec((None, None, st.kv_padded, d), lambda b, n, i: (b, n, 0, 0))
+  v_block = pl.BlockSpec((None, None, st.bk, dv), lambda b, n, i: (b, n, i, 0))
+  v_full = pl.BlockSpec((None, None, st.kv_padded, dv), lambda b, n, i: (b, n, 0, 0))
+  o_block = pl.BlockSpec((None, None, st.bq, dv), lambda b, n, i: (b, n, i, 0))
+  o_full = pl.BlockSpec((None, None, st.q_padded, dv), lambda b, n, i: (b, n, 0, 0))
+  row_block = pl.BlockSpec((None, None, st.bq), lambda b, n, i: (b, n, i))
+  row_full = pl.BlockSpec((None, None, st.q_padded), lambda b, n, i: (b, n, 0))
+  return locals()
+
+
+def _make(st: _Setting, interpret: bool):
+  """custom_vjp attention over padded heads-major arrays and kv lengths ``[b]``."""
+
+  def forward(q, k, v, lengths):
+    b, n, _, d = q.shape
+    dv = v.shape[-1]
+    sp = _specs(st, d, dv)
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, st=st),
+        grid=(b, n, st.nq),
+        in_specs=[sp["length"], sp["q_block"], sp["k_full"], sp["v_full"]],
+        out_specs=[sp["o_block"], sp["row_block"]],
+        out_shape=[jax.ShapeDtypeStruct((b, n, st.q_padded, dv), q.dtype),
+                   jax.ShapeDtypeStruct((b, n, st.q_padded), jnp.float32)],
+        interpret=interpret, name="attention_lab_flash_forward",
+    )(lengths, q, k, v)
+
+  @jax.custom_vjp
+  def attend(q, k, v, lengths):
+    return forward(q, k, v, lengths)[0]
+
+  def fwd(q, k, v, lengths):
+    out, lse = forward(q, k, v, lengths)
+    return out, (q, k, v, lengths, out, lse)
+
+  def bwd(res, d_out):
+    q, k, v, lengths, out, lse = res
+    b, n, _, d = q.shape
+    dv = v.shape[-1]
+    sp = _specs(st, d, dv)
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
+    d_k, d_v = pl.pallas_call(
+        functools.partial(_dkdv_kernel, st=st),
+        grid=(b, n, st.nk),
+        in_specs=[sp["length"], sp["q_full"], sp["k_block"], sp["v_block"], sp["o_full"],
+                  sp["row_full"], sp["row_full"]],
+        out_specs=[sp["k_block"], sp["v_block"]],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        interpret=interpret, name="attention_lab_flash_dkdv",
+    )(lengths, q, k, v, d_out, lse, delta)
+    d_q = pl.pallas_call(
+        functools.partial(_dq_kernel, st=st),
+        grid=(b, n, st.nq),
+        in_specs=[sp["length"], sp["q_block"], sp["k_full"], sp["v_full"], sp["o_block"],
+                  sp["row_block"], sp["row_block"]],
+        out_specs=sp["q_block"],
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=interpret, name="attention_lab_flash_dq",
+    )(lengths, q, k, v, d_out, lse, delta)
+    return d_q, d_k, d_v, None
+
+  attend.defvjp(fwd, bwd)
+  return attend
+
+
+def pallas_attention(query, key, value, bias=None, mask=None, *,
+                     scale: Optional[float] = None, is_causal: bool = False,
+                     local_window_size=None, kv_lengths=None,
+                     block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
+                     interpret: Optional[bool] = None):
+  """Flash attention in Pallas; arguments and shapes as ``reference_attention``.
+
+  Args:
+    query: ``[batch..., q_length, heads, head_dim]``.
+    key: ``[batch..., kv_length, kv_heads, head_dim]``.
+    value: ``[batch..., kv_length, kv_heads, value_dim]``.
+    bias, mask: not supported (ValueError); use ``kv_lengths`` for padding.
+    kv_lengths: int ``[batch...]``, number of valid keys per sequence.
+    block_q / block_k: tile sizes (powers of two, at least 16 on GPU).
+    interpret: run in Pallas's interpreter; default True on CPU only.
+
+  Returns:
+    ``[batch..., q_length, heads, value_dim]`` in the query dtype.
+  """
+  if bias is not None or mask is not None:
+    raise ValueError("attention kernel 'pallas' does not support "
+                     f"{'bias' if bias is not None else 'mask'}; pass kv_lengths for padding")
+  shape = checks.check_inputs(query, key, value, who="pallas_attention")
+  batch = shape.batch
+  flat = math.prod(batch) if batch else 1
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  for name, size in (("block_q", block_q), ("block_k", block_k)):
+    if size <= 0 or size & (size - 1):
+      raise ValueError(f"pallas_attention: {name} must be a power of two, got {size}")
+  # Tiles no longer than the (power-of-two rounded) sequence, at least 16.
+  block_q = max(16, min(block_q, pl.next_power_of_2(shape.q_length)))
+  block_k = max(16, min(block_k, pl.next_power_of_2(shape.kv_length)))
+  window = None if local_window_size is None else _window_sides(local_window_size)
+  st = _Setting(shape.q_length, shape.kv_length, block_q, block_k,
+                shape.head_dim ** -0.5 if scale is None else scale, is_causal, window)
+  if kv_lengths is None:
+    lengths = jnp.full((flat,), shape.kv_length, jnp.int32)
+  else:
+    if tuple(jnp.shape(kv_lengths)) != batch:
+      raise ValueError(f"pallas_attention: kv_lengths shape {tuple(jnp.shape(kv_lengths))} "
+                       f"must equal the batch shape {batch}")
+    lengths = jnp.minimum(jnp.asarray(kv_lengths, jnp.int32).reshape(flat), shape.kv_length)
+
+  # Head dims padded to a power of two >= 16 (what GPU tiles want); zero
+  # columns change neither the scores nor the (sliced-off) output.
+  d_pad = max(16, pl.next_power_of_2(shape.head_dim))
+  dv_pad = max(16, pl.next_power_of_2(shape.value_dim))
+
+  def heads_major(x, length, width):
+    x = x.reshape((flat,) + x.shape[len(batch):])
+    x = jnp.swapaxes(x, 1, 2)                                   # [b, n, t, d]
+    return jnp.pad(x, [(0, 0), (0, 0), (0, length - x.shape[2]), (0, width - x.shape[3])])
+
+  q = heads_major(query, st.q_padded, d_pad)
+  k = heads_major(repeat_kv_heads(key, shape.heads), st.kv_padded, d_pad)
+  v = heads_major(repeat_kv_heads(value, shape.heads), st.kv_padded, dv_pad)
+  out = _make(st, interpret)(q, k, v, lengths)
+  out = jnp.swapaxes(out[:, :, :shape.q_length, :shape.value_dim], 1, 2)
+  return out.reshape(batch + out.shape[1:])
