@@ -1,4 +1,4 @@
-"""Entry point: ``python run.py --experiment=NAME --workdir=DIR [--mode=train|eval]``.
+"""Entry point: ``python run.py --experiment=NAME --workdir=DIR [--mode=train|eval|visualize]``.
 
 Any config field can be overridden: ``--config.total_steps=100``,
 ``--config.model.kernel=reference``. The experiment's config is loaded before
@@ -19,7 +19,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import experiments  # noqa: E402
 
-MODES = ("train", "eval")
+MODES = ("train", "eval", "visualize")
 
 
 def _experiment_from_argv(argv):
@@ -44,7 +44,8 @@ def _define_flags(argv):
   config.lock()  # an override of a field that does not exist is an error
   flags.DEFINE_string("experiment", None, "experiment name (experiments/NAME.py)")
   flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, pictures")
-  flags.DEFINE_enum("mode", "train", MODES, "train (resumes) or eval (latest checkpoint)")
+  flags.DEFINE_enum("mode", "train", MODES, "train (resumes), eval (latest checkpoint) or visualize "
+                    "(latest checkpoint's attention pictures into WORKDIR/attention)")
   config_flags.DEFINE_config_dict("config", config, "experiment config; override fields with --config.a.b=value")
   flags.mark_flags_as_required(["workdir"])
 
@@ -63,8 +64,10 @@ def main(argv):
   if flags.FLAGS.mode == "train":
     train.train_and_evaluate(config, workdir)
   else:
+    run_mode = {"eval": train.evaluate_checkpoint,
+                "visualize": train.visualize_checkpoint}[flags.FLAGS.mode]
     try:
-      train.evaluate_checkpoint(config, workdir)
+      run_mode(config, workdir)
     except FileNotFoundError as e:
       sys.exit(f"error: {e}")
 

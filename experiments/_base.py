@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.train_split = "train"
   config.data.eval_split = "test"
   config.data.augment_shift = 0      # max random translation in pixels (images)
+  config.data.augment_flip = False   # random left-right mirror (natural images)
+  config.data.grayscale = False      # colour images -> one luminance channel
 
   config.model = ml_collections.ConfigDict()
 

@@ -42,6 +42,11 @@ def tiny_vit_config(data_dir, **overrides):
   config.model.num_heads = 2
   config.model.mlp_dim = 32
   config.viz.num_examples = 2
+  return override(config, **overrides)
+
+
+def override(config, **overrides):
+  """Sets dotted keys (``"model.hidden_dim"``) on ``config``; returns it."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")

@@ -1,5 +1,6 @@
 """``run.py`` as a user calls it: experiments, overrides and their errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 import experiments
+from attention_lab import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +27,9 @@ def test_every_experiment_defines_the_common_fields():
     assert config.experiment == name
     for field in ("seed", "total_steps", "batch_size", "eval_every", "checkpoint_every"):
       assert field in config, f"{name} lacks {field}"
-    assert "kernel" in config.model
+    # Every model with dot-product attention takes its kernel from the config.
+    model_fields = {f.name for f in dataclasses.fields(models.MODELS[config.model.name])}
+    assert ("kernel" in config.model) == ("kernel" in model_fields), name
 
 
 def test_unknown_experiment_exits_listing_the_available_ones(tmp_path):
@@ -62,6 +66,14 @@ def test_eval_mode_without_checkpoint_exits_non_zero(tmp_path, data_dir):
   assert proc.returncode != 0 and "no checkpoint" in proc.stderr
 
 
+def test_visualize_mode_without_checkpoint_writes_nothing(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  proc = _run("--experiment=mnist_vit", f"--workdir={workdir}", "--mode=visualize",
+              f"--config.data.data_dir={data_dir}")
+  assert proc.returncode != 0 and "no checkpoint" in proc.stderr
+  assert not workdir.exists()
+
+
 def test_overrides_reach_the_run(tmp_path, data_dir):
   """A two-step run through the command line, kernel chosen by flag."""
   proc = _run("--experiment=mnist_vit", f"--workdir={tmp_path}",
@@ -78,3 +90,16 @@ def test_overrides_reach_the_run(tmp_path, data_dir):
   assert saved["model"]["kernel"] == "reference" and saved["total_steps"] == 2
   with open(tmp_path / "results.json") as f:
     assert json.load(f)["step"] == 2
+
+  # --mode=visualize redraws the latest checkpoint, here for three examples.
+  proc = _run("--experiment=mnist_vit", f"--workdir={tmp_path}", "--mode=visualize",
+              f"--config.data.data_dir={data_dir}", "--config.data.eval_split=test[:20]",
+              "--config.model.num_layers=1", "--config.model.hidden_dim=16",
+              "--config.model.patch_size=7", "--config.model.stem=patch",
+              "--config.viz.num_examples=3")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  drawn = os.listdir(tmp_path / "attention")
+  assert len([n for n in drawn if n.startswith("example2_")]) == 3
+  assert not any(n.startswith("example3_") for n in drawn)
+  index = (tmp_path / "attention" / "index.html").read_text()
+  assert all(n in index for n in drawn if n.endswith(".png"))

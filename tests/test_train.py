@@ -54,13 +54,16 @@ def test_stopped_and_resumed_run_matches_uninterrupted_run(tmp_path, tiny_config
   assert metrics["accuracy"] == pytest.approx(results["eval_accuracy"])
 
   # Pictures: real PNGs, the expected size, not blank.
+  # Per example: the input, the attention over it, the head grid; and an index page.
+  drawn = os.listdir(os.path.join(straight, "attention"))
+  assert "index.html" in drawn
   pictures = [os.path.join(straight, "curves.png")] + [
-      os.path.join(straight, "attention", f) for f in os.listdir(os.path.join(straight, "attention"))]
-  assert len(pictures) == 1 + 2 * config.viz.num_examples
+      os.path.join(straight, "attention", f) for f in drawn if f.endswith(".png")]
+  assert len(pictures) == 1 + 3 * config.viz.num_examples
   for path in pictures:
     with Image.open(path) as image:
       pixels = np.asarray(image.convert("L"))
-    assert pixels.shape[0] > 150 and pixels.shape[1] > 300
+    assert pixels.shape[0] > 150 and pixels.shape[1] > 200
     assert pixels.std() > 5, f"{path} looks blank"
   assert os.listdir(os.path.join(straight, "tensorboard"))
 

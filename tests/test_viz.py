@@ -1,5 +1,7 @@
 """Rollout math against a hand-computed example, and the drawing helpers."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -48,3 +50,59 @@ def test_collect_attention_orders_layers_numerically():
 def test_unknown_viz_kind(tmp_path):
   with pytest.raises(ValueError, match="unknown viz kind 'sound'"):
     report.draw_examples("sound", str(tmp_path))
+
+
+def test_picture_tags_stay_the_same_across_evaluations():
+  assert report.picture_tag("/w/attention/example0_label6_pred5_heads.png") == \
+      "attention/example0_heads"
+  assert report.picture_tag("example1_label3_pred3_input.png") == "attention/example1_input"
+
+
+def test_index_lists_every_example_with_its_pictures(tmp_path):
+  out = str(tmp_path)
+  pictures = {}
+  for i in range(2):
+    image = np.random.default_rng(i).random((8, 8, 1))
+    pictures.update(report.draw_input_image(image, f"{out}/example{i}_label{i}_pred1_input.png", "x"))
+    pictures.update(report.draw_spatial_maps(
+        image, [("stage0_block0/attention", np.full((4, 4), 0.5))],
+        f"{out}/example{i}_label{i}_pred1_spatial.png", "x"))
+  path = report.write_index(out, "demo <run>", [0, 1], [1, 1], pictures)
+  page = open(path).read()
+  assert "demo &lt;run&gt;" in page                         # escaped
+  assert page.count("<tr") == 2 and page.count('class="wrong"') == 1
+  # The input comes first in its row.
+  assert page.index("example0_label0_pred1_input.png") < page.index("example0_label0_pred1_spatial.png")
+  report.clear_pictures(out)
+  assert os.listdir(out) == []
+
+
+def test_pictures_do_not_depend_on_the_kernel(tmp_path):
+  """Weights for pictures are recomputed from queries and keys, so a model
+  drawn with any kernel gives the same weights and the same pictures: exactly
+  in the first layer; later layers see the previous layers' outputs, which
+  differ between kernels by float rounding (1e-7 here)."""
+  import jax
+  from attention_lab import models
+  config = dict(name="vit", num_classes=10, patch_size=7, hidden_dim=16, num_layers=2,
+                num_heads=2, mlp_dim=16)
+  images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+  params = models.build(dict(config, kernel="reference")).init(jax.random.key(1), images)
+  drawn = {}
+  for kernel in ("reference", "jax_nn", "blockwise", "pallas"):
+    model = models.build(dict(config, kernel=kernel))
+    logits, sown = model.apply(params, images, mutable=["intermediates"])
+    weights = report.collect_attention(sown["intermediates"])
+    pictures = report.draw_image_examples(
+        str(tmp_path / kernel), np.asarray(images), np.zeros(2, int), np.zeros(2, int),
+        sown["intermediates"])
+    drawn[kernel] = (weights, [pictures[p] for p in sorted(pictures)])
+  for kernel in ("jax_nn", "blockwise", "pallas"):
+    first, *later = drawn[kernel][0]
+    np.testing.assert_array_equal(first, drawn["reference"][0][0])
+    for a, b in zip(drawn["reference"][0][1:], later):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(drawn["reference"][1], drawn[kernel][1]):
+      assert a.shape == b.shape
+      # Rounding may flip a colour step in a rare pixel, never more.
+      assert np.mean(np.any(a != b, axis=-1)) < 1e-3

@@ -24,7 +24,8 @@ class DatasetSpec:
   Attributes:
     source: ``sources.load_split`` name (local builder or TFDS name).
     to_inputs: TFDS features -> ``{"inputs", "label"}`` arrays.
-    augment: ``max_shift -> transform`` for training batches, or None.
+    augment: ``config.data -> transform or None`` for training batches, or
+      None when the data has no augmentation.
     num_classes: label count.
   """
   source: str
@@ -35,10 +36,10 @@ class DatasetSpec:
 
 DATASETS: Dict[str, DatasetSpec] = {
     "mnist_offline": DatasetSpec("mnist_offline", images.to_model_inputs, 10,
-                                 images.random_shift),
-    "mnist": DatasetSpec("mnist", images.to_model_inputs, 10, images.random_shift),
+                                 images.augmentation),
+    "mnist": DatasetSpec("mnist", images.to_model_inputs, 10, images.augmentation),
     "cifar10": DatasetSpec("cifar10", images.to_model_inputs, 10,
-                           images.random_shift),
+                           images.augmentation),
 }
 
 
@@ -59,7 +60,8 @@ def get_spec(name: str) -> DatasetSpec:
 def build(config) -> Data:
   """Reads ``config.data`` and returns train batches and the eval split.
 
-  Uses ``config.data.{name, data_dir, train_split, eval_split, augment_shift}``,
+  Uses ``config.data.{name, data_dir, train_split, eval_split, augment_shift,
+  augment_flip, grayscale}``,
   ``config.batch_size`` and ``config.seed``.
   """
   spec = get_spec(config.data.name)
@@ -67,9 +69,9 @@ def build(config) -> Data:
       spec.source, config.data.train_split, config.data.data_dir))
   evaluation = spec.to_inputs(sources.load_split(
       spec.source, config.data.eval_split, config.data.data_dir))
-  transform = None
-  if spec.augment is not None and config.data.augment_shift > 0:
-    transform = spec.augment(config.data.augment_shift)
+  if config.data.grayscale:
+    train, evaluation = images.to_grayscale(train), images.to_grayscale(evaluation)
+  transform = spec.augment(config.data) if spec.augment is not None else None
   return Data(
       train=TrainBatches(train, config.batch_size, config.seed, transform),
       eval=evaluation, num_classes=spec.num_classes)

@@ -3,9 +3,13 @@
 from attention_lab.layers.additive import AdditiveAttention
 from attention_lab.layers.additive import AttentionPooling
 from attention_lab.layers.additive import LuongAttention
+from attention_lab.layers import conv_attention
 from attention_lab.layers.attention import CrossAttention
 from attention_lab.layers.attention import MultiHeadAttention
 from attention_lab.layers.attention import SelfAttention
+from attention_lab.layers.conv_attention import CBAM
+from attention_lab.layers.conv_attention import ECA
+from attention_lab.layers.conv_attention import SqueezeExcite
 from attention_lab.layers.transformer import Encoder
 from attention_lab.layers.transformer import EncoderBlock
 from attention_lab.layers.transformer import LearnedPositionEmbedding
@@ -13,7 +17,8 @@ from attention_lab.layers.transformer import MlpBlock
 from attention_lab.layers.transformer import sinusoidal_positions
 
 __all__ = [
-    "AdditiveAttention", "AttentionPooling", "CrossAttention", "Encoder",
-    "EncoderBlock", "LearnedPositionEmbedding", "LuongAttention", "MlpBlock",
-    "MultiHeadAttention", "SelfAttention", "sinusoidal_positions",
+    "AdditiveAttention", "AttentionPooling", "CBAM", "CrossAttention", "ECA",
+    "Encoder", "EncoderBlock", "LearnedPositionEmbedding", "LuongAttention",
+    "MlpBlock", "MultiHeadAttention", "SelfAttention", "SqueezeExcite",
+    "conv_attention", "sinusoidal_positions",
 ]

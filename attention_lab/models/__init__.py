@@ -7,9 +7,13 @@ from typing import Dict, Type
 
 import flax.linen as nn
 
+from attention_lab.models.image import PixelTransformer
+from attention_lab.models.image import ResNet
 from attention_lab.models.image import ViT
 
 MODELS: Dict[str, Type[nn.Module]] = {
+    "pixel_transformer": PixelTransformer,
+    "resnet": ResNet,
     "vit": ViT,
 }
 

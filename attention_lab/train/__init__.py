@@ -2,5 +2,6 @@
 
 from attention_lab.train.loop import evaluate_checkpoint
 from attention_lab.train.loop import train_and_evaluate
+from attention_lab.train.loop import visualize_checkpoint
 
-__all__ = ["evaluate_checkpoint", "train_and_evaluate"]
+__all__ = ["evaluate_checkpoint", "train_and_evaluate", "visualize_checkpoint"]

@@ -12,12 +12,13 @@ import functools
 import json
 import os
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import struct
 from flax.training import train_state
 
 from attention_lab import data as data_lib
@@ -30,7 +31,19 @@ from attention_lab.viz import report as report_lib
 
 
 class TrainState(train_state.TrainState):
-  """Flax's TrainState (step, params, opt_state); nothing else is needed."""
+  """Flax's TrainState (step, params, opt_state) plus the model's other
+  variable collections (``batch_stats`` of BatchNorm; empty for most models),
+  which are updated by the forward pass rather than by gradients."""
+  model_state: Any = struct.field(default_factory=dict)
+
+
+# Variable collections that are outputs for pictures, never state to keep.
+_OUTPUT_COLLECTIONS = ("params", "intermediates")
+
+
+def variables(state) -> Dict[str, Any]:
+  """``{"params": ..., **model_state}``: what ``model.apply`` needs."""
+  return {"params": state.params, **state.model_state}
 
 
 def _keys(seed: int):
@@ -43,20 +56,26 @@ def train_step(state: TrainState, batch, *, model, task, config, schedule,
   """One optimiser step. Returns the new state and scalar metrics."""
   step_key = jax.random.fold_in(dropout_key, state.step)
 
-  def loss_fn(params):
-    outputs = model.apply({"params": params}, batch["inputs"], train=True,
-                          rngs={"dropout": step_key})
-    return task.train_loss(outputs, batch, config)
+  mutable = list(state.model_state)
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  def loss_fn(params):
+    outputs = model.apply({"params": params, **state.model_state}, batch["inputs"],
+                          train=True, rngs={"dropout": step_key},
+                          mutable=mutable or False)
+    outputs, model_state = outputs if mutable else (outputs, state.model_state)
+    loss, metrics = task.train_loss(outputs, batch, config)
+    return loss, (metrics, model_state)
+
+  (_, (metrics, model_state)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   metrics = dict(metrics, grad_norm=_global_norm(grads),
                  learning_rate=schedule(state.step))
-  return state.apply_gradients(grads=grads), metrics
+  return state.apply_gradients(grads=grads, model_state=model_state), metrics
 
 
-def eval_step(params, batch, *, model, task):
+def eval_step(model_variables, batch, *, model, task):
   """Weighted metric sums over one evaluation batch."""
-  outputs = model.apply({"params": params}, batch["inputs"], train=False)
+  outputs = model.apply(model_variables, batch["inputs"], train=False)
   sums = task.eval_sums(outputs, batch)
   sums["count"] = batch["weight"].sum()
   return sums
@@ -82,10 +101,11 @@ class Experiment:
     self.tx, self.schedule = optim.make_optimizer(config)
     init_key, self.dropout_key = _keys(config.seed)
     example = self.data.train(0)["inputs"][:1]
-    params = jax.jit(lambda k, x: self.model.init({"params": k}, x, train=False))(
-        init_key, example)["params"]
+    initial = jax.jit(lambda k, x: self.model.init({"params": k}, x, train=False))(
+        init_key, example)
     self.initial_state = TrainState.create(
-        apply_fn=self.model.apply, params=params, tx=self.tx)
+        apply_fn=self.model.apply, params=initial["params"], tx=self.tx,
+        model_state={k: v for k, v in initial.items() if k not in _OUTPUT_COLLECTIONS})
     self.train_step = jax.jit(functools.partial(
         train_step, model=self.model, task=self.task, config=config,
         schedule=self.schedule, dropout_key=self.dropout_key), donate_argnums=0)
@@ -96,11 +116,12 @@ class Experiment:
     return sum(int(np.prod(x.shape)) for x in
                jax.tree_util.tree_leaves(self.initial_state.params))
 
-  def evaluate(self, params) -> Dict[str, float]:
-    """Metrics over the whole eval split (every example counted once)."""
+  def evaluate(self, state) -> Dict[str, float]:
+    """Metrics of ``state`` over the whole eval split (every example counted once)."""
     totals: Dict[str, float] = {}
+    model_variables = variables(state)
     for batch in data_lib.eval_batches(self.data.eval, self.config.eval_batch_size):
-      sums = jax.device_get(self.eval_step(params, batch))
+      sums = jax.device_get(self.eval_step(model_variables, batch))
       for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     count = totals.pop("count")
@@ -175,9 +196,10 @@ def _train(exp, state, record, ckpts, writer, workdir, stop_after):
       writer.scalars("train", step, metrics)
       logging.info("%s", progress.line(step, metrics))
     if step % config.eval_every == 0 and step < config.total_steps:
-      eval_metrics = exp.evaluate(state.params)
+      eval_metrics = exp.evaluate(state)
       writer.scalars("eval", step, eval_metrics)
       logging.info("eval at step %d: %s", step, _fmt(eval_metrics))
+      _to_tensorboard(writer, step, draw_attention(exp, state, _attention_dir(workdir)))
     if step % config.checkpoint_every == 0 or step == config.total_steps:
       save(step)
     if stop_after is not None and step >= stop_after and step < config.total_steps:
@@ -195,7 +217,7 @@ def finish(exp: Experiment, state, workdir: str, writer, elapsed: float):
   """Final evaluation, ``results.json`` and pictures."""
   config = exp.config
   step = int(state.step)
-  eval_metrics = exp.evaluate(state.params)
+  eval_metrics = exp.evaluate(state)
   writer.scalars("eval", step, eval_metrics)
   logging.info("final eval at step %d: %s", step, _fmt(eval_metrics))
   results = {"experiment": config.experiment, "step": step,
@@ -203,32 +225,64 @@ def finish(exp: Experiment, state, workdir: str, writer, elapsed: float):
              **{f"eval_{k}": v for k, v in eval_metrics.items()}}
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
-  pictures = draw(exp, state.params, workdir)
-  for path, image in pictures.items():
-    writer.image(os.path.splitext(os.path.basename(path))[0], step, image)
+  history = progress_lib.History(os.path.join(workdir, "metrics.jsonl")).read()
+  pictures = report_lib.draw_curves(history, os.path.join(workdir, "curves.png"))
+  pictures.update(draw_attention(exp, state, _attention_dir(workdir)))
+  _to_tensorboard(writer, step, pictures)
   writer.flush()
   logging.info("results in %s; pictures in %s", os.path.join(workdir, "results.json"),
-               os.path.join(workdir, "attention"))
+               _attention_dir(workdir))
   return results
 
 
-def draw(exp: Experiment, params, workdir: str):
-  """Training curves and attention pictures of the first eval examples."""
+def _attention_dir(workdir: str) -> str:
+  return os.path.join(workdir, "attention")
+
+
+def _to_tensorboard(writer, step: int, pictures) -> None:
+  for path, image in pictures.items():
+    writer.image(report_lib.picture_tag(path), step, image)
+
+
+def draw_attention(exp: Experiment, state, out_dir: str):
+  """Pictures of what the model attends to in the first ``config.viz.num_examples``
+  eval examples, written to ``out_dir`` with an ``index.html`` showing them all.
+
+  Returns:
+    ``{path: rgb uint8 array}`` of the pictures (for TensorBoard).
+  """
   config = exp.config
-  out_dir = os.path.join(workdir, "attention")
-  history = progress_lib.History(os.path.join(workdir, "metrics.jsonl")).read()
-  pictures = {}
-  pictures.update(report_lib.draw_curves(history, os.path.join(workdir, "curves.png")))
-  n = config.viz.num_examples
+  n = min(config.viz.num_examples, len(exp.data.eval["label"]))
   inputs = exp.data.eval["inputs"][:n]
-  logits, state = exp.model.apply({"params": params}, inputs, train=False,
-                                  mutable=["intermediates"])
-  weights = report_lib.collect_attention(state.get("intermediates", {}))
-  pictures.update(report_lib.draw_examples(
-      config.viz.kind, out_dir, inputs=np.asarray(inputs),
-      labels=np.asarray(exp.data.eval["label"][:n]),
-      predictions=np.asarray(jnp.argmax(logits, -1)), attention=weights))
+  labels = np.asarray(exp.data.eval["label"][:n])
+  logits, outputs = exp.model.apply(variables(state), inputs, train=False,
+                                    mutable=["intermediates"])
+  predictions = np.asarray(jnp.argmax(logits, -1))
+  report_lib.clear_pictures(out_dir)
+  pictures = report_lib.draw_examples(
+      config.viz.kind, out_dir, inputs=np.asarray(inputs), labels=labels,
+      predictions=predictions, intermediates=outputs.get("intermediates", {}))
+  report_lib.write_index(out_dir, f"{config.experiment}, step {int(state.step)}",
+                         labels, predictions, pictures)
   return pictures
+
+
+def _restore_latest(config, workdir: str):
+  """``(Experiment, state)`` from the newest checkpoint in ``workdir``.
+
+  Raises:
+    FileNotFoundError: when ``workdir`` has no checkpoint (nothing is created).
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if not (os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))):
+    raise FileNotFoundError(f"no checkpoint under {directory}; train first")
+  ckpts = _checkpoints(config, workdir)
+  try:
+    exp = Experiment(config)
+    state, _ = ckpts.restore(exp.initial_state)
+  finally:
+    ckpts.close()
+  return exp, state
 
 
 def evaluate_checkpoint(config, workdir: str) -> Dict[str, float]:
@@ -237,21 +291,31 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, float]:
   Raises:
     FileNotFoundError: when ``workdir`` has no checkpoint.
   """
-  ckpts = _checkpoints(config, workdir)
-  if ckpts.latest_step() is None:
-    ckpts.close()
-    raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}; train first")
-  try:
-    exp = Experiment(config)
-    state, _ = ckpts.restore(exp.initial_state)
-  finally:
-    ckpts.close()
-  metrics = exp.evaluate(state.params)
+  exp, state = _restore_latest(config, workdir)
+  metrics = exp.evaluate(state)
   logging.info("eval of step %d: %s", int(state.step), _fmt(metrics))
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump({"experiment": config.experiment, "step": int(state.step),
                **{f"eval_{k}": v for k, v in metrics.items()}}, f, indent=2)
   return metrics
+
+
+def visualize_checkpoint(config, workdir: str):
+  """``--mode=visualize``: draws the latest checkpoint's attention into
+  ``WORKDIR/attention/`` (pictures and ``index.html``).
+
+  Returns:
+    the paths written.
+
+  Raises:
+    FileNotFoundError: when ``workdir`` has no checkpoint (nothing is written).
+  """
+  exp, state = _restore_latest(config, workdir)
+  out_dir = _attention_dir(workdir)
+  pictures = draw_attention(exp, state, out_dir)
+  logging.info("drew %d pictures of step %d into %s (open index.html)",
+               len(pictures), int(state.step), out_dir)
+  return sorted(pictures) + [os.path.join(out_dir, "index.html")]
 
 
 class NonFiniteError(FloatingPointError):

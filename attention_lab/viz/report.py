@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -32,24 +32,91 @@ def _save(fig, path: str) -> Pictures:
   return {path: image}
 
 
+def picture_tag(path: str) -> str:
+  """A TensorBoard tag that stays the same across evaluations:
+  ``example0_label6_pred5_heads.png`` -> ``attention/example0_heads``."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  return "attention/" + re.sub(r"_label[^_]*_pred[^_]*", "", name)
+
+
+def clear_pictures(out_dir: str) -> None:
+  """Removes the example pictures and index of an earlier drawing (their names
+  carry predictions, so new ones would not overwrite them)."""
+  if not os.path.isdir(out_dir):
+    return
+  for name in os.listdir(out_dir):
+    if (name.startswith("example") and name.endswith(".png")) or name == "index.html":
+      os.remove(os.path.join(out_dir, name))
+
+
+def write_index(out_dir: str, title: str, labels, predictions, pictures: Pictures) -> str:
+  """``out_dir/index.html``: one row per example with its label, prediction and
+  every picture drawn of it (the input first)."""
+  import html
+  rows = []
+  for i, (label, pred) in enumerate(zip(labels, predictions)):
+    names = sorted((os.path.basename(p) for p in pictures
+                    if os.path.basename(p).startswith(f"example{i}_")),
+                   key=lambda n: (not n.endswith("_input.png"), n))
+    verdict = "correct" if label == pred else "wrong"
+    cells = "".join(f'<a href="{html.escape(n)}"><img src="{html.escape(n)}" '
+                    f'title="{html.escape(n)}"></a>' for n in names)
+    rows.append(f'<tr class="{verdict}"><td>example {i}<br>label <b>{html.escape(str(label))}</b>'
+                f'<br>predicted <b>{html.escape(str(pred))}</b><br>{verdict}</td>'
+                f'<td>{cells}</td></tr>')
+  page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+td {{ vertical-align: top; padding: 6px; border-bottom: 1px solid #ddd; }}
+img {{ max-height: 260px; margin: 2px; }}
+tr.wrong td:first-child {{ color: #b00; }}
+</style></head><body>
+<h2>{html.escape(title)}</h2>
+<table>{''.join(rows)}</table>
+</body></html>
+"""
+  path = os.path.join(out_dir, "index.html")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(path, "w") as f:
+    f.write(page)
+  return path
+
+
+def draw_input_image(image: np.ndarray, path: str, title: str) -> Pictures:
+  """The input image alone, for the index page."""
+  fig, ax = plt.subplots(figsize=(2.2, 2.4), dpi=100)
+  _show_image(ax, image)
+  ax.set_title(title, fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def _natural_key(path):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
+def collect_sown(intermediates, name: str) -> List[Tuple[str, np.ndarray]]:
+  """``(module path, array)`` of every value sown as ``name``, in layer order
+  (``block_2`` before ``block_10``)."""
+  import jax  # late: keeps this module importable for plotting alone
+  found = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    if name in keys:
+      module = "/".join(str(k) for k in keys[:keys.index(name)])
+      found.append((module, np.asarray(leaf)))
+  found.sort(key=lambda item: _natural_key(item[0]))
+  return found
+
+
 def collect_attention(intermediates) -> List[np.ndarray]:
-  """Sown ``attention_weights`` in layer order (``block_2`` before ``block_10``).
+  """Sown ``attention_weights`` in layer order.
 
   Returns:
     list of ``[batch, heads, q_length, kv_length]`` arrays.
   """
-  import jax  # late: keeps this module importable for plotting alone
-  found = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
-    name = jax.tree_util.keystr(path)
-    if "attention_weights" in name:
-      found.append((name, np.asarray(leaf)))
-  found.sort(key=lambda item: _natural_key(item[0]))
-  return [w for _, w in found]
+  return [w for _, w in collect_sown(intermediates, "attention_weights")]
 
 
 def draw_curves(history: List[dict], path: str) -> Pictures:
@@ -100,7 +167,7 @@ def draw_image_overlay(image: np.ndarray, cls_map: np.ndarray,
   image = image[..., 0] if image.shape[-1] == 1 else image
   cmap = "gray" if image.ndim == 2 else None
   fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8), dpi=100)
-  panels = (("input", None), ("CLS attention, last layer", cls_map),
+  panels = (("input", None), ("attention, last layer", cls_map),
             ("attention rollout", rollout_map))
   for ax, (name, heat) in zip(axes, panels):
     ax.imshow(image, cmap=cmap)
@@ -113,18 +180,31 @@ def draw_image_overlay(image: np.ndarray, cls_map: np.ndarray,
   return _save(fig, path)
 
 
-def draw_image_examples(out_dir, inputs, labels, predictions, attention) -> Pictures:
-  """ViT pictures: a head grid and a CLS/rollout overlay per example."""
+def draw_image_examples(out_dir, inputs, labels, predictions, intermediates) -> Pictures:
+  """Image Transformer pictures (ViT, pixel Transformer): a head grid and the
+  last layer's and the rollout's attention over the image, per example.
+
+  With a CLS token (one token more than the image grid) the maps are the CLS
+  row; with mean pooling, the average row (what all tokens attend to).
+  """
   pictures: Pictures = {}
+  attention = collect_attention(intermediates)
   if not attention:
     return pictures
   height, width = inputs.shape[1:3]
   rollout = attention_rollout(attention)                     # [batch, t, t]
-  last_cls = attention[-1][:, :, 0, 1:].mean(axis=1)          # [batch, patches]
+  last = attention[-1].mean(axis=1)                          # [batch, t, t]
+  tokens = last.shape[-1]
+  if _tiles(tokens - 1, height, width):                      # CLS first
+    last_row, roll_row = last[:, 0, 1:], rollout[:, 0, 1:]
+  else:
+    last_row, roll_row = last.mean(axis=1), rollout.mean(axis=1)
   for i in range(len(inputs)):
     tag = f"example{i}_label{labels[i]}_pred{predictions[i]}"
-    cls_map = upsample(tokens_to_grid(last_cls[i], height, width), height, width)
-    roll_map = upsample(tokens_to_grid(rollout[i, 0, 1:], height, width), height, width)
+    pictures.update(draw_input_image(inputs[i], os.path.join(out_dir, f"{tag}_input.png"),
+                                     f"label {labels[i]}, predicted {predictions[i]}"))
+    cls_map = upsample(tokens_to_grid(last_row[i], height, width), height, width)
+    roll_map = upsample(tokens_to_grid(roll_row[i], height, width), height, width)
     pictures.update(draw_image_overlay(
         inputs[i], cls_map, roll_map, os.path.join(out_dir, f"{tag}_overlay.png"),
         f"label {labels[i]}, predicted {predictions[i]}"))
@@ -133,7 +213,88 @@ def draw_image_examples(out_dir, inputs, labels, predictions, attention) -> Pict
   return pictures
 
 
+def _tiles(n: int, height: int, width: int) -> bool:
+  if n < 1:
+    return False
+  try:
+    tokens_to_grid(np.zeros(n), height, width)
+    return True
+  except ValueError:
+    return False
+
+
+def _show_image(ax, image):
+  image = image[..., 0] if image.shape[-1] == 1 else image
+  ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+  ax.axis("off")
+
+
+def _short(module: str) -> str:
+  """``stage1_block0/attention`` -> ``stage1_block0``."""
+  return module.rsplit("/attention", 1)[0]
+
+
+def draw_spatial_maps(image, maps, path: str, title: str) -> Pictures:
+  """The input and each block's spatial attention map (CBAM) over it.
+
+  Each map is stretched to its own range (printed in its title): the gates of
+  a block often differ by a few tenths, which a fixed 0-1 scale would hide.
+  """
+  height, width = image.shape[:2]
+  fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.3 * (len(maps) + 1), 2.6),
+                           dpi=100, squeeze=False)
+  _show_image(axes[0, 0], image)
+  axes[0, 0].set_title("input", fontsize=8)
+  for ax, (module, heat) in zip(axes[0, 1:], maps):
+    _show_image(ax, image)
+    ax.imshow(heat, cmap="inferno", alpha=0.6, interpolation="bilinear",
+              extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+    ax.set_title(f"{_short(module)} {heat.shape[0]}x{heat.shape[1]}\n"
+                 f"gate {heat.min():.2f}-{heat.max():.2f}", fontsize=7)
+  fig.suptitle(title + ": spatial attention", fontsize=9)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def draw_channel_weights(weights, path: str, title: str) -> Pictures:
+  """Each block's channel gate as bars (one panel per block)."""
+  fig, axes = plt.subplots(len(weights), 1, figsize=(6, 1.3 * len(weights) + 0.6),
+                           dpi=100, squeeze=False)
+  for ax, (module, w) in zip(axes[:, 0], weights):
+    ax.bar(np.arange(len(w)), w, width=1.0, color="tab:blue")
+    ax.set_ylim(0, 1)
+    ax.set_xlim(-0.5, len(w) - 0.5)
+    ax.set_ylabel(_short(module), fontsize=7, rotation=0, ha="right", va="center")
+    ax.tick_params(labelsize=6)
+  axes[-1, 0].set_xlabel("channel", fontsize=8)
+  fig.suptitle(title + ": channel attention weights", fontsize=9)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def draw_cnn_examples(out_dir, inputs, labels, predictions, intermediates) -> Pictures:
+  """CNN pictures: spatial maps over the input (CBAM) and channel gates per block."""
+  pictures: Pictures = {}
+  spatial = collect_sown(intermediates, "spatial_map")        # [(module, [b, h, w])]
+  channel = collect_sown(intermediates, "channel_weights")    # [(module, [b, c])]
+  for i in range(len(inputs)):
+    tag = f"example{i}_label{labels[i]}_pred{predictions[i]}"
+    title = f"label {labels[i]}, predicted {predictions[i]}"
+    pictures.update(draw_input_image(inputs[i], os.path.join(out_dir, f"{tag}_input.png"),
+                                     title))
+    if spatial:
+      pictures.update(draw_spatial_maps(
+          inputs[i], [(m, a[i]) for m, a in spatial],
+          os.path.join(out_dir, f"{tag}_spatial.png"), title))
+    if channel:
+      pictures.update(draw_channel_weights(
+          [(m, a[i]) for m, a in channel],
+          os.path.join(out_dir, f"{tag}_channels.png"), title))
+  return pictures
+
+
 DRAWERS = {
+    "cnn": draw_cnn_examples,
     "image": draw_image_examples,
 }
 

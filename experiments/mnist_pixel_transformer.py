@@ -1,0 +1,38 @@
+"""The pixel-sequence Transformer on the offline MNIST 5k: 784 pixel tokens.
+
+Command: python run.py --experiment=mnist_pixel_transformer \
+           --workdir=runs/mnist_pixel_transformer
+The CPU-sized counterpart of ``cifar10_pixel_transformer`` (Long Range Arena
+"Image"): no patches and no convolutions, so whatever the model knows of 2-D
+structure it learns through attention over 785 positions.
+"""
+
+from ml_collections import config_dict
+
+from experiments._base import base_config
+
+
+def get_config():
+  config = base_config()
+  config.total_steps = 2_000
+  config.batch_size = 32
+  config.eval_every = 500
+  config.checkpoint_every = 500
+
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 200
+  config.optimizer.weight_decay = 0.01
+
+  config.data.name = "mnist_offline"
+
+  config.model.name = "pixel_transformer"
+  config.model.num_classes = 10
+  config.model.hidden_dim = 32
+  config.model.num_layers = 2
+  config.model.num_heads = 2
+  config.model.mlp_dim = 64
+  config.model.dropout_rate = 0.0
+  config.model.attention_dropout_rate = 0.0
+  config.model.kernel = config_dict.placeholder(str)
+  config.model.pool = "cls"
+  return config
