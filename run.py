@@ -59,6 +59,13 @@ def main(argv):
 
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
+  if config.distributed:
+    import jax
+    # Reads the cluster from the environment (TPU pod slices, SLURM, or
+    # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+    jax.distributed.initialize()
+    if jax.process_index() != 0:
+      logging.set_verbosity(logging.WARNING)   # one log, from the first process
   logging.info("experiment %s, mode %s, workdir %s\n%s", config.experiment,
                flags.FLAGS.mode, workdir, config)
   if flags.FLAGS.mode == "train":

@@ -40,6 +40,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.augment_flip = False   # random left-right mirror (natural images)
   config.data.grayscale = False      # colour images -> one luminance channel
 
+  # Devices: a (data, sequence) mesh over all of them (train/sharding.py).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1              # batch split over this many devices; -1: all the rest
+  config.mesh.sequence = 1           # sequence split over this many (the ring kernel)
+  config.mesh.shard_params = False   # False: replicate parameters and optimiser state
+  config.distributed = False         # multi-host: jax.distributed.initialize() at start
+
   config.model = ml_collections.ConfigDict()
 
   config.viz = ml_collections.ConfigDict()

@@ -1,7 +1,9 @@
 """Shared fixtures: a prepared offline TFDS directory and a tiny config."""
 
 import os
+import subprocess
 import sys
+import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests run on CPU
@@ -59,3 +61,14 @@ def override(config, **overrides):
 @pytest.fixture
 def tiny_config(data_dir):
   return lambda **overrides: tiny_vit_config(data_dir, **overrides)
+
+
+def run_on_devices(devices: int, code: str, timeout: int = 600) -> str:
+  """Runs ``code`` in a fresh Python with ``devices`` simulated CPU devices
+  (a process's device count is fixed when JAX starts); returns its stdout."""
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc.stdout

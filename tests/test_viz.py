@@ -106,3 +106,63 @@ def test_pictures_do_not_depend_on_the_kernel(tmp_path):
       assert a.shape == b.shape
       # Rounding may flip a colour step in a rare pixel, never more.
       assert np.mean(np.any(a != b, axis=-1)) < 1e-3
+
+
+def _pixels(path):
+  from PIL import Image
+  with Image.open(path) as image:
+    return np.asarray(image.convert("L"), np.float32)
+
+
+def test_token_html_shades_by_weight_and_escapes(tmp_path):
+  from attention_lab.viz import sequences
+  path = str(tmp_path / "example0_tokens.html")
+  sequences.token_html(["<b>", " ", "ok", "\x07"], np.array([0.1, 0.0, 0.6, 0.3]), path, "t")
+  page = open(path).read()
+  assert "&lt;b&gt;" in page and "<b>" not in page.replace("<b>t</b>", "")
+  assert "\u00b7" in page and "\\x07" in page            # space and control byte made visible
+  alphas = [float(a) for a in __import__("re").findall(r"rgba\(220, 50, 30, ([0-9.]+)\)", page)]
+  assert alphas == pytest.approx([1 / 6, 0.0, 1.0, 0.5], abs=1e-3)
+  with pytest.raises(ValueError, match="3 tokens but 2 weights"):
+    sequences.token_html(["a", "b", "c"], np.ones(2), path, "t")
+  # The index inlines the fragment next to the example's pictures.
+  index = report.write_index(str(tmp_path), "run", [1], [1], {path: None})
+  assert "rgba(220, 50, 30, 1.000)" in open(index).read()
+
+
+def test_alignment_picture(tmp_path):
+  from attention_lab.viz import sequences
+  source, target = list("3 May 1998"), list("1998-05-03")
+  weights = np.random.default_rng(0).dirichlet(np.ones(len(source)), size=len(target))
+  path = str(tmp_path / "align.png")
+  pictures = sequences.draw_alignment(weights, source, target, path, "dates")
+  pixels = _pixels(path)
+  assert pictures[path].shape[:2] == pixels.shape and min(pixels.shape) >= 250
+  assert pixels.std() > 5
+  with pytest.raises(ValueError, match=r"do not match 10 output x 10 input"):
+    sequences.draw_alignment(weights[:, :4], source, target, path, "dates")
+  with pytest.raises(ValueError, match="NaN"):
+    sequences.draw_alignment(np.full((10, 10), np.nan), source, target, path, "dates")
+
+
+def test_spectrogram_attention_picture(tmp_path):
+  from attention_lab.viz import sequences
+  rng = np.random.default_rng(0)
+  spec = rng.normal(size=(98, 40))
+  path = str(tmp_path / "spec.png")
+  sequences.draw_spectrogram_attention(
+      spec, {"pooling": rng.dirichlet(np.ones(98)), "CLS, last layer": rng.dirichlet(np.ones(98))},
+      path, "yes")
+  pixels = _pixels(path)
+  assert pixels.shape == (420, 700) and pixels.std() > 5
+  with pytest.raises(ValueError, match=r"expected \(98,\)"):
+    sequences.draw_spectrogram_attention(spec, {"cls": np.ones(50)}, path, "yes")
+
+
+def test_head_grid_labels_short_token_sequences(tmp_path):
+  weights = [np.random.default_rng(0).dirichlet(np.ones(6), size=(1, 2, 6))]
+  plain = report.draw_head_grid(weights, 0, str(tmp_path / "a.png"))
+  labelled = report.draw_head_grid(weights, 0, str(tmp_path / "b.png"), tokens=list("[CLS]x"))
+  (a,), (b,) = plain.values(), labelled.values()
+  assert a.shape == b.shape                    # same size, but ticks drawn in b
+  assert not np.array_equal(a, b)

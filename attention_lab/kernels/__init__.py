@@ -37,6 +37,7 @@ from attention_lab.kernels.jax_nn import jax_nn_attention
 from attention_lab.kernels.pallas import pallas_attention
 from attention_lab.kernels.reference import attention_weights
 from attention_lab.kernels.reference import reference_attention
+from attention_lab.kernels.ring import ring_attention
 
 FEATURES = ("mask", "bias", "causal", "window", "dropout", "weights")
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -57,6 +58,8 @@ class KernelSpec:
       skips the kernel when it says no (a hard limit such as cuDNN's head
       sizes, or shapes where the next kernel is measurably faster). An
       explicit ``implementation=`` ignores it.
+    automatic: False for kernels that only run when named (``ring`` needs a
+      device mesh with a sequence axis, which a call cannot infer).
   """
   name: str
   fn: Callable
@@ -65,6 +68,7 @@ class KernelSpec:
   dtypes: Tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
   description: str = ""
   applies: Optional[Callable[[checks.AttentionShape], bool]] = None
+  automatic: bool = True
 
   def supports(self, feature: str) -> bool:
     return feature in self.features
@@ -135,6 +139,8 @@ def requested_features(*, mask=None, bias=None, is_causal=False,
 
 def _why_not(spec: KernelSpec, features, dtype, shape) -> Optional[str]:
   """None if ``spec`` can run this call, else the reason it cannot."""
+  if not spec.automatic:
+    return "only when named"
   missing = sorted(features - spec.features)
   if missing:
     return f"lacks {', '.join(missing)}"
@@ -323,11 +329,17 @@ register(KernelSpec(
     applies=lambda s: s.kv_length >= BLOCKWISE_MIN_KV_LENGTH,
     description="online softmax over key blocks, custom_vjp; O(length) memory"),
     prefer_on=("cpu",))
+register(KernelSpec(
+    name="ring", fn=ring_attention,
+    features=frozenset({"causal", "window"}),
+    automatic=False,
+    description="sequence-parallel ring attention over a mesh axis (shard_map + ppermute); "
+                "kv_lengths for padding"))
 
 __all__ = [
     "FEATURES", "KernelSpec", "attention_fn", "attention_weights", "blockwise_attention",
     "capabilities", "check_supported", "dot_product_attention", "get",
     "jax_nn_attention", "masks", "names", "pallas_attention", "preference",
-    "reference_attention",
+    "reference_attention", "ring_attention",
     "register", "requested_features", "scores", "select",
 ]

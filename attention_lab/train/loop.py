@@ -26,6 +26,7 @@ from attention_lab import models
 from attention_lab.train import checkpoint as checkpoint_lib
 from attention_lab.train import optim
 from attention_lab.train import progress as progress_lib
+from attention_lab.train import sharding
 from attention_lab.train import tasks as tasks_lib
 from attention_lab.viz import report as report_lib
 
@@ -95,22 +96,45 @@ class Experiment:
 
   def __init__(self, config):
     self.config = config
+    self.mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, self.mesh)
+    self.eval_batch_size = sharding.round_up_to_devices(config.eval_batch_size, self.mesh)
     self.task = tasks_lib.get(config.task)
     self.data = data_lib.build(config)
     self.model = models.build(config.model)
     self.tx, self.schedule = optim.make_optimizer(config)
     init_key, self.dropout_key = _keys(config.seed)
     example = self.data.train(0)["inputs"][:1]
-    initial = jax.jit(lambda k, x: self.model.init({"params": k}, x, train=False))(
-        init_key, example)
-    self.initial_state = TrainState.create(
+    with jax.set_mesh(self.mesh):
+      initial = jax.jit(lambda k, x: self.model.init({"params": k}, x, train=False))(
+          init_key, example)
+    state = TrainState.create(
         apply_fn=self.model.apply, params=initial["params"], tx=self.tx,
         model_state={k: v for k, v in initial.items() if k not in _OUTPUT_COLLECTIONS})
-    self.train_step = jax.jit(functools.partial(
-        train_step, model=self.model, task=self.task, config=config,
-        schedule=self.schedule, dropout_key=self.dropout_key), donate_argnums=0)
-    self.eval_step = jax.jit(functools.partial(
-        eval_step, model=self.model, task=self.task))
+    self.state_sharding = sharding.param_sharding(state, self.mesh, config.mesh.shard_params)
+    self.initial_state = jax.device_put(state, self.state_sharding)
+    replicated = sharding.replicated(self.mesh)
+    self.train_step = self._under_mesh(jax.jit(
+        functools.partial(train_step, model=self.model, task=self.task, config=config,
+                          schedule=self.schedule, dropout_key=self.dropout_key),
+        out_shardings=(self.state_sharding, replicated), donate_argnums=0))
+    self.eval_step = self._under_mesh(jax.jit(
+        functools.partial(eval_step, model=self.model, task=self.task),
+        out_shardings=replicated))
+    self.apply_for_pictures = self._under_mesh(jax.jit(
+        lambda v, x: self.model.apply(v, x, train=False, mutable=["intermediates"]),
+        out_shardings=replicated))
+
+  def _under_mesh(self, fn):
+    """Runs ``fn`` with this experiment's mesh set (the ring kernel reads it)."""
+    def wrapped(*args):
+      with jax.set_mesh(self.mesh):
+        return fn(*args)
+    return wrapped
+
+  def batch(self, arrays):
+    """Numpy batch -> global arrays split over the data axis."""
+    return sharding.put_batch(arrays, self.mesh)
 
   def num_params(self) -> int:
     return sum(int(np.prod(x.shape)) for x in
@@ -120,8 +144,8 @@ class Experiment:
     """Metrics of ``state`` over the whole eval split (every example counted once)."""
     totals: Dict[str, float] = {}
     model_variables = variables(state)
-    for batch in data_lib.eval_batches(self.data.eval, self.config.eval_batch_size):
-      sums = jax.device_get(self.eval_step(model_variables, batch))
+    for batch in data_lib.eval_batches(self.data.eval, self.eval_batch_size):
+      sums = jax.device_get(self.eval_step(model_variables, self.batch(batch)))
       for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     count = totals.pop("count")
@@ -161,9 +185,10 @@ def train_and_evaluate(config, workdir: str, *,
       state, record = ckpts.restore(exp.initial_state)
       logging.info("resumed from step %d in %s", int(state.step), ckpts.directory)
     # Written only once the checkpoint (if any) fits this config.
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    writer = progress_lib.Writer(workdir)
+    if sharding.is_writer():
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    writer = progress_lib.Writer(workdir) if sharding.is_writer() else progress_lib.NullWriter()
     writer.history.truncate_after(int(state.step))
     return _train(exp, state, record, ckpts, writer, workdir, stop_after)
   finally:
@@ -185,7 +210,7 @@ def _train(exp, state, record, ckpts, writer, workdir, stop_after):
   pending = []  # per-step metrics since the last log line
   metrics: Dict[str, float] = {}
   while step < config.total_steps:
-    state, step_metrics = exp.train_step(state, exp.data.train(step))
+    state, step_metrics = exp.train_step(state, exp.batch(exp.data.train(step)))
     step += 1
     pending.append(step_metrics)
     if step % config.log_every == 0 or step == config.total_steps:
@@ -223,11 +248,12 @@ def finish(exp: Experiment, state, workdir: str, writer, elapsed: float):
   results = {"experiment": config.experiment, "step": step,
              "wall_time_s": round(elapsed, 2), "num_params": exp.num_params(),
              **{f"eval_{k}": v for k, v in eval_metrics.items()}}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  history = progress_lib.History(os.path.join(workdir, "metrics.jsonl")).read()
-  pictures = report_lib.draw_curves(history, os.path.join(workdir, "curves.png"))
-  pictures.update(draw_attention(exp, state, _attention_dir(workdir)))
+  pictures = draw_attention(exp, state, _attention_dir(workdir))   # every process computes
+  if sharding.is_writer():
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    history = progress_lib.History(os.path.join(workdir, "metrics.jsonl")).read()
+    pictures.update(report_lib.draw_curves(history, os.path.join(workdir, "curves.png")))
   _to_tensorboard(writer, step, pictures)
   writer.flush()
   logging.info("results in %s; pictures in %s", os.path.join(workdir, "results.json"),
@@ -241,7 +267,8 @@ def _attention_dir(workdir: str) -> str:
 
 def _to_tensorboard(writer, step: int, pictures) -> None:
   for path, image in pictures.items():
-    writer.image(report_lib.picture_tag(path), step, image)
+    if image is not None:                 # HTML pages have no pixels
+      writer.image(report_lib.picture_tag(path), step, image)
 
 
 def draw_attention(exp: Experiment, state, out_dir: str):
@@ -255,8 +282,9 @@ def draw_attention(exp: Experiment, state, out_dir: str):
   n = min(config.viz.num_examples, len(exp.data.eval["label"]))
   inputs = exp.data.eval["inputs"][:n]
   labels = np.asarray(exp.data.eval["label"][:n])
-  logits, outputs = exp.model.apply(variables(state), inputs, train=False,
-                                    mutable=["intermediates"])
+  logits, outputs = jax.device_get(exp.apply_for_pictures(variables(state), inputs))
+  if not sharding.is_writer():
+    return {}
   predictions = np.asarray(jnp.argmax(logits, -1))
   report_lib.clear_pictures(out_dir)
   pictures = report_lib.draw_examples(
@@ -294,9 +322,10 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, float]:
   exp, state = _restore_latest(config, workdir)
   metrics = exp.evaluate(state)
   logging.info("eval of step %d: %s", int(state.step), _fmt(metrics))
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump({"experiment": config.experiment, "step": int(state.step),
-               **{f"eval_{k}": v for k, v in metrics.items()}}, f, indent=2)
+  if sharding.is_writer():
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump({"experiment": config.experiment, "step": int(state.step),
+                 **{f"eval_{k}": v for k, v in metrics.items()}}, f, indent=2)
   return metrics
 
 

@@ -89,3 +89,32 @@ class Writer:
 
   def close(self) -> None:
     self.tensorboard.close()
+
+
+class _NoHistory:
+  def truncate_after(self, step: int) -> None:
+    del step
+
+  def append(self, split: str, step: int, metrics: Dict[str, float]) -> None:
+    del split, step, metrics
+
+  def read(self) -> List[dict]:
+    return []
+
+
+class NullWriter:
+  """What processes other than the first use: they compute, they do not write."""
+
+  history = _NoHistory()
+
+  def scalars(self, split: str, step: int, metrics: Dict[str, float]) -> None:
+    del split, step, metrics
+
+  def image(self, tag: str, step: int, image) -> None:
+    del tag, step, image
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass

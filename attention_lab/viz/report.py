@@ -1,35 +1,28 @@
-"""Pictures of a run: training curves and what the model attends to.
+"""Pictures of a run: training curves and what each model family attends to.
 
-Every function writes PNG files and returns ``{path: rgb uint8 array}`` so the
-same pictures can go to TensorBoard.
+``draw_examples(kind, ...)`` draws the examples of one ``config.viz.kind``
+(``image``: ViT and pixel Transformer; ``cnn``: convolutional attention) and
+``write_index`` puts them on one HTML page. Drawing functions return
+``{path: rgb uint8 array}`` (see ``canvas``) so the pictures also go to
+TensorBoard. Sequence pictures (tokens, alignments, spectrograms) are in
+``sequences``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
-import matplotlib
-matplotlib.use("Agg")  # files only; no display on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from attention_lab.viz.rollout import attention_rollout  # noqa: E402
-from attention_lab.viz.rollout import tokens_to_grid  # noqa: E402
-from attention_lab.viz.rollout import upsample  # noqa: E402
-
-Pictures = Dict[str, np.ndarray]
-
-
-def _save(fig, path: str) -> Pictures:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.canvas.draw()
-  image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-  fig.savefig(path, dpi=fig.dpi)
-  plt.close(fig)
-  return {path: image}
+from attention_lab.viz import sequences
+from attention_lab.viz.canvas import Pictures
+from attention_lab.viz.canvas import plt
+from attention_lab.viz.canvas import save as _save
+from attention_lab.viz.rollout import attention_rollout
+from attention_lab.viz.rollout import tokens_to_grid
+from attention_lab.viz.rollout import upsample
 
 
 def picture_tag(path: str) -> str:
@@ -45,7 +38,7 @@ def clear_pictures(out_dir: str) -> None:
   if not os.path.isdir(out_dir):
     return
   for name in os.listdir(out_dir):
-    if (name.startswith("example") and name.endswith(".png")) or name == "index.html":
+    if (name.startswith("example") and name.endswith((".png", ".html"))) or name == "index.html":
       os.remove(os.path.join(out_dir, name))
 
 
@@ -59,8 +52,7 @@ def write_index(out_dir: str, title: str, labels, predictions, pictures: Picture
                     if os.path.basename(p).startswith(f"example{i}_")),
                    key=lambda n: (not n.endswith("_input.png"), n))
     verdict = "correct" if label == pred else "wrong"
-    cells = "".join(f'<a href="{html.escape(n)}"><img src="{html.escape(n)}" '
-                    f'title="{html.escape(n)}"></a>' for n in names)
+    cells = "".join(_index_cell(out_dir, n) for n in names)
     rows.append(f'<tr class="{verdict}"><td>example {i}<br>label <b>{html.escape(str(label))}</b>'
                 f'<br>predicted <b>{html.escape(str(pred))}</b><br>{verdict}</td>'
                 f'<td>{cells}</td></tr>')
@@ -81,6 +73,16 @@ tr.wrong td:first-child {{ color: #b00; }}
   with open(path, "w") as f:
     f.write(page)
   return path
+
+
+def _index_cell(out_dir: str, name: str) -> str:
+  """An image, or an HTML fragment (coloured tokens) inlined."""
+  import html
+  if name.endswith(".html"):
+    with open(os.path.join(out_dir, name)) as f:
+      return f.read()
+  return (f'<a href="{html.escape(name)}"><img src="{html.escape(name)}" '
+          f'title="{html.escape(name)}"></a>')
 
 
 def draw_input_image(image: np.ndarray, path: str, title: str) -> Pictures:
@@ -140,11 +142,20 @@ def draw_curves(history: List[dict], path: str) -> Pictures:
 
 
 def draw_head_grid(layer_weights: List[np.ndarray], example: int, path: str,
-                   title: str = "") -> Pictures:
-  """Query x key heat maps: one row per layer, one column per head."""
+                   title: str = "", tokens=None) -> Pictures:
+  """Query x key heat maps: one row per layer, one column per head.
+
+  Args:
+    layer_weights: per layer ``[batch, heads, q_length, kv_length]``.
+    example: which batch entry to draw.
+    tokens: optional token strings (self-attention: one per position) to
+      label the axes with, when there are few enough to read.
+  """
   layers = len(layer_weights)
   heads = layer_weights[0].shape[1]
-  fig, axes = plt.subplots(layers, heads, figsize=(1.8 * heads, 1.8 * layers),
+  labelled = tokens is not None and len(tokens) <= sequences.MAX_LABELLED_TOKENS
+  side = 1.8 if not labelled else max(1.8, 0.12 * len(tokens) + 0.8)
+  fig, axes = plt.subplots(layers, heads, figsize=(side * heads, side * layers),
                            dpi=100, squeeze=False)
   for l, weights in enumerate(layer_weights):
     for h in range(heads):
@@ -152,6 +163,12 @@ def draw_head_grid(layer_weights: List[np.ndarray], example: int, path: str,
       ax.imshow(weights[example, h], cmap="viridis", vmin=0.0)
       ax.set_xticks([])
       ax.set_yticks([])
+      if labelled:
+        names = [sequences.printable(t) for t in tokens]
+        ax.set_xticks(np.arange(len(names)))
+        ax.set_xticklabels(names, fontsize=5, rotation=90)
+        ax.set_yticks(np.arange(len(names)))
+        ax.set_yticklabels(names, fontsize=5)
       if l == 0:
         ax.set_title(f"head {h}", fontsize=8)
       if h == 0:
