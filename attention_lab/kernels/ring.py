@@ -4,9 +4,10 @@ The sequence axis is split over the devices of one mesh axis. Each device
 keeps its block of queries; the key/value blocks travel around the ring with
 ``ppermute``, one hop per step, and each step's block of scores is folded into
 an online softmax (running max, normaliser and weighted sum, as in the
-blockwise kernel). After ``n`` steps every query has seen every key, while no
-device ever holds more than two key/value blocks or a ``[block, block]`` score
-tile: per-device memory falls with the device count.
+blockwise kernel), a chunk of keys at a time. After ``n`` steps every query
+has seen every key, while no device holds more than its query block, two
+key/value blocks and a ``[block, chunk]`` score tile: per-device memory falls
+with the device count.
 
 The backward pass is JAX's transpose of the loop (``ppermute`` transposes to
 the reverse rotation); each step is rematerialised (``jax.checkpoint``), so the
@@ -32,6 +33,7 @@ from attention_lab.kernels import checks
 SEQUENCE_AXIS = "sequence"
 DATA_AXIS = "data"
 _NEG = -1e30  # "minus infinity" that keeps exp() and max() finite
+DEFAULT_CHUNK = 512
 
 
 def _current_mesh(mesh):
@@ -69,7 +71,7 @@ def _block_step(q, k, v, m, l, acc, q_pos, k_pos, kv_valid, *, scale, is_causal,
 
 
 def _ring_shard(q, k, v, kv_lengths, *, axis_name, varying_axes, scale, is_causal,
-                window, block):
+                window, block, chunk):
   """Runs on one device: its query block against every key block in turn."""
   n = jax.lax.axis_size(axis_name)
   me = jax.lax.axis_index(axis_name)
@@ -81,12 +83,27 @@ def _ring_shard(q, k, v, kv_lengths, *, axis_name, varying_axes, scale, is_causa
   step = functools.partial(_block_step, scale=scale, is_causal=is_causal, window=window)
   step = jax.checkpoint(step)                               # recompute tiles in backward
 
+  def fold_block(k_blk, v_blk, owner, m, l, acc):
+    """The held key block in chunks of ``chunk`` keys: scratch is a
+    ``[tq, chunk]`` tile, never ``[tq, block]``."""
+    chunks = block // chunk
+    k_chunks = k_blk.reshape(b, chunks, chunk, *k_blk.shape[2:]).swapaxes(0, 1)
+    v_chunks = v_blk.reshape(b, chunks, chunk, *v_blk.shape[2:]).swapaxes(0, 1)
+
+    def one(carry, xs):
+      m, l, acc = carry
+      c, k_c, v_c = xs
+      k_pos = owner * block + c * chunk + jnp.arange(chunk)
+      kv_valid = k_pos[None, :] < kv_lengths[:, None]        # [b, chunk]
+      return step(q, k_c, v_c, m, l, acc, q_pos, k_pos, kv_valid), None
+
+    (m, l, acc), _ = jax.lax.scan(one, (m, l, acc), (jnp.arange(chunks), k_chunks, v_chunks))
+    return m, l, acc
+
   def body(i, carry):
     k_blk, v_blk, m, l, acc = carry
     owner = (me - i) % n                                    # whose keys we hold now
-    k_pos = owner * block + jnp.arange(k_blk.shape[1])
-    kv_valid = k_pos[None, :] < kv_lengths[:, None]          # [b, tk]
-    m, l, acc = step(q, k_blk, v_blk, m, l, acc, q_pos, k_pos, kv_valid)
+    m, l, acc = fold_block(k_blk, v_blk, owner, m, l, acc)
     k_blk = jax.lax.ppermute(k_blk, axis_name, perm)
     v_blk = jax.lax.ppermute(v_blk, axis_name, perm)
     return k_blk, v_blk, m, l, acc
@@ -106,7 +123,7 @@ def _ring_shard(q, k, v, kv_lengths, *, axis_name, varying_axes, scale, is_causa
 def ring_attention(query, key, value, bias=None, mask=None, *,
                    scale: Optional[float] = None, is_causal: bool = False,
                    local_window_size=None, kv_lengths=None, mesh=None,
-                   axis_name: str = SEQUENCE_AXIS):
+                   axis_name: str = SEQUENCE_AXIS, chunk: int = DEFAULT_CHUNK):
   """Attention with the sequence axis sharded over ``mesh.shape[axis_name]`` devices.
 
   Args:
@@ -119,6 +136,8 @@ def ring_attention(query, key, value, bias=None, mask=None, *,
     kv_lengths: int ``[batch]``: keys at or past the length are padding.
     mesh: a ``jax.sharding.Mesh`` with an ``axis_name`` axis (default: the
       mesh set with ``jax.set_mesh``).
+    chunk: keys per score tile inside a device (the block a device holds is
+      folded in chunks, so per-device scratch is ``[block, chunk]``).
 
   Lengths that do not divide by the device count are padded internally (the
   padded keys masked, the padded queries dropped).
@@ -159,6 +178,10 @@ def ring_attention(query, key, value, bias=None, mask=None, *,
 
   n = mesh.shape[axis_name]
   block = -(-length // n)
+  if block > chunk:
+    block = -(-block // chunk) * chunk
+  else:
+    chunk = block
   pad = block * n - length
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
@@ -170,7 +193,7 @@ def ring_attention(query, key, value, bias=None, mask=None, *,
       functools.partial(_ring_shard, axis_name=axis_name,
                         varying_axes=tuple(a for a in (batch_axis, axis_name) if a),
                         scale=scale,
-                        is_causal=is_causal, window=window, block=block),
+                        is_causal=is_causal, window=window, block=block, chunk=chunk),
       mesh=mesh, in_specs=(seq_spec, seq_spec, seq_spec, P(batch_axis)),
       out_specs=seq_spec)
   args = (query, key, value, jnp.asarray(kv_lengths, jnp.int32))
