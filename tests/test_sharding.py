@@ -2,6 +2,7 @@
 checkpoints restored onto other device counts, sharded parameters, the ring
 kernel inside a model, and the errors for meshes that do not fit."""
 
+import json
 import os
 
 import jax
@@ -115,3 +116,56 @@ def test_meshes_that_do_not_fit_are_clear_errors(data_dir):
   assert "batch_size 6 does not divide by the 4 devices of the data axis" in out
   assert "config.mesh.sequence=3 does not divide the 4 devices" in out
   assert "config.mesh.data=3 x config.mesh.sequence=1 must equal the device count 4" in out
+
+
+MULTI_HOST_CHILD = """
+import sys, json, jax
+sys.path.insert(0, "tests")
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address="localhost:{port}", num_processes=2,
+                           process_id=int(sys.argv[1]))
+from conftest import tiny_vit_config
+from attention_lab import train
+config = tiny_vit_config({data_dir!r}, **{overrides!r})
+results = train.train_and_evaluate(config, {workdir!r})
+print("process", jax.process_index(), "of", jax.process_count(), "devices",
+      jax.device_count(), "eval_loss", results["eval_loss"])
+"""
+
+
+def test_two_processes_train_like_one_device(tmp_path, data_dir, one_device_run):
+  """Two processes with two CPU devices each (gloo collectives on localhost),
+  as two hosts would run: each feeds its own rows, orbax saves from both,
+  only the first writes results, metrics and pictures."""
+  import socket
+  import subprocess
+  import sys
+  from conftest import ROOT
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / "run"
+  code = MULTI_HOST_CHILD.format(port=port, data_dir=data_dir, overrides=OVERRIDES,
+                                 workdir=str(workdir))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  assert "process 0 of 2 devices 4" in outs[0][0] and "process 1 of 2 devices 4" in outs[1][0]
+  results, params = one_device_run
+  loss = float(outs[1][0].split("eval_loss")[1])
+  assert loss == pytest.approx(results["eval_loss"], rel=1e-4)
+  # One set of outputs, from the first process.
+  with open(workdir / "metrics.jsonl") as f:
+    assert [r["step"] for r in map(json.loads, f) if r["split"] == "train"] == [2, 4]
+  assert (workdir / "results.json").exists() and (workdir / "attention" / "index.html").exists()
+  # The two-host checkpoint restores onto this single device.
+  exp = loop.Experiment(tiny_vit_config(data_dir, **OVERRIDES))
+  state, _ = checkpoint_lib.Checkpoints(str(workdir / "checkpoints"), 3).restore(
+      exp.initial_state)
+  for a, b in zip(params, jax.tree_util.tree_leaves(state.params)):
+    np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-5)
