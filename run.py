@@ -68,15 +68,15 @@ def main(argv):
       logging.set_verbosity(logging.WARNING)   # one log, from the first process
   logging.info("experiment %s, mode %s, workdir %s\n%s", config.experiment,
                flags.FLAGS.mode, workdir, config)
-  if flags.FLAGS.mode == "train":
-    train.train_and_evaluate(config, workdir)
-  else:
-    run_mode = {"eval": train.evaluate_checkpoint,
-                "visualize": train.visualize_checkpoint}[flags.FLAGS.mode]
-    try:
-      run_mode(config, workdir)
-    except FileNotFoundError as e:
-      sys.exit(f"error: {e}")
+  run_mode = {"train": train.train_and_evaluate, "eval": train.evaluate_checkpoint,
+              "visualize": train.visualize_checkpoint}[flags.FLAGS.mode]
+  try:
+    run_mode(config, workdir)
+  except (FileNotFoundError, train.WorkdirError, train.CheckpointError,
+          train.NonFiniteError) as e:
+    # Faults with a clear cause end in one line, not a traceback: saved
+    # checkpoints are untouched (see README, "Faults").
+    sys.exit(f"error: {e}")
 
 
 class _QuietLibraries:

@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
   config.label_smoothing = 0.0
+  config.debug_nans = False          # JAX's NaN checking: stops at the op that made a NaN (slow)
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"
@@ -39,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.augment_shift = 0      # max random translation in pixels (images)
   config.data.augment_flip = False   # random left-right mirror (natural images)
   config.data.grayscale = False      # colour images -> one luminance channel
+  config.data.max_length = 0         # text: tokens per example (padding / truncation length)
 
   # Devices: a (data, sequence) mesh over all of them (train/sharding.py).
   config.mesh = ml_collections.ConfigDict()

@@ -2,19 +2,22 @@
 
 A dataset entry names how to read it (a local builder or a TFDS name) and how
 to turn its features into model inputs. Every batch is a dict with ``inputs``
-and ``label`` (and ``weight`` in evaluation).
+and ``label`` (and ``weight`` in evaluation). ``config.data.name`` may carry a
+builder config after a slash (``listops_offline/lra``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence
 
 from attention_lab.data import images
 from attention_lab.data import pipeline
 from attention_lab.data import sources
+from attention_lab.data import text
 from attention_lab.data.pipeline import TrainBatches
 from attention_lab.data.pipeline import eval_batches
+from attention_lab.data.pipeline import take
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,15 +26,17 @@ class DatasetSpec:
 
   Attributes:
     source: ``sources.load_split`` name (local builder or TFDS name).
-    to_inputs: TFDS features -> ``{"inputs", "label"}`` arrays.
+    to_inputs: ``(TFDS features, config.data) -> {"inputs", "label"}`` arrays.
+    num_classes: label count (classification) or vocabulary size (seq2seq).
     augment: ``config.data -> transform or None`` for training batches, or
       None when the data has no augmentation.
-    num_classes: label count.
+    vocabulary: token strings by id, for pictures of token inputs.
   """
   source: str
   to_inputs: Callable
   num_classes: int
   augment: Callable = None
+  vocabulary: Optional[Sequence[str]] = None
 
 
 DATASETS: Dict[str, DatasetSpec] = {
@@ -40,6 +45,12 @@ DATASETS: Dict[str, DatasetSpec] = {
     "mnist": DatasetSpec("mnist", images.to_model_inputs, 10, images.augmentation),
     "cifar10": DatasetSpec("cifar10", images.to_model_inputs, 10,
                            images.augmentation),
+    "listops_offline": DatasetSpec("listops_offline", text.listops_inputs, 10,
+                                   vocabulary=text.listops.VOCABULARY),
+    "imdb_reviews": DatasetSpec("imdb_reviews", text.bytes_inputs, 2,
+                                vocabulary=text.BYTE_VOCABULARY),
+    "dates_offline": DatasetSpec("dates_offline", text.dates_inputs,
+                                 len(text.dates.CHARS), vocabulary=text.dates.CHARS),
 }
 
 
@@ -49,33 +60,37 @@ class Data:
   train: TrainBatches
   eval: pipeline.Arrays
   num_classes: int
+  vocabulary: Optional[Sequence[str]] = None
 
 
 def get_spec(name: str) -> DatasetSpec:
-  if name not in DATASETS:
+  """The spec of ``name`` (``base`` or ``base/builder_config``)."""
+  base, _, config = name.partition("/")
+  if base not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
-  return DATASETS[name]
+  spec = DATASETS[base]
+  return dataclasses.replace(spec, source=f"{spec.source}/{config}") if config else spec
 
 
 def build(config) -> Data:
   """Reads ``config.data`` and returns train batches and the eval split.
 
   Uses ``config.data.{name, data_dir, train_split, eval_split, augment_shift,
-  augment_flip, grayscale}``,
+  augment_flip, grayscale, max_length}``,
   ``config.batch_size`` and ``config.seed``.
   """
   spec = get_spec(config.data.name)
   train = spec.to_inputs(sources.load_split(
-      spec.source, config.data.train_split, config.data.data_dir))
+      spec.source, config.data.train_split, config.data.data_dir), config.data)
   evaluation = spec.to_inputs(sources.load_split(
-      spec.source, config.data.eval_split, config.data.data_dir))
+      spec.source, config.data.eval_split, config.data.data_dir), config.data)
   if config.data.grayscale:
     train, evaluation = images.to_grayscale(train), images.to_grayscale(evaluation)
   transform = spec.augment(config.data) if spec.augment is not None else None
   return Data(
       train=TrainBatches(train, config.batch_size, config.seed, transform),
-      eval=evaluation, num_classes=spec.num_classes)
+      eval=evaluation, num_classes=spec.num_classes, vocabulary=spec.vocabulary)
 
 
 __all__ = ["DATASETS", "Data", "DatasetSpec", "TrainBatches", "build",
-           "eval_batches", "get_spec"]
+           "eval_batches", "get_spec", "take"]

@@ -11,8 +11,9 @@ import numpy as np
 from attention_lab.data.pipeline import Arrays
 
 
-def to_model_inputs(split: Arrays) -> Arrays:
+def to_model_inputs(split: Arrays, data_config=None) -> Arrays:
   """TFDS ``image``/``label`` features -> ``inputs``/``label`` arrays."""
+  del data_config  # images need no per-experiment shaping here
   return {
       "inputs": split["image"].astype(np.float32) / 255.0,
       "label": split["label"].astype(np.int32),

@@ -8,17 +8,33 @@ uninterrupted run would have: no iterator state needs saving.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 
-Arrays = Dict[str, np.ndarray]
+# feature -> [num_examples, ...]; a feature may itself be such a dict (a
+# seq2seq model's inputs hold a source and a target).
+Arrays = Dict[str, Any]
+
+
+def _leaves(arrays: Arrays, prefix: str = ""):
+  for k, v in arrays.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}/")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def take(arrays: Arrays, index) -> Arrays:
+  """``arrays`` with every leaf indexed by ``index`` (rows or a slice)."""
+  return {k: take(v, index) if isinstance(v, dict) else v[index] for k, v in arrays.items()}
 
 
 def num_examples(arrays: Arrays) -> int:
-  sizes = {len(v) for v in arrays.values()}
+  lengths = {k: len(v) for k, v in _leaves(arrays)}
+  sizes = set(lengths.values())
   if len(sizes) != 1:
-    raise ValueError(f"features have different lengths: { {k: len(v) for k, v in arrays.items()} }")
+    raise ValueError(f"features have different lengths: {lengths}")
   return sizes.pop()
 
 
@@ -63,7 +79,7 @@ class TrainBatches:
 
   def __call__(self, step: int) -> Arrays:
     idx = self.indices(step)
-    batch = {k: v[idx] for k, v in self.arrays.items()}
+    batch = take(self.arrays, idx)
     if self.transform is not None:
       batch = self.transform(batch, np.random.default_rng([self.seed, step, 1]))
     return batch
@@ -80,6 +96,6 @@ def eval_batches(arrays: Arrays, batch_size: int) -> Iterator[Arrays]:
     idx = np.arange(start, start + batch_size)
     weight = (idx < size).astype(np.float32)
     idx = np.where(idx < size, idx, 0)
-    batch = {k: v[idx] for k, v in arrays.items()}
+    batch = take(arrays, idx)
     batch["weight"] = weight
     yield batch

@@ -11,12 +11,33 @@ from typing import Dict, Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
+from attention_lab.data.builders.dates_offline import DatesOffline
+from attention_lab.data.builders.listops_offline import ListopsOffline
 from attention_lab.data.builders.mnist_offline import MnistOffline
 
 # Builders prepared locally from packaged or generated data (no network).
 LOCAL_BUILDERS = {
     "mnist_offline": MnistOffline,
+    "listops_offline": ListopsOffline,
+    "dates_offline": DatesOffline,
 }
+
+
+def local_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
+  """The local builder for ``name`` or ``name/config`` (not yet prepared).
+
+  Checked here rather than left to TFDS so that a typo in a config name fails
+  at once with the choices, for builders with and without configs alike.
+  """
+  base, _, config = name.partition("/")
+  builder_class = LOCAL_BUILDERS[base]
+  if not config:
+    return builder_class(data_dir=data_dir)
+  known = [c.name for c in builder_class.BUILDER_CONFIGS or []]
+  if config not in known:
+    raise ValueError(f"unknown config {config!r} of {base}; known configs: "
+                     f"{', '.join(known) if known else '(none)'}")
+  return builder_class(data_dir=data_dir, config=config)
 
 
 def load_split(name: str, split: str, data_dir: Optional[str] = None,
@@ -24,15 +45,16 @@ def load_split(name: str, split: str, data_dir: Optional[str] = None,
   """All examples of one split as numpy arrays, keyed by feature name.
 
   Args:
-    name: a ``LOCAL_BUILDERS`` name or any TFDS dataset name.
+    name: a ``LOCAL_BUILDERS`` name or any TFDS dataset name, either with an
+      optional builder config after a slash (``listops_offline/smoke``).
     split: a TFDS split string (``train``, ``test``, ``train[:90%]``...).
     data_dir: TFDS data directory; None for TFDS's default.
     download: for online names, allow ``tfds.load`` to download and prepare.
   """
   tfds.disable_progress_bar()
   data_dir = data_dir or None
-  if name in LOCAL_BUILDERS:
-    builder = LOCAL_BUILDERS[name](data_dir=data_dir)
+  if name.partition("/")[0] in LOCAL_BUILDERS:
+    builder = local_builder(name, data_dir)
     builder.download_and_prepare()
     dataset = builder.as_dataset(split=split, batch_size=-1)
   else:

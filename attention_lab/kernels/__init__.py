@@ -27,6 +27,7 @@ import inspect
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from attention_lab.kernels import checks
@@ -262,8 +263,14 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
   if unknown:
     raise ValueError(
         f"attention kernel {spec.name!r} does not take option(s) {unknown}")
-  out = spec.fn(query, key, value, bias=bias, mask=mask, scale=scale,
-                is_causal=is_causal, **kwargs)
+  if shape.q_length == 0 or shape.kv_length == 0:
+    # No queries, or nothing to attend to (every row fully masked): zeros by
+    # the contract, without asking a kernel to tile an empty axis.
+    out = jnp.zeros(shape.batch + (shape.q_length, shape.heads, shape.value_dim),
+                    jnp.result_type(query.dtype, value.dtype))
+  else:
+    out = spec.fn(query, key, value, bias=bias, mask=mask, scale=scale,
+                  is_causal=is_causal, **kwargs)
   if module is not None:
     module.sow("intermediates", "attention_weights", attention_weights(
         query, key, bias, mask, scale=scale, is_causal=is_causal,

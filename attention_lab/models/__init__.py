@@ -10,10 +10,16 @@ import flax.linen as nn
 from attention_lab.models.image import PixelTransformer
 from attention_lab.models.image import ResNet
 from attention_lab.models.image import ViT
+from attention_lab.models.seq2seq import Seq2Seq
+from attention_lab.models.text import RnnAttentionClassifier
+from attention_lab.models.text import TextTransformer
 
 MODELS: Dict[str, Type[nn.Module]] = {
     "pixel_transformer": PixelTransformer,
     "resnet": ResNet,
+    "rnn_attention": RnnAttentionClassifier,
+    "seq2seq": Seq2Seq,
+    "text_transformer": TextTransformer,
     "vit": ViT,
 }
 

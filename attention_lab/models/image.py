@@ -9,58 +9,14 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from attention_lab.layers import Encoder
-from attention_lab.layers import LearnedPositionEmbedding
 from attention_lab.layers import conv_attention
+from attention_lab.models.token_classifier import TokenClassifier
 
 
-class _TokenClassifier(nn.Module):
-  """Shared tail of the Transformer classifiers: tokens -> encoder -> logits.
-
-  Attributes:
-    num_classes: output logits.
-    hidden_dim: token width.
-    num_layers, num_heads, mlp_dim: encoder shape.
-    dropout_rate, attention_dropout_rate: regularisation.
-    kernel: attention kernel name (None: backend default).
-    pool: ``cls`` (a learned class token) or ``mean`` (average of the tokens).
-  """
-  num_classes: int
-  hidden_dim: int = 64
-  num_layers: int = 4
-  num_heads: int = 4
-  mlp_dim: int = 128
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  kernel: Optional[str] = None
-  pool: str = "cls"
-  dtype: Any = None
-
-  def _classify(self, x, train: bool):
-    """tokens ``[batch, tokens, hidden_dim]`` -> logits ``[batch, num_classes]``."""
-    name = type(self).__name__
-    if self.pool == "cls":
-      cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.hidden_dim))
-      cls = jnp.broadcast_to(cls, (x.shape[0], 1, self.hidden_dim)).astype(x.dtype)
-      x = jnp.concatenate([cls, x], axis=1)
-    elif self.pool != "mean":
-      raise ValueError(f"{name}: unknown pool {self.pool!r}; use 'cls' or 'mean'")
-    x = LearnedPositionEmbedding(name="position_embedding")(x)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    x = Encoder(
-        num_layers=self.num_layers, num_heads=self.num_heads,
-        mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate, kernel=self.kernel,
-        dtype=self.dtype, name="encoder")(x, deterministic=not train)
-    x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                    name="head")(x)
-
-
-class ViT(_TokenClassifier):
+class ViT(TokenClassifier):
   """Vision Transformer (Dosovitskiy et al.): patches -> tokens -> encoder -> head.
 
-  Attributes (besides ``_TokenClassifier``'s):
+  Attributes (besides ``TokenClassifier``'s):
     patch_size: square patch side; image sides must divide by it.
     stem: ``patch`` (one strided convolution: the original linear patch
       embedding) or ``conv`` (stride-2 3x3 convolutions down to the same
@@ -104,7 +60,7 @@ class ViT(_TokenClassifier):
     return self._classify(x, train)
 
 
-class PixelTransformer(_TokenClassifier):
+class PixelTransformer(TokenClassifier):
   """Each pixel a token: the Long Range Arena "Image" task (Tay et al. 2021).
 
   A grey-scale image becomes a sequence of ``height * width`` intensity tokens
@@ -112,7 +68,7 @@ class PixelTransformer(_TokenClassifier):
   model: it must learn locality from positions alone, which is what makes the
   task a test of long-range attention.
 
-  Attributes (besides ``_TokenClassifier``'s):
+  Attributes (besides ``TokenClassifier``'s):
     levels: intensity vocabulary; inputs in [0, 1] are quantised to it.
   """
   levels: int = 256

@@ -1,7 +1,12 @@
 """Training: one loop for every task, orbax checkpoints, metrics."""
 
+from attention_lab.train.checkpoint import CheckpointError
+from attention_lab.train.checkpoint import CheckpointMismatch
+from attention_lab.train.loop import NonFiniteError
+from attention_lab.train.loop import WorkdirError
 from attention_lab.train.loop import evaluate_checkpoint
 from attention_lab.train.loop import train_and_evaluate
 from attention_lab.train.loop import visualize_checkpoint
 
-__all__ = ["evaluate_checkpoint", "train_and_evaluate", "visualize_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointMismatch", "NonFiniteError", "WorkdirError",
+           "evaluate_checkpoint", "train_and_evaluate", "visualize_checkpoint"]

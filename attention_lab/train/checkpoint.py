@@ -2,20 +2,38 @@
 
 The JSON record holds what the loop needs to continue exactly (the wall time
 spent so far, for ETA and results) and the config the run was started with.
+
+A save is atomic (orbax writes a temporary folder and renames it when
+complete), so a run killed mid-save leaves the previous checkpoints intact.
+``restore_newest_readable`` goes further for checkpoints damaged afterwards
+(a truncated file, lost metadata): it moves an unreadable step aside into
+``UNREADABLE_DIR`` (never deleting it) and falls back to the next newest.
+A checkpoint that reads fine but does not fit the model is a config change,
+not damage: that stops the run and touches nothing.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import flax.serialization
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+# Sibling of the checkpoint directory that receives unreadable steps.
+UNREADABLE_DIR = "checkpoints_unreadable"
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be restored."""
+
+
+class CheckpointMismatch(CheckpointError):
+  """A checkpoint was read but does not fit the model (the config changed)."""
 
 
 class Checkpoints:
@@ -30,6 +48,10 @@ class Checkpoints:
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
+        # Named handlers let a fresh process read a step's metadata before
+        # restoring it (to tell a damaged checkpoint from a changed config).
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "record": ocp.JsonCheckpointHandler()},
         # Saves are waited for anyway (the loop needs them on disk before it
         # goes on), so no background thread is kept writing.
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -39,11 +61,21 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state, record: Dict[str, Any]) -> None:
-    """Saves step ``step``; returns once the save is complete on disk."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-        record=ocp.args.JsonSave(record)), force=True)
-    self.manager.wait_until_finished()
+    """Saves step ``step``; returns once the save is complete on disk.
+
+    Raises:
+      CheckpointError: the disk refused the write (full, read-only...); the
+        half-written step stays a temporary folder and earlier steps are kept.
+    """
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+          record=ocp.args.JsonSave(record)), force=True)
+      self.manager.wait_until_finished()
+    except OSError as e:
+      raise CheckpointError(
+          f"cannot write checkpoint step {step} to {self.directory}: "
+          f"{e.strerror or e}; the earlier checkpoints are kept") from e
 
   def restore(self, template, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
     """Restores ``step`` (default: latest) into the structure of ``template``.
@@ -56,17 +88,61 @@ class Checkpoints:
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     target = flax.serialization.to_state_dict(template)
+    where = f"checkpoint step {step} in {self.directory}"
+    try:
+      metadata = self.manager.item_metadata(step)["state"]
+      saved = getattr(metadata, "tree", metadata)
+      if saved is None:
+        raise FileNotFoundError("no metadata for the state")
+    except Exception as e:  # orbax raises many types; name the file instead
+      raise CheckpointError(f"cannot read the metadata of {where}: "
+                            f"{type(e).__name__}: {e}") from e
+    try:
+      _check_shapes(target, saved)
+    except ValueError as e:
+      raise CheckpointMismatch(f"{where} does not fit this model: {e}") from e
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target),
           record=ocp.args.JsonRestore()))
       _check_shapes(target, restored["state"])
       state = flax.serialization.from_state_dict(template, restored["state"])
-    except Exception as e:  # orbax raises many types; name the file instead
-      raise CheckpointError(
-          f"cannot restore checkpoint step {step} from {self.directory}: "
-          f"{type(e).__name__}: {e}") from e
-    return state, dict(restored["record"])
+      record = dict(restored["record"])
+    except Exception as e:
+      raise CheckpointError(f"cannot restore {where}: {type(e).__name__}: {e}") from e
+    return state, record
+
+  def restore_newest_readable(self, template) -> Tuple[Any, Dict[str, Any]]:
+    """Restores the newest step that reads; unreadable newer ones are moved
+    to ``UNREADABLE_DIR`` beside the checkpoint directory, with a warning.
+
+    Raises:
+      CheckpointMismatch: a step reads but does not fit ``template``
+        (nothing is moved: the checkpoints are fine, the config changed).
+      CheckpointError: no step is readable (all were moved aside).
+    """
+    moved = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.restore(template, step)
+      except CheckpointMismatch:
+        raise
+      except CheckpointError as e:
+        moved.append(self._set_aside(step))
+        logging.warning("%s; moved it to %s and trying the previous checkpoint",
+                        e, moved[-1])
+    raise CheckpointError(
+        f"no readable checkpoint in {self.directory}; unreadable ones were moved "
+        f"to {', '.join(moved)}; run again to start from scratch")
+
+  def _set_aside(self, step: int) -> str:
+    """Moves step ``step`` out of the manager's sight, keeping its files."""
+    aside = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR,
+                         f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), aside)
+    self.manager.reload()
+    return aside
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -74,14 +150,21 @@ class Checkpoints:
 
 
 def _check_shapes(expected, got) -> None:
-  """Orbax restores what was saved; a changed model must fail here, loudly."""
+  """Orbax restores what was saved; a changed model must fail here, loudly.
+
+  ``got`` holds arrays or orbax's array metadata (both have ``shape``).
+  """
   want = jax.tree_util.tree_flatten_with_path(expected)[0]
   have = dict(jax.tree_util.tree_flatten_with_path(got)[0])
   for path, leaf in want:
     name = jax.tree_util.keystr(path)
     if path not in have:
-      raise ValueError(f"checkpoint lacks {name}")
+      raise ValueError(f"the checkpoint lacks {name} (did the config change?)")
     if tuple(getattr(have[path], "shape", ())) != tuple(getattr(leaf, "shape", ())):
       raise ValueError(
           f"{name} has shape {tuple(have[path].shape)} in the checkpoint but "
           f"{tuple(leaf.shape)} in the model (did the config change?)")
+  extra = sorted(set(have) - {path for path, _ in want}, key=jax.tree_util.keystr)
+  if extra:
+    raise ValueError(f"the checkpoint has {jax.tree_util.keystr(extra[0])} that the model "
+                     f"lacks (did the config change?)")

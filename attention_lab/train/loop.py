@@ -25,6 +25,7 @@ from attention_lab import data as data_lib
 from attention_lab import models
 from attention_lab.train import checkpoint as checkpoint_lib
 from attention_lab.train import optim
+from attention_lab.train import preemption
 from attention_lab.train import progress as progress_lib
 from attention_lab.train import sharding
 from attention_lab.train import tasks as tasks_lib
@@ -82,6 +83,11 @@ def eval_step(model_variables, batch, *, model, task):
   return sums
 
 
+def _first(inputs, n: int):
+  """The first ``n`` examples of model inputs (an array or a dict of them)."""
+  return jax.tree_util.tree_map(lambda x: x[:n], inputs)
+
+
 def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
                       for x in jax.tree_util.tree_leaves(tree)))
@@ -104,7 +110,7 @@ class Experiment:
     self.model = models.build(config.model)
     self.tx, self.schedule = optim.make_optimizer(config)
     init_key, self.dropout_key = _keys(config.seed)
-    example = self.data.train(0)["inputs"][:1]
+    example = _first(self.data.train(0)["inputs"], 1)
     with jax.set_mesh(self.mesh):
       initial = jax.jit(lambda k, x: self.model.init({"params": k}, x, train=False))(
           init_key, example)
@@ -172,7 +178,33 @@ def train_and_evaluate(config, workdir: str, *,
     The final evaluation metrics (also in ``WORKDIR/results.json``), or the
     last logged training metrics when stopped early.
   """
-  os.makedirs(workdir, exist_ok=True)
+  check_workdir(workdir)
+  with jax.debug_nans(bool(config.debug_nans)):
+    return _train_and_evaluate(config, workdir, stop_after)
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates ``workdir`` and proves it writable before any work starts.
+
+  Raises:
+    WorkdirError: naming the directory and the operating system's reason.
+  """
+  probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"work directory {workdir!r} is not usable: "
+                       f"{e.strerror or e} ({type(e).__name__})") from e
+
+
+class WorkdirError(OSError):
+  """The work directory cannot be created or written."""
+
+
+def _train_and_evaluate(config, workdir, stop_after):
   exp = Experiment(config)
   logging.info("%s: model %s with %s parameters; %d train / %d eval examples",
                config.experiment, config.model.name, f"{exp.num_params():,}",
@@ -182,7 +214,7 @@ def train_and_evaluate(config, workdir: str, *,
   try:
     state, record = exp.initial_state, {"elapsed_s": 0.0}
     if ckpts.latest_step() is not None:
-      state, record = ckpts.restore(exp.initial_state)
+      state, record = ckpts.restore_newest_readable(exp.initial_state)
       logging.info("resumed from step %d in %s", int(state.step), ckpts.directory)
     # Written only once the checkpoint (if any) fits this config.
     if sharding.is_writer():
@@ -207,31 +239,41 @@ def _train(exp, state, record, ckpts, writer, workdir, stop_after):
     ckpts.save(step, state, {"elapsed_s": progress.elapsed(),
                              "experiment": config.experiment})
 
-  pending = []  # per-step metrics since the last log line
+  pending = []  # (step, metrics) since the last log line, still on device
   metrics: Dict[str, float] = {}
-  while step < config.total_steps:
-    state, step_metrics = exp.train_step(state, exp.batch(exp.data.train(step)))
-    step += 1
-    pending.append(step_metrics)
-    if step % config.log_every == 0 or step == config.total_steps:
-      metrics = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                 for k in pending[0]}
-      pending = []
-      _check_finite(step, metrics)
-      writer.scalars("train", step, metrics)
-      logging.info("%s", progress.line(step, metrics))
-    if step % config.eval_every == 0 and step < config.total_steps:
-      eval_metrics = exp.evaluate(state)
-      writer.scalars("eval", step, eval_metrics)
-      logging.info("eval at step %d: %s", step, _fmt(eval_metrics))
-      _to_tensorboard(writer, step, draw_attention(exp, state, _attention_dir(workdir)))
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
-      save(step)
-    if stop_after is not None and step >= stop_after and step < config.total_steps:
-      if step % config.checkpoint_every:
+  with preemption.Listener() as stop_signal:
+    while step < config.total_steps:
+      state, step_metrics = exp.train_step(state, exp.batch(exp.data.train(step)))
+      step += 1
+      pending.append((step, step_metrics))
+      logging_now = step % config.log_every == 0 or step == config.total_steps
+      saving_now = step % config.checkpoint_every == 0 or step == config.total_steps
+      if logging_now or saving_now:
+        # Checked before any save, so the newest checkpoint is always finite.
+        rows = _check_finite(pending)
+      if logging_now:
+        metrics = {k: float(np.mean([m[k] for _, m in rows])) for k in rows[0][1]}
+        pending = []
+        writer.scalars("train", step, metrics)
+        logging.info("%s", progress.line(step, metrics))
+      if step % config.eval_every == 0 and step < config.total_steps:
+        eval_metrics = exp.evaluate(state)
+        writer.scalars("eval", step, eval_metrics)
+        logging.info("eval at step %d: %s", step, _fmt(eval_metrics))
+        _to_tensorboard(writer, step, draw_attention(exp, state, _attention_dir(workdir)))
+      if saving_now:
         save(step)
-      logging.info("stopping at step %d as asked; rerun to resume", step)
-      return metrics
+      asked = stop_after is not None and step >= stop_after
+      signalled = stop_signal.received(step, every=config.log_every)
+      if (asked or signalled) and step < config.total_steps:
+        if not saving_now:
+          _check_finite(pending)
+          save(step)
+        writer.flush()
+        why = f"on {stop_signal.name}" if signalled else "as asked"
+        logging.info("stopped at step %d %s; checkpoint saved, rerun the same command "
+                     "to resume", step, why)
+        return {**metrics, "stopped_at_step": step, "stopped_by": why}
 
   if ckpts.latest_step() != step:
     save(step)
@@ -280,18 +322,22 @@ def draw_attention(exp: Experiment, state, out_dir: str):
   """
   config = exp.config
   n = min(config.viz.num_examples, len(exp.data.eval["label"]))
-  inputs = exp.data.eval["inputs"][:n]
+  inputs = _first(exp.data.eval["inputs"], n)
   labels = np.asarray(exp.data.eval["label"][:n])
   logits, outputs = jax.device_get(exp.apply_for_pictures(variables(state), inputs))
   if not sharding.is_writer():
     return {}
   predictions = np.asarray(jnp.argmax(logits, -1))
   report_lib.clear_pictures(out_dir)
+  vocabulary = exp.data.vocabulary
   pictures = report_lib.draw_examples(
-      config.viz.kind, out_dir, inputs=np.asarray(inputs), labels=labels,
-      predictions=predictions, intermediates=outputs.get("intermediates", {}))
+      config.viz.kind, out_dir, inputs=jax.tree_util.tree_map(np.asarray, inputs),
+      labels=labels, predictions=predictions, vocabulary=vocabulary,
+      intermediates=outputs.get("intermediates", {}))
   report_lib.write_index(out_dir, f"{config.experiment}, step {int(state.step)}",
-                         labels, predictions, pictures)
+                         report_lib.describe(labels, vocabulary),
+                         report_lib.describe(predictions, vocabulary), pictures,
+                         inputs=report_lib.describe_inputs(inputs, vocabulary))
   return pictures
 
 
@@ -307,7 +353,7 @@ def _restore_latest(config, workdir: str):
   ckpts = _checkpoints(config, workdir)
   try:
     exp = Experiment(config)
-    state, _ = ckpts.restore(exp.initial_state)
+    state, _ = ckpts.restore_newest_readable(exp.initial_state)
   finally:
     ckpts.close()
   return exp, state
@@ -351,12 +397,24 @@ class NonFiniteError(FloatingPointError):
   """Training produced a NaN or infinity."""
 
 
-def _check_finite(step: int, metrics: Dict[str, float]) -> None:
-  bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-  if bad:
-    raise NonFiniteError(
-        f"non-finite {bad[0]} ({metrics[bad[0]]}) at step {step}; the last "
-        "checkpoint is kept; set --config.debug_nans=True to find the source")
+def _check_finite(pending):
+  """``pending`` ``[(step, device metrics)]`` fetched to the host, in order.
+
+  Raises:
+    NonFiniteError: naming the first step with a non-finite metric and that
+      metric; the caller has not saved that state, so the newest checkpoint
+      is the last good one.
+  """
+  rows = [(step, {k: float(v) for k, v in m.items()})
+          for step, m in jax.device_get(pending)]
+  for step, metrics in rows:
+    bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+    if bad:
+      raise NonFiniteError(
+          f"non-finite {bad[0]} ({metrics[bad[0]]}) at step {step}; the newest "
+          "checkpoint is the last good one and was kept; rerun with "
+          "--config.debug_nans=True to stop at the operation that made it")
+  return rows
 
 
 def _fmt(metrics: Dict[str, float]) -> str:

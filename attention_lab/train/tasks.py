@@ -12,6 +12,9 @@ from typing import Callable, Dict
 import jax.numpy as jnp
 import optax
 
+# Target padding id of the seq2seq task (the character vocabularies put it at 0).
+SEQ_PAD_ID = 0
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -43,8 +46,42 @@ def jax_one_hot(labels, num_classes):
   return (labels[..., None] == jnp.arange(num_classes)).astype(jnp.float32)
 
 
+def _target_mask(targets):
+  """True at the target's tokens and its ``<eos>``; False at the padding after."""
+  return targets != SEQ_PAD_ID
+
+
+def _seq2seq_train_loss(logits, batch, config):
+  """Teacher-forced token cross-entropy, averaged over non-padding targets."""
+  targets = batch["label"]
+  mask = _target_mask(targets).astype(jnp.float32)
+  smoothed = optax.smooth_labels(jax_one_hot(targets, logits.shape[-1]), config.label_smoothing)
+  loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), smoothed)
+  loss = (loss * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  correct = (jnp.argmax(logits, -1) == targets) * mask
+  return loss, {"loss": loss, "token_accuracy": correct.sum() / jnp.maximum(mask.sum(), 1.0)}
+
+
+def _seq2seq_eval_sums(logits, batch):
+  """Scores greedy decodes: ``exact_match`` (every target token and the
+  ``<eos>`` right, the task's metric), ``token_accuracy`` per example, and the
+  cross-entropy of the greedy logits against the target."""
+  targets, weight = batch["label"], batch["weight"]
+  mask = _target_mask(targets)
+  maskf = mask.astype(jnp.float32)
+  count = jnp.maximum(maskf.sum(-1), 1.0)
+  right = (jnp.argmax(logits, -1) == targets) & mask
+  exact = jnp.all(right | ~mask, axis=-1).astype(jnp.float32)
+  tokens = right.sum(-1) / count
+  loss = (optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets) * maskf).sum(-1) / count
+  return {"exact_match": (exact * weight).sum(), "token_accuracy": (tokens * weight).sum(),
+          "loss": (loss * weight).sum()}
+
+
 TASKS: Dict[str, Task] = {
     "classification": Task(_classification_train_loss, _classification_eval_sums),
+    "seq2seq": Task(_seq2seq_train_loss, _seq2seq_eval_sums),
 }
 
 

@@ -42,18 +42,21 @@ def clear_pictures(out_dir: str) -> None:
       os.remove(os.path.join(out_dir, name))
 
 
-def write_index(out_dir: str, title: str, labels, predictions, pictures: Pictures) -> str:
+def write_index(out_dir: str, title: str, labels, predictions, pictures: Pictures,
+                inputs=None) -> str:
   """``out_dir/index.html``: one row per example with its label, prediction and
-  every picture drawn of it (the input first)."""
+  every picture drawn of it (the input first); ``inputs``, optional strings,
+  are shown above the label where an input reads best as text."""
   import html
   rows = []
   for i, (label, pred) in enumerate(zip(labels, predictions)):
+    shown = f"<br>input <b>{html.escape(inputs[i])}</b>" if inputs is not None else ""
     names = sorted((os.path.basename(p) for p in pictures
                     if os.path.basename(p).startswith(f"example{i}_")),
                    key=lambda n: (not n.endswith("_input.png"), n))
     verdict = "correct" if label == pred else "wrong"
     cells = "".join(_index_cell(out_dir, n) for n in names)
-    rows.append(f'<tr class="{verdict}"><td>example {i}<br>label <b>{html.escape(str(label))}</b>'
+    rows.append(f'<tr class="{verdict}"><td>example {i}{shown}<br>label <b>{html.escape(str(label))}</b>'
                 f'<br>predicted <b>{html.escape(str(pred))}</b><br>{verdict}</td>'
                 f'<td>{cells}</td></tr>')
   page = f"""<!doctype html>
@@ -121,22 +124,31 @@ def collect_attention(intermediates) -> List[np.ndarray]:
   return [w for _, w in collect_sown(intermediates, "attention_weights")]
 
 
+# Accuracy-like metrics drawn in the right panel, in order of preference.
+_SCORES = ("accuracy", "exact_match", "token_accuracy")
+
+
 def draw_curves(history: List[dict], path: str) -> Pictures:
-  """Loss and accuracy against steps, train and eval."""
+  """Loss and the accuracy metrics (``accuracy``; ``exact_match`` and
+  ``token_accuracy`` for seq2seq) against steps, train and eval."""
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
   for split, style in (("train", "-"), ("eval", "o-")):
     rows = [r for r in history if r["split"] == split]
     if not rows:
       continue
     steps = [r["step"] for r in rows]
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    if "loss" in rows[0]:
+      axes[0].plot(steps, [r["loss"] for r in rows], style, label=split, markersize=3)
+    for metric in _SCORES:
       if metric in rows[0]:
-        ax.plot(steps, [r[metric] for r in rows], style, label=split, markersize=3)
-  for ax, metric in zip(axes, ("loss", "accuracy")):
+        axes[1].plot(steps, [r[metric] for r in rows], style, markersize=3,
+                     label=f"{split} {metric}")
+  for ax, title in zip(axes, ("loss", "accuracy")):
     ax.set_xlabel("step")
-    ax.set_title(metric)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
   fig.tight_layout()
   return _save(fig, path)
 
@@ -197,7 +209,8 @@ def draw_image_overlay(image: np.ndarray, cls_map: np.ndarray,
   return _save(fig, path)
 
 
-def draw_image_examples(out_dir, inputs, labels, predictions, intermediates) -> Pictures:
+def draw_image_examples(out_dir, inputs, labels, predictions, intermediates,
+                        vocabulary=None) -> Pictures:
   """Image Transformer pictures (ViT, pixel Transformer): a head grid and the
   last layer's and the rollout's attention over the image, per example.
 
@@ -289,7 +302,8 @@ def draw_channel_weights(weights, path: str, title: str) -> Pictures:
   return _save(fig, path)
 
 
-def draw_cnn_examples(out_dir, inputs, labels, predictions, intermediates) -> Pictures:
+def draw_cnn_examples(out_dir, inputs, labels, predictions, intermediates,
+                      vocabulary=None) -> Pictures:
   """CNN pictures: spatial maps over the input (CBAM) and channel gates per block."""
   pictures: Pictures = {}
   spatial = collect_sown(intermediates, "spatial_map")        # [(module, [b, h, w])]
@@ -310,9 +324,116 @@ def draw_cnn_examples(out_dir, inputs, labels, predictions, intermediates) -> Pi
   return pictures
 
 
+def tokens_of(ids, vocabulary) -> List[str]:
+  """Token strings of ``ids`` ``[length]``: padding and ``<bos>`` dropped,
+  reading up to and including ``<eos>`` (a decoder's last word)."""
+  out = []
+  for i in np.asarray(ids).tolist():
+    token = vocabulary[i]
+    if token in ("<pad>", "<bos>"):
+      continue
+    out.append(token)
+    if token == "<eos>":
+      break
+  return out
+
+
+def describe(values, vocabulary=None) -> List[str]:
+  """Labels or predictions as text for the index page: class ids as numbers,
+  token sequences ``[n, length]`` as the string they spell (without ``<eos>``)."""
+  values = np.asarray(values)
+  if values.ndim == 1 or vocabulary is None:
+    return [str(v) for v in values.tolist()]
+  return ["".join(t for t in tokens_of(row, vocabulary) if t != "<eos>") for row in values]
+
+
+def describe_inputs(inputs, vocabulary=None):
+  """The source text of each seq2seq example (inputs ``{"source": ...}``), or
+  None where the pictures show the input already."""
+  if not isinstance(inputs, dict) or "source" not in inputs or vocabulary is None:
+    return None
+  return describe(inputs["source"], vocabulary)
+
+
+def _text_token_weights(intermediates, ids) -> Tuple[str, np.ndarray]:
+  """``(what, [batch, length])``: attention pooling's weights when the model
+  pools with attention, else the rollout row of the CLS token (or the mean
+  row without one) of a Transformer; zeros at padding."""
+  pooling = [w for _, w in collect_sown(intermediates, "attention_weights") if w.ndim == 3]
+  if pooling:
+    return "attention pooling", pooling[-1][:, 0]
+  attention = collect_attention(intermediates)
+  if not attention:
+    return "", None
+  rollout = attention_rollout(attention)                       # [batch, t, t]
+  length = ids.shape[1]
+  if rollout.shape[-1] == length + 1:                          # CLS first
+    return "CLS attention rollout", rollout[:, 0, 1:]
+  valid = (ids != 0).astype(np.float64)
+  row = (rollout * valid[:, :, None]).sum(1) / np.maximum(valid.sum(1, keepdims=True), 1)
+  return "mean attention rollout", row
+
+
+def draw_text_examples(out_dir, inputs, labels, predictions, intermediates,
+                       vocabulary=None) -> Pictures:
+  """Text classifiers: the tokens coloured by attention (HTML), and for
+  Transformers the head grid of every layer over the valid tokens."""
+  if vocabulary is None:
+    raise ValueError("draw_text_examples needs the dataset's vocabulary")
+  pictures: Pictures = {}
+  ids = np.asarray(inputs)
+  what, weights = _text_token_weights(intermediates, ids)
+  attention = collect_attention(intermediates)
+  for i in range(len(ids)):
+    tag = f"example{i}_label{labels[i]}_pred{predictions[i]}"
+    valid = np.flatnonzero(ids[i] != 0)
+    tokens = [vocabulary[t] for t in ids[i, valid]]
+    if weights is not None:
+      pictures.update(sequences.token_html(
+          tokens, weights[i, valid], os.path.join(out_dir, f"{tag}_tokens.html"),
+          f"{what}: label {labels[i]}, predicted {predictions[i]}"))
+    layers = [w for w in attention if w.ndim == 4]
+    if layers:
+      offset = layers[0].shape[-1] - ids.shape[1]              # 1 with a CLS token
+      keep = np.concatenate([np.arange(offset), valid + offset])
+      grid = [w[:, :, keep][:, :, :, keep] for w in layers]
+      names = ["CLS"] * offset + tokens
+      pictures.update(draw_head_grid(grid, i, os.path.join(out_dir, f"{tag}_heads.png"),
+                                     tokens=names))
+  return pictures
+
+
+def draw_alignment_examples(out_dir, inputs, labels, predictions, intermediates,
+                            vocabulary=None) -> Pictures:
+  """Seq2seq: the decoder's alignment (output x input characters) per example,
+  with the output the model wrote (up to its ``<eos>``) on the rows."""
+  if vocabulary is None:
+    raise ValueError("draw_alignment_examples needs the dataset's vocabulary")
+  pictures: Pictures = {}
+  alignments = collect_sown(intermediates, "alignment")
+  if not alignments:
+    return pictures
+  alignment = alignments[-1][1]                                # [batch, out, in]
+  source = np.asarray(inputs["source"])
+  for i in range(len(source)):
+    valid = np.flatnonzero(source[i] != 0)
+    input_tokens = [vocabulary[t] for t in source[i, valid]]
+    output_tokens = tokens_of(predictions[i], vocabulary)
+    verdict = "right" if tokens_of(labels[i], vocabulary) == output_tokens else "wrong"
+    weights = alignment[i, :len(output_tokens)][:, valid]
+    pictures.update(sequences.draw_alignment(
+        weights, input_tokens, output_tokens,
+        os.path.join(out_dir, f"example{i}_alignment.png"),
+        f"{''.join(input_tokens)} -> {''.join(t for t in output_tokens if t != '<eos>')} "
+        f"({verdict})"))
+  return pictures
+
+
 DRAWERS = {
+    "alignment": draw_alignment_examples,
     "cnn": draw_cnn_examples,
     "image": draw_image_examples,
+    "text": draw_text_examples,
 }
 
 

@@ -1,0 +1,174 @@
+"""Encoder-decoder with attention: the RNN translators of Bahdanau et al. (2015)
+and Luong et al. (2015).
+
+A bidirectional RNN reads the source; an RNN decoder writes the target one
+token at a time, attending over the encoder states at every step:
+
+- ``bahdanau``: additive scores ``v^T tanh(W s_{t-1} + U h_j)`` from the
+  previous decoder state; the context enters the RNN input.
+- ``luong_dot`` / ``luong_general``: multiplicative scores ``s_t . h_j`` or
+  ``s_t W h_j`` from the current state; the context and state make the
+  "attentional" vector that predicts the token and is fed to the next step
+  (input feeding).
+
+Training uses teacher forcing (the decoder reads the true previous token);
+evaluation decodes greedily from ``<bos>`` and ignores the target. Either way
+the alignment ``[batch, target_length, source_length]`` is sown as
+``intermediates/alignment`` for pictures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attention_lab.layers import AdditiveAttention
+from attention_lab.layers import LuongAttention
+from attention_lab.models.text import bidirectional_rnn
+from attention_lab.models.text import rnn_cell
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+ATTENTIONS = ("bahdanau", "luong_dot", "luong_general")
+
+
+class DecoderStep(nn.Module):
+  """One decoding step; scanned over the target positions.
+
+  Carry: ``(state [batch, dim], feed [batch, dim], previous token [batch],
+  finished [batch])``. Input: the teacher token ``[batch]`` (read only when
+  ``teacher_forcing``). Output: logits ``[batch, vocab]`` and attention
+  weights ``[batch, source_length]``.
+  """
+  vocab_size: int
+  embed_dim: int
+  dim: int
+  attention: str
+  attention_units: int
+  cell: str
+  teacher_forcing: bool
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, carry, teacher_token, memory, memory_valid):
+    state, feed, previous, finished = carry
+    token = teacher_token if self.teacher_forcing else previous
+    embedded = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype,
+                        name="token_embedding")(token)
+    cell = rnn_cell(self.cell, self.dim, self.dtype, name="cell")
+    if self.attention == "bahdanau":
+      # Attend with the state that has not yet seen this token, then update.
+      context, weights = AdditiveAttention(self.attention_units, name="attention")(
+          _hidden(state, self.cell), memory, mask=memory_valid)
+      state, output = cell(state, jnp.concatenate([embedded, context], -1))
+      hidden = nn.tanh(nn.Dense(self.dim, name="output_hidden")(
+          jnp.concatenate([output, context, embedded], -1)))
+    else:
+      state, output = cell(state, jnp.concatenate([embedded, feed], -1))
+      score = self.attention.split("_", 1)[1]
+      context, weights = LuongAttention(score, name="attention")(
+          output, memory, mask=memory_valid)
+      hidden = nn.tanh(nn.Dense(self.dim, use_bias=False, name="attentional")(
+          jnp.concatenate([context, output], -1)))
+      feed = hidden
+    logits = nn.Dense(self.vocab_size, name="output")(hidden).astype(jnp.float32)
+    if not self.teacher_forcing:
+      # After <eos> the decoder only writes padding, so the output stops there.
+      pad_only = jnp.full_like(logits, -1e9).at[:, PAD_ID].set(0.0)
+      logits = jnp.where(finished[:, None], pad_only, logits)
+      previous = jnp.argmax(logits, -1).astype(jnp.int32)
+      finished = finished | (previous == EOS_ID)
+    return (state, feed, previous, finished), (logits, weights)
+
+
+def _hidden(state, cell: str):
+  """The part of an RNN carry that attention reads (an LSTM's ``h``)."""
+  return state[1] if cell == "lstm" else state
+
+
+class Seq2Seq(nn.Module):
+  """Bidirectional-RNN encoder, attentive RNN decoder.
+
+  Attributes:
+    vocab_size: shared source/target character vocabulary (0 pad, 1 bos, 2 eos).
+    target_length: decoding steps (the longest target plus ``<eos>``).
+    attention: one of ``ATTENTIONS``.
+    embed_dim: character embedding width.
+    hidden_dim: encoder RNN width per direction; the decoder is twice as wide
+      so Luong's dot score can compare its state with the encoder's.
+    attention_units: hidden width of the additive score.
+    cell: ``gru`` or ``lstm``.
+    dropout_rate: on the encoder states.
+  """
+  vocab_size: int
+  target_length: int
+  attention: str = "bahdanau"
+  embed_dim: int = 32
+  hidden_dim: int = 64
+  attention_units: int = 64
+  cell: str = "gru"
+  dropout_rate: float = 0.0
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, inputs, *, train: bool = False):
+    """Translates ``inputs["source"]``.
+
+    Args:
+      inputs: ``{"source": int [batch, source_length], "target": int [batch,
+        target_length]}``; ``target`` ends in ``<eos>`` then padding and is
+        read only when ``train`` (teacher forcing).
+      train: teacher forcing and dropout; otherwise greedy decoding.
+
+    Returns:
+      logits ``[batch, target_length, vocab_size]`` (float32).
+    """
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"Seq2Seq: unknown attention {self.attention!r}; use one of {ATTENTIONS}")
+    source, target = inputs["source"], inputs["target"]
+    if source.ndim != 2 or target.ndim != 2 or target.shape[1] != self.target_length:
+      raise ValueError(
+          f"Seq2Seq expects source [batch, source_length] and target [batch, "
+          f"{self.target_length}], got {tuple(source.shape)} and {tuple(target.shape)}")
+    valid = source != PAD_ID
+    embedded = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype,
+                        name="source_embedding")(source)
+    memory = bidirectional_rnn(self.cell, self.hidden_dim, self.dtype)(
+        embedded, seq_lengths=valid.sum(-1))
+    memory = nn.Dropout(self.dropout_rate)(memory, deterministic=not train)
+    dim = 2 * self.hidden_dim
+
+    # The decoder starts from a summary of the whole source (masked mean).
+    weights = valid.astype(memory.dtype)[..., None]
+    summary = (memory * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+    start = nn.tanh(nn.Dense(dim, name="bridge")(summary))
+    batch = source.shape[0]
+    state = (jnp.zeros_like(start), start) if self.cell == "lstm" else start
+    carry = (state, jnp.zeros((batch, dim), start.dtype),
+             jnp.full((batch,), BOS_ID, jnp.int32), jnp.zeros((batch,), bool))
+    # Teacher forcing reads <bos> then the target shifted right by one.
+    teacher = jnp.concatenate([jnp.full((batch, 1), BOS_ID, target.dtype), target[:, :-1]], 1)
+
+    scan = nn.scan(DecoderStep, variable_broadcast="params", split_rngs={"params": False},
+                   in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1)
+    _, (logits, alignment) = scan(
+        vocab_size=self.vocab_size, embed_dim=self.embed_dim, dim=dim,
+        attention=self.attention, attention_units=self.attention_units, cell=self.cell,
+        teacher_forcing=train, dtype=self.dtype, name="decoder")(
+            carry, teacher.astype(jnp.int32), memory, valid)
+    self.sow("intermediates", "alignment", alignment)
+    return logits
+
+
+def strip_at_eos(ids) -> list:
+  """Token ids up to (not including) the first ``<eos>``; padding and
+  ``<bos>`` dropped."""
+  out = []
+  for i in jax.device_get(ids).tolist():
+    if i == EOS_ID:
+      break
+    if i not in (PAD_ID, BOS_ID):
+      out.append(i)
+  return out

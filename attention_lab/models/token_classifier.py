@@ -1,0 +1,75 @@
+"""The shared tail of the Transformer classifiers: tokens -> encoder -> logits.
+
+ViT, the pixel Transformer and the text classifier differ only in how they
+turn their input into tokens; everything after that lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from attention_lab.layers import Encoder
+from attention_lab.layers import LearnedPositionEmbedding
+
+
+class TokenClassifier(nn.Module):
+  """Base of the Transformer classifiers; subclasses embed and call ``_classify``.
+
+  Attributes:
+    num_classes: output logits.
+    hidden_dim: token width.
+    num_layers, num_heads, mlp_dim: encoder shape.
+    dropout_rate, attention_dropout_rate: regularisation.
+    kernel: attention kernel name (None: backend default).
+    pool: ``cls`` (a learned class token) or ``mean`` (average of the valid
+      tokens).
+  """
+  num_classes: int
+  hidden_dim: int = 64
+  num_layers: int = 4
+  num_heads: int = 4
+  mlp_dim: int = 128
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  kernel: Optional[str] = None
+  pool: str = "cls"
+  dtype: Any = None
+
+  def _classify(self, x, train: bool, valid=None):
+    """tokens ``[batch, tokens, hidden_dim]`` -> logits ``[batch, num_classes]``.
+
+    Args:
+      valid: optional bool ``[batch, tokens]``, False at padding; padding is
+        masked out of every attention row and out of mean pooling.
+    """
+    name = type(self).__name__
+    if self.pool == "cls":
+      cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.hidden_dim))
+      cls = jnp.broadcast_to(cls, (x.shape[0], 1, self.hidden_dim)).astype(x.dtype)
+      x = jnp.concatenate([cls, x], axis=1)
+      if valid is not None:
+        valid = jnp.concatenate([jnp.ones((x.shape[0], 1), bool), valid], axis=1)
+    elif self.pool != "mean":
+      raise ValueError(f"{name}: unknown pool {self.pool!r}; use 'cls' or 'mean'")
+    x = LearnedPositionEmbedding(name="position_embedding")(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    # Keys at padding are masked; queries at padding still compute (their
+    # outputs are never read), which keeps every row non-empty.
+    mask = None if valid is None else valid[:, None, None, :]
+    x = Encoder(
+        num_layers=self.num_layers, num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate, kernel=self.kernel,
+        dtype=self.dtype, name="encoder")(x, mask=mask, deterministic=not train)
+    if self.pool == "cls":
+      x = x[:, 0]
+    elif valid is None:
+      x = x.mean(axis=1)
+    else:
+      weights = valid.astype(x.dtype)[..., None]
+      x = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
+                    name="head")(x)

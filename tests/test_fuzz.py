@@ -1,0 +1,161 @@
+"""Bad and odd input, fuzzed with hypothesis: any shapes (lengths of zero and
+one included), dtypes, mask shapes, dtypes and values (all keys masked), bias
+shapes, causal or not. Every call either returns the float64 answer (finite,
+zeros for rows with nothing to attend) or raises a ValueError that names the
+offending array; never NaN, never a silently wrong broadcast."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from attention_lab import kernels
+from attention_lab.layers import SelfAttention
+
+# The kernels that run natively on CPU (Pallas is fuzzed only through its
+# fixed cases in test_pallas.py: its interpreter is too slow for hundreds).
+CPU_KERNELS = ("reference", "jax_nn", "blockwise")
+TOLERANCE = {"float32": 2e-5, "bfloat16": 3e-2}
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _broadcastable_shape(draw, target):
+  """A shape that broadcasts to ``target``: each dim kept or 1, leading dims maybe dropped."""
+  shape = [draw(st.sampled_from([1, n])) for n in target]
+  drop = draw(st.integers(0, len(target) - 2))
+  return tuple(shape[drop:])
+
+
+def _broken_shape(draw, target):
+  """A shape that does not broadcast to ``target`` (a dim off by one, or too many dims)."""
+  if draw(st.booleans()):
+    return (2,) + tuple(target)                       # an extra leading dim of 2
+  shape = list(target)
+  i = draw(st.integers(0, len(target) - 1))
+  shape[i] = target[i] + 1 if target[i] != 1 else 2   # neither 1 nor the size
+  return tuple(shape)
+
+
+@st.composite
+def attention_case(draw):
+  batch = tuple(draw(st.lists(st.integers(1, 2), max_size=2)))
+  q_len, kv_len = draw(st.integers(0, 6)), draw(st.integers(0, 6))
+  kv_heads = draw(st.sampled_from([1, 2]))
+  heads = kv_heads * draw(st.sampled_from([1, 2]))
+  head_dim, value_dim = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+  dtype = draw(st.sampled_from(["float32", "bfloat16"]))
+  scores = batch + (heads, q_len, kv_len)
+  rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+  case = {
+      "query": rng.normal(size=batch + (q_len, heads, head_dim)),
+      "key": rng.normal(size=batch + (kv_len, kv_heads, head_dim)),
+      "value": rng.normal(size=batch + (kv_len, kv_heads, value_dim)),
+      "dtype": dtype, "is_causal": draw(st.booleans()), "mask": None, "bias": None,
+      "broken": None,
+  }
+  mask_kind = draw(st.sampled_from(["none", "random", "none_valid", "int", "broken"]))
+  if mask_kind != "none":
+    if mask_kind == "broken":
+      shape = _broken_shape(draw, scores)
+      case["broken"] = "mask"
+    else:
+      shape = _broadcastable_shape(draw, scores)
+    if mask_kind == "none_valid":
+      case["mask"] = np.zeros(shape, bool)                  # every key masked
+    elif mask_kind == "int":
+      case["mask"] = rng.integers(0, 2, shape).astype(np.int32)   # Flax-style 0/1
+    else:
+      case["mask"] = rng.random(shape) < 0.6
+  bias_kind = draw(st.sampled_from(["none", "valid", "broken"]))
+  if bias_kind == "valid":
+    case["bias"] = rng.normal(size=_broadcastable_shape(draw, scores))
+  elif bias_kind == "broken" and case["broken"] is None:
+    case["bias"] = rng.normal(size=_broken_shape(draw, scores))
+    case["broken"] = "bias"
+  return case
+
+
+def _float64_answer(case, q, k, v, bias):
+  """Attention in numpy float64 from the rounded inputs, with explicit
+  broadcasting and grouped heads; rows with no key to attend are zeros."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  heads, kv_heads = q.shape[-2], k.shape[-2]
+  k = np.repeat(k, heads // kv_heads, axis=-2)
+  v = np.repeat(v, heads // kv_heads, axis=-2)
+  scores = np.einsum("...qhd,...khd->...hqk", q, k) / np.sqrt(q.shape[-1])
+  allowed = np.ones(scores.shape, bool)
+  if case["mask"] is not None:
+    allowed &= np.broadcast_to(np.asarray(case["mask"]) != 0, scores.shape)
+  if bias is not None:
+    scores = scores + np.broadcast_to(np.asarray(bias, np.float64), scores.shape)
+  if case["is_causal"]:
+    q_len, kv_len = scores.shape[-2:]
+    allowed &= np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None]
+  scores = np.where(allowed, scores, -np.inf)
+  top = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)
+  top = np.where(np.isfinite(top), top, 0.0)
+  weights = np.where(allowed, np.exp(scores - top), 0.0)
+  total = weights.sum(-1, keepdims=True)
+  weights = weights / np.where(total > 0, total, 1.0)
+  return np.einsum("...hqk,...khd->...qhd", weights, v)
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@FUZZ
+@given(case=attention_case())
+def test_kernel_is_right_or_names_the_problem(kernel, case):
+  dtype = jnp.dtype(case["dtype"])
+  q, k, v = (jnp.asarray(case[n], dtype) for n in ("query", "key", "value"))
+  bias = None if case["bias"] is None else jnp.asarray(case["bias"], dtype)
+  mask = None if case["mask"] is None else jnp.asarray(case["mask"])
+  try:
+    out = kernels.dot_product_attention(q, k, v, bias, mask, is_causal=case["is_causal"],
+                                        implementation=kernel)
+  except ValueError as e:
+    assert case["broken"] is not None, f"valid input refused: {e}"
+    assert case["broken"] in str(e) and "broadcast" in str(e), str(e)
+    return
+  assert case["broken"] is None, f"{case['broken']} of a wrong shape was accepted"
+  out = np.asarray(out.astype(jnp.float32))
+  assert out.shape == q.shape[:-1] + (v.shape[-1],)
+  assert np.all(np.isfinite(out))
+  want = _float64_answer(case, q.astype(jnp.float32), k.astype(jnp.float32),
+                         v.astype(jnp.float32),
+                         None if bias is None else bias.astype(jnp.float32))
+  tol = TOLERANCE[case["dtype"]]
+  np.testing.assert_allclose(out, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max(
+      initial=0.0)))
+
+
+@FUZZ
+@given(batch=st.integers(1, 3), length=st.integers(0, 5), features=st.sampled_from([4, 8]),
+       heads=st.sampled_from([1, 2]), lengths_seed=st.integers(0, 1000))
+def test_self_attention_layer_with_padding_and_empty_rows(batch, length, features, heads,
+                                                          lengths_seed):
+  """The Flax layer over padded batches: rows with every key padded give
+  zeros through the kernel, the output is finite and the padding of one
+  example never changes another."""
+  rng = np.random.default_rng(lengths_seed)
+  x = jnp.asarray(rng.normal(size=(batch, length, features)), jnp.float32)
+  valid = np.arange(length)[None, :] < rng.integers(0, length + 1, batch)[:, None]
+  mask = jnp.asarray(valid[:, None, None, :])
+  layer = SelfAttention(num_heads=heads, kernel="blockwise")
+  params = layer.init(jax.random.key(0), x, mask=mask)
+  out = np.asarray(layer.apply(params, x, mask=mask))
+  assert out.shape == x.shape and np.all(np.isfinite(out))
+  for b in range(batch):
+    alone = np.asarray(layer.apply(params, x[b:b + 1], mask=mask[b:b + 1]))
+    np.testing.assert_allclose(out[b:b + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_self_attention_layer_names_a_mask_of_the_wrong_shape():
+  layer = SelfAttention(num_heads=2, kernel="reference")
+  x = jnp.ones((2, 5, 8))
+  params = layer.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"mask shape \(2, 1, 1, 4\) does not broadcast"):
+    layer.apply(params, x, mask=jnp.ones((2, 1, 1, 4), bool))

@@ -1,0 +1,158 @@
+"""Text and seq2seq models: padding never leaks into a result, the decoder is
+causal under teacher forcing, greedy decoding ignores the target and stops at
+``<eos>``, and the seq2seq metrics score what they claim."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from attention_lab.models.seq2seq import ATTENTIONS
+from attention_lab.models.seq2seq import BOS_ID
+from attention_lab.models.seq2seq import EOS_ID
+from attention_lab.models.seq2seq import PAD_ID
+from attention_lab.models.seq2seq import Seq2Seq
+from attention_lab.models.seq2seq import strip_at_eos
+from attention_lab.models.text import RnnAttentionClassifier
+from attention_lab.models.text import TextTransformer
+from attention_lab.train import tasks
+
+TOKENS = jnp.array([[3, 4, 5, 6, 0, 0, 0], [7, 8, 9, 10, 11, 12, 13], [5, 0, 0, 0, 0, 0, 0]])
+
+
+def _noise(shape, seed=7):
+  """A random shift (a constant one would vanish in LayerNorm)."""
+  return 3.0 * jax.random.normal(jax.random.key(seed), shape)
+
+
+def _perturb(params, path, fn):
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  flat[path] = fn(flat[path])
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_text_transformer_ignores_padding(pool):
+  model = TextTransformer(num_classes=5, vocab_size=16, hidden_dim=16, num_layers=2,
+                          num_heads=2, mlp_dim=32, pool=pool, kernel="reference")
+  params = model.init(jax.random.key(0), TOKENS)["params"]
+  params = _perturb(params, ("head", "kernel"),
+                    lambda k: jax.random.normal(jax.random.key(1), k.shape))
+  logits = model.apply({"params": params}, TOKENS)
+  # The padding embedding cannot change any logits, nor the position rows
+  # past an example's end its logits (examples 0 and 2 end before the last 3).
+  changed = _perturb(params, ("token_embedding", "embedding"), lambda e: e.at[0].add(_noise(e.shape[1:])))
+  np.testing.assert_allclose(model.apply({"params": changed}, TOKENS), logits,
+                             rtol=1e-5, atol=1e-5)
+  changed = _perturb(params, ("position_embedding", "embedding"),
+                     lambda e: e.at[-3:].add(_noise(e[-3:].shape)))
+  np.testing.assert_allclose(model.apply({"params": changed}, TOKENS)[::2], logits[::2],
+                             rtol=1e-5, atol=1e-5)
+  # ...while a real token does.
+  moved = _perturb(params, ("token_embedding", "embedding"), lambda e: e.at[3].add(_noise(e.shape[1:])))
+  assert not np.allclose(model.apply({"params": moved}, TOKENS)[0], logits[0], atol=1e-4)
+
+
+def test_text_transformer_same_logits_with_every_kernel():
+  model = TextTransformer(num_classes=5, vocab_size=16, hidden_dim=16, num_layers=1,
+                          num_heads=2, mlp_dim=32, kernel="reference")
+  params = model.init(jax.random.key(0), TOKENS)["params"]
+  params = _perturb(params, ("head", "kernel"),
+                    lambda k: jax.random.normal(jax.random.key(1), k.shape))
+  want = model.apply({"params": params}, TOKENS)
+  fast = model.clone(kernel="blockwise")
+  np.testing.assert_allclose(fast.apply({"params": params}, TOKENS), want, rtol=1e-4,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_rnn_attention_pooling_ignores_padding(cell):
+  model = RnnAttentionClassifier(num_classes=5, vocab_size=16, embed_dim=8, hidden_dim=8,
+                                 attention_units=8, cell=cell)
+  params = model.init(jax.random.key(0), TOKENS)["params"]
+  logits, state = model.apply({"params": params}, TOKENS, mutable=["intermediates"])
+  weights = np.asarray(state["intermediates"]["pooling"]["attention_weights"][0])[:, 0]
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+  assert np.all(weights[np.asarray(TOKENS) == 0] == 0.0)
+  changed = _perturb(params, ("token_embedding", "embedding"), lambda e: e.at[0].add(_noise(e.shape[1:])))
+  np.testing.assert_allclose(model.apply({"params": changed}, TOKENS), logits, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_text_models_reject_float_inputs():
+  model = TextTransformer(num_classes=2, vocab_size=16, hidden_dim=8, num_layers=1,
+                          num_heads=1, mlp_dim=8)
+  with pytest.raises(ValueError, match="int token ids"):
+    model.init(jax.random.key(0), jnp.ones((2, 5)))
+
+
+SOURCE = jnp.array([[5, 6, 7, 8, 9, 0, 0], [10, 11, 12, 13, 14, 15, 16]])
+TARGET = jnp.array([[5, 6, 7, 2, 0], [8, 9, 10, 11, 2]])
+
+
+def _seq2seq(attention, cell="gru"):
+  model = Seq2Seq(vocab_size=20, target_length=5, attention=attention, embed_dim=8,
+                  hidden_dim=8, attention_units=8, cell=cell)
+  inputs = {"source": SOURCE, "target": TARGET}
+  return model, model.init(jax.random.key(0), inputs)["params"], inputs
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_teacher_forcing_is_causal(attention):
+  model, params, inputs = _seq2seq(attention)
+  logits = model.apply({"params": params}, inputs, train=True)
+  changed = {"source": SOURCE, "target": TARGET.at[:, 2].set(13)}
+  other = model.apply({"params": params}, changed, train=True)
+  # Step t reads the target up to t - 1: steps 0..2 are unchanged, step 3 moves.
+  np.testing.assert_allclose(other[:, :3], logits[:, :3], rtol=1e-6)
+  assert not np.allclose(other[:, 3], logits[:, 3])
+
+
+@pytest.mark.parametrize("attention,cell", [("bahdanau", "gru"), ("luong_dot", "lstm"),
+                                            ("luong_general", "gru")])
+def test_greedy_decoding_ignores_target_and_stops_at_eos(attention, cell):
+  model, params, inputs = _seq2seq(attention, cell)
+  # Make <eos> likely after a few steps so the stop is exercised.
+  params = _perturb(params, ("decoder", "output", "bias"), lambda b: b.at[EOS_ID].add(2.0))
+  logits, state = model.apply({"params": params}, inputs, train=False,
+                              mutable=["intermediates"])
+  other = model.apply({"params": params}, {"source": SOURCE, "target": jnp.zeros_like(TARGET)})
+  np.testing.assert_array_equal(other, logits)
+  tokens = np.asarray(jnp.argmax(logits, -1))
+  for row in tokens:
+    ends = np.flatnonzero(row == EOS_ID)
+    assert len(ends), row
+    assert np.all(row[ends[0] + 1:] == PAD_ID)      # nothing written after <eos>
+    assert strip_at_eos(row) == [t for t in row[:ends[0]] if t not in (PAD_ID, BOS_ID)]
+  alignment = np.asarray(state["intermediates"]["alignment"][0])
+  assert alignment.shape == (2, 5, 7)
+  np.testing.assert_allclose(alignment.sum(-1), 1.0, rtol=1e-5)
+  assert np.all(alignment[0, :, 5:] == 0.0)           # source padding gets no attention
+
+
+def test_seq2seq_rejects_bad_attention_and_shapes():
+  model, params, inputs = _seq2seq("bahdanau")
+  with pytest.raises(ValueError, match="unknown attention"):
+    model.clone(attention="cosine").init(jax.random.key(0), inputs)
+  with pytest.raises(ValueError, match="target"):
+    model.apply({"params": params}, {"source": SOURCE, "target": TARGET[:, :3]})
+
+
+def test_seq2seq_metrics():
+  targets = jnp.array([[5, 6, EOS_ID, 0], [7, 8, EOS_ID, 0], [9, 9, 9, EOS_ID]])
+
+  def one_hot(ids):
+    return jax.nn.one_hot(jnp.array(ids), 12) * 10.0
+  # Example 0 exact (what follows <eos> is not scored), 1 wrong in one token,
+  # 2 misses its <eos>.
+  logits = jnp.stack([one_hot([5, 6, EOS_ID, 4]), one_hot([7, 3, EOS_ID, 0]),
+                      one_hot([9, 9, 9, 9])])
+  sums = tasks.get("seq2seq").eval_sums(logits, {"label": targets, "weight": jnp.ones(3)})
+  assert float(sums["exact_match"]) == 1.0
+  np.testing.assert_allclose(float(sums["token_accuracy"]), 1.0 + 2 / 3 + 3 / 4)
+  loss, metrics = tasks.get("seq2seq").train_loss(
+      logits, {"label": targets}, ConfigDict({"label_smoothing": 0.0}))
+  np.testing.assert_allclose(float(metrics["token_accuracy"]), 8 / 10)
+  assert np.isfinite(float(loss))
