@@ -147,9 +147,9 @@ def test_killed_and_terminated_run_ends_like_an_uninterrupted_one(tmp_path, data
   process.send_signal(signal.SIGTERM)
   log = process.communicate(timeout=120)[0].decode()
   assert process.returncode == 0, log[-2000:]
+  stopped = int(log.split("stopped at step ")[1].split()[0])
   assert "on SIGTERM" in log
-  stopped = max(_steps(broken))
-  assert stopped < 60
+  assert before < stopped < 60 and max(_steps(broken)) == stopped   # saved where it stood
 
   # 4. The same command finishes the run.
   subprocess.run(_command(broken, data_dir), cwd=ROOT, env=_env(), check=True,
@@ -200,39 +200,44 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
   assert _digest(os.path.join(damaged, "checkpoints", "2")) == good
 
 
-def test_every_checkpoint_unreadable_is_an_error_that_keeps_the_files(tmp_path, data_dir):
+def test_every_checkpoint_unreadable_is_an_error_that_moves_nothing(tmp_path, data_dir):
   config = _tiny(data_dir)
   workdir = str(tmp_path)
   train.train_and_evaluate(config, workdir, stop_after=2)
   os.remove(os.path.join(workdir, "checkpoints", "2", "state", "_METADATA"))
-  with pytest.raises(train.CheckpointError, match="no readable checkpoint"):
+  before = _digest(workdir)
+  with pytest.raises(train.CheckpointError, match="could be read.*nothing was moved"):
     train.train_and_evaluate(config, workdir)
-  assert os.listdir(os.path.join(workdir, checkpoint_lib.UNREADABLE_DIR))
+  assert _digest(workdir) == before       # a fault hitting every step moves nothing
+  assert not os.path.exists(os.path.join(workdir, checkpoint_lib.UNREADABLE_DIR))
 
 
 def test_non_finite_loss_stops_naming_step_and_metric_and_keeps_last_good(tmp_path, data_dir):
-  # A learning rate of 1e30 overflows the parameters after the first update.
-  config = _tiny(data_dir, **{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 0,
+  # A learning rate of 1e15 makes the parameters huge but finite after the
+  # first update; the next forward pass overflows.
+  config = _tiny(data_dir, **{"optimizer.learning_rate": 1e15, "optimizer.warmup_steps": 0,
                               "optimizer.grad_clip": 0.0, "checkpoint_every": 1})
   workdir = str(tmp_path)
-  with pytest.raises(train.NonFiniteError, match=r"non-finite (loss|accuracy|grad_norm).* "
-                                                 r"at step \d+") as error:
+  with pytest.raises(train.NonFiniteError,
+                     match=r"non-finite (loss|grad_norm|param_norm) .* at step \d+") as error:
     train.train_and_evaluate(config, workdir)
   bad_step = int(str(error.value).split("at step ")[1].split(";")[0])
   steps = _steps(workdir)
-  assert steps and max(steps) == bad_step - 1               # saved up to the last good step
+  assert bad_step >= 2 and steps and max(steps) == bad_step - 1   # saved up to the last good step
   _, params = _final_params(workdir)
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
 
 
 def test_debug_nans_stops_at_the_operation(tmp_path, data_dir):
   config = _tiny(data_dir, **{"optimizer.learning_rate": float("nan"), "debug_nans": True})
-  with pytest.raises(FloatingPointError, match="(?i)nan"):
+  with pytest.raises(FloatingPointError, match=r"invalid value \(nan\)") as error:
     train.train_and_evaluate(config, str(tmp_path))
+  assert not isinstance(error.value, train.NonFiniteError)   # JAX's checker, not the loop's
 
 
 def test_debug_nans_passes_a_healthy_run(tmp_path, data_dir):
-  """The kernels' masked paths create no hidden NaN that JAX's checker would trip on."""
+  """A healthy run passes JAX's NaN checker (the padded text and seq2seq runs
+  in test_text_experiments run with it on as well)."""
   config = _tiny(data_dir, **{"debug_nans": True, "total_steps": 2})
   assert train.train_and_evaluate(config, str(tmp_path))["step"] == 2
 

@@ -37,7 +37,7 @@ def _broken_shape(draw, target):
     return (2,) + tuple(target)                       # an extra leading dim of 2
   shape = list(target)
   i = draw(st.integers(0, len(target) - 1))
-  shape[i] = target[i] + 1 if target[i] != 1 else 2   # neither 1 nor the size
+  shape[i] = 2 if target[i] in (0, 1) else target[i] + 1   # neither 1 nor the size
   return tuple(shape)
 
 
@@ -130,6 +130,69 @@ def test_kernel_is_right_or_names_the_problem(kernel, case):
   tol = TOLERANCE[case["dtype"]]
   np.testing.assert_allclose(out, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max(
       initial=0.0)))
+
+
+@st.composite
+def broken_core_case(draw):
+  """Query/key/value that break the contract in one named way."""
+  fault = draw(st.sampled_from(["heads", "head_dim", "kv_length", "dtype", "rank", "batch"]))
+  q_len, kv_len = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+  shapes = {"query": [2, q_len, 4, 8], "key": [2, kv_len, 2, 8], "value": [2, kv_len, 2, 8]}
+  dtype = {"query": "float32", "key": "float32", "value": "float32"}
+  if fault == "heads":
+    shapes["key"][2] = shapes["value"][2] = 3           # 4 query heads over 3 kv heads
+    expect = "multiple of key/value heads"
+  elif fault == "head_dim":
+    shapes["key"][3] = 7
+    expect = "head_dim differ"
+  elif fault == "kv_length":
+    shapes["value"][1] = kv_len + 1
+    expect = "lengths differ"
+  elif fault == "dtype":
+    dtype[draw(st.sampled_from(["query", "key", "value"]))] = "int32"
+    expect = "floating point"
+  elif fault == "rank":
+    shapes["query"] = shapes["query"][1:]
+    expect = "same rank"
+  else:
+    shapes["key"][0] = shapes["value"][0] = 3
+    expect = "batch dimensions differ"
+  return shapes, dtype, expect
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@FUZZ
+@given(case=broken_core_case())
+def test_broken_contract_is_named(kernel, case):
+  shapes, dtype, expect = case
+  arrays = [jnp.ones(shapes[n], dtype[n]) for n in ("query", "key", "value")]
+  with pytest.raises(ValueError, match=expect):
+    kernels.dot_product_attention(*arrays, implementation=kernel)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_float_masks_and_huge_scores(dtype):
+  """Flax-style float 0/1 masks mean "attend where nonzero"; scores near the
+  dtype's limit stay finite."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 4, 2, 8)) * 30.0, dtype)   # scores of order 1e3
+  mask = jnp.asarray(rng.random((1, 1, 4, 4)) < 0.5, jnp.float32)
+  for kernel in CPU_KERNELS:
+    out = kernels.dot_product_attention(q, q, q, mask=mask, implementation=kernel)
+    assert np.all(np.isfinite(np.asarray(out, np.float32))), kernel
+    want = kernels.dot_product_attention(q.astype(jnp.float32), q.astype(jnp.float32),
+                                         q.astype(jnp.float32), mask=mask != 0,
+                                         implementation="reference")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want),
+                               rtol=0.05, atol=0.05 * float(jnp.abs(want).max()))
+
+
+def test_zero_length_with_weights_requested():
+  q = jnp.ones((2, 0, 2, 4))
+  k = jnp.ones((2, 3, 2, 4))
+  out, weights = kernels.dot_product_attention(q, k, k, implementation="reference",
+                                               return_weights=True)
+  assert out.shape == (2, 0, 2, 4) and weights.shape == (2, 2, 0, 3)
 
 
 @FUZZ

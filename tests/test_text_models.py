@@ -99,12 +99,12 @@ def _seq2seq(attention, cell="gru"):
   return model, model.init(jax.random.key(0), inputs)["params"], inputs
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
-def test_teacher_forcing_is_causal(attention):
-  model, params, inputs = _seq2seq(attention)
-  logits = model.apply({"params": params}, inputs, train=True)
+@pytest.mark.parametrize("attention,cell", [(a, c) for a in ATTENTIONS for c in ("gru", "lstm")])
+def test_teacher_forcing_is_causal(attention, cell):
+  model, params, inputs = _seq2seq(attention, cell)
+  logits = model.apply({"params": params}, inputs, train=True)["logits"]
   changed = {"source": SOURCE, "target": TARGET.at[:, 2].set(13)}
-  other = model.apply({"params": params}, changed, train=True)
+  other = model.apply({"params": params}, changed, train=True)["logits"]
   # Step t reads the target up to t - 1: steps 0..2 are unchanged, step 3 moves.
   np.testing.assert_allclose(other[:, :3], logits[:, :3], rtol=1e-6)
   assert not np.allclose(other[:, 3], logits[:, 3])
@@ -116,11 +116,15 @@ def test_greedy_decoding_ignores_target_and_stops_at_eos(attention, cell):
   model, params, inputs = _seq2seq(attention, cell)
   # Make <eos> likely after a few steps so the stop is exercised.
   params = _perturb(params, ("decoder", "output", "bias"), lambda b: b.at[EOS_ID].add(2.0))
-  logits, state = model.apply({"params": params}, inputs, train=False,
-                              mutable=["intermediates"])
-  other = model.apply({"params": params}, {"source": SOURCE, "target": jnp.zeros_like(TARGET)})
-  np.testing.assert_array_equal(other, logits)
-  tokens = np.asarray(jnp.argmax(logits, -1))
+  outputs, state = model.apply({"params": params}, inputs, train=False,
+                               mutable=["intermediates"])
+  other, other_state = model.apply(
+      {"params": params}, {"source": SOURCE, "target": jnp.zeros_like(TARGET)},
+      mutable=["intermediates"])
+  np.testing.assert_array_equal(other["tokens"], outputs["tokens"])
+  np.testing.assert_array_equal(other_state["intermediates"]["alignment"][0],
+                                state["intermediates"]["alignment"][0])
+  tokens = np.asarray(outputs["tokens"])
   for row in tokens:
     ends = np.flatnonzero(row == EOS_ID)
     assert len(ends), row
@@ -130,6 +134,11 @@ def test_greedy_decoding_ignores_target_and_stops_at_eos(attention, cell):
   assert alignment.shape == (2, 5, 7)
   np.testing.assert_allclose(alignment.sum(-1), 1.0, rtol=1e-5)
   assert np.all(alignment[0, :, 5:] == 0.0)           # source padding gets no attention
+  # The evaluation loss is the teacher-forced one: an early <eos> does not
+  # inflate it (the scored tokens are wrong, the loss stays a cross-entropy).
+  sums = tasks.get("seq2seq").eval_sums(outputs, {"label": TARGET, "weight": jnp.ones(2)})
+  assert 0.0 < float(sums["loss"]) / 2 < 2 * np.log(20)
+  assert float(sums["exact_match"]) == 0.0
 
 
 def test_seq2seq_rejects_bad_attention_and_shapes():
@@ -142,17 +151,19 @@ def test_seq2seq_rejects_bad_attention_and_shapes():
 
 def test_seq2seq_metrics():
   targets = jnp.array([[5, 6, EOS_ID, 0], [7, 8, EOS_ID, 0], [9, 9, 9, EOS_ID]])
-
-  def one_hot(ids):
-    return jax.nn.one_hot(jnp.array(ids), 12) * 10.0
   # Example 0 exact (what follows <eos> is not scored), 1 wrong in one token,
   # 2 misses its <eos>.
-  logits = jnp.stack([one_hot([5, 6, EOS_ID, 4]), one_hot([7, 3, EOS_ID, 0]),
-                      one_hot([9, 9, 9, 9])])
-  sums = tasks.get("seq2seq").eval_sums(logits, {"label": targets, "weight": jnp.ones(3)})
+  tokens = jnp.array([[5, 6, EOS_ID, 4], [7, 3, EOS_ID, 0], [9, 9, 9, 9]])
+  logits = jax.nn.one_hot(targets, 12) * 10.0        # teacher-forced: all right
+  outputs = {"logits": logits, "tokens": tokens}
+  task = tasks.get("seq2seq")
+  sums = task.eval_sums(outputs, {"label": targets, "weight": jnp.ones(3)})
   assert float(sums["exact_match"]) == 1.0
   np.testing.assert_allclose(float(sums["token_accuracy"]), 1.0 + 2 / 3 + 3 / 4)
-  loss, metrics = tasks.get("seq2seq").train_loss(
-      logits, {"label": targets}, ConfigDict({"label_smoothing": 0.0}))
+  assert float(sums["loss"]) < 0.01                  # three near-certain examples
+  np.testing.assert_array_equal(task.predict(outputs), tokens)
+  wrong = {"logits": jax.nn.one_hot(tokens, 12) * 10.0}
+  loss, metrics = task.train_loss(wrong, {"label": targets},
+                                  ConfigDict({"label_smoothing": 0.0}))
   np.testing.assert_allclose(float(metrics["token_accuracy"]), 8 / 10)
   assert np.isfinite(float(loss))

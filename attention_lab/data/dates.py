@@ -85,8 +85,9 @@ CHARS = SPECIAL_TOKENS + tuple(
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 CHAR_IDS = {c: i for i, c in enumerate(CHARS)}
 
-# Longest source ("Wednesday, September 13 1950", 28 characters) + 1, so a
-# source fits with an <eos> too; ISO targets are 10 characters + <eos>.
+# Longest source ("Wednesday, September 13 1950", 28 characters) + 1 spare
+# position (the source is encoded without <eos>); ISO targets are 10
+# characters + <eos>.
 MAX_SOURCE_LENGTH = 29
 TARGET_LENGTH = 11
 

@@ -268,6 +268,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
     # the contract, without asking a kernel to tile an empty axis.
     out = jnp.zeros(shape.batch + (shape.q_length, shape.heads, shape.value_dim),
                     jnp.result_type(query.dtype, value.dtype))
+    if return_weights:
+      out = (out, jnp.zeros(shape.scores, jnp.float32))
   else:
     out = spec.fn(query, key, value, bias=bias, mask=mask, scale=scale,
                   is_causal=is_causal, **kwargs)

@@ -12,9 +12,9 @@ token at a time, attending over the encoder states at every step:
   (input feeding).
 
 Training uses teacher forcing (the decoder reads the true previous token);
-evaluation decodes greedily from ``<bos>`` and ignores the target. Either way
-the alignment ``[batch, target_length, source_length]`` is sown as
-``intermediates/alignment`` for pictures.
+evaluation also decodes greedily from ``<bos>``, without the target, and is
+scored on that translation. The alignment ``[batch, target_length,
+source_length]`` is sown as ``intermediates/alignment`` for pictures.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ class DecoderStep(nn.Module):
   """One decoding step; scanned over the target positions.
 
   Carry: ``(state [batch, dim], feed [batch, dim], previous token [batch],
-  finished [batch])``. Input: the teacher token ``[batch]`` (read only when
-  ``teacher_forcing``). Output: logits ``[batch, vocab]`` and attention
-  weights ``[batch, source_length]``.
+  finished [batch])``. Inputs per step: the teacher token ``[batch]`` and
+  whether to read it (teacher forcing) rather than the previous prediction.
+  Outputs: logits ``[batch, vocab]``, attention weights
+  ``[batch, source_length]`` and the greedy token ``[batch]`` (padding once
+  ``<eos>`` has been written).
   """
   vocab_size: int
   embed_dim: int
@@ -48,13 +50,13 @@ class DecoderStep(nn.Module):
   attention: str
   attention_units: int
   cell: str
-  teacher_forcing: bool
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, carry, teacher_token, memory, memory_valid):
+  def __call__(self, carry, step_inputs, memory, memory_valid):
     state, feed, previous, finished = carry
-    token = teacher_token if self.teacher_forcing else previous
+    teacher_token, use_teacher = step_inputs
+    token = jnp.where(use_teacher, teacher_token, previous)
     embedded = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype,
                         name="token_embedding")(token)
     cell = rnn_cell(self.cell, self.dim, self.dtype, name="cell")
@@ -74,13 +76,10 @@ class DecoderStep(nn.Module):
           jnp.concatenate([context, output], -1)))
       feed = hidden
     logits = nn.Dense(self.vocab_size, name="output")(hidden).astype(jnp.float32)
-    if not self.teacher_forcing:
-      # After <eos> the decoder only writes padding, so the output stops there.
-      pad_only = jnp.full_like(logits, -1e9).at[:, PAD_ID].set(0.0)
-      logits = jnp.where(finished[:, None], pad_only, logits)
-      previous = jnp.argmax(logits, -1).astype(jnp.int32)
-      finished = finished | (previous == EOS_ID)
-    return (state, feed, previous, finished), (logits, weights)
+    # After <eos> the decoder writes only padding: its output stops there.
+    greedy = jnp.where(finished, PAD_ID, jnp.argmax(logits, -1)).astype(jnp.int32)
+    finished = finished | (greedy == EOS_ID)
+    return (state, feed, greedy, finished), (logits, weights, greedy)
 
 
 def _hidden(state, cell: str):
@@ -114,16 +113,21 @@ class Seq2Seq(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, *, train: bool = False):
-    """Translates ``inputs["source"]``.
+    """Reads ``inputs["source"]``; scores and (in evaluation) translates it.
 
     Args:
       inputs: ``{"source": int [batch, source_length], "target": int [batch,
-        target_length]}``; ``target`` ends in ``<eos>`` then padding and is
-        read only when ``train`` (teacher forcing).
-      train: teacher forcing and dropout; otherwise greedy decoding.
+        target_length]}``; ``target`` ends in ``<eos>`` then padding.
+      train: dropout on; the greedy translation is skipped.
 
     Returns:
-      logits ``[batch, target_length, vocab_size]`` (float32).
+      ``{"logits": [batch, target_length, vocab_size]}`` (float32) under
+      teacher forcing (the decoder reads ``<bos>`` and the true previous
+      tokens: the training loss, and the evaluation loss), and in evaluation
+      also ``"tokens"``: the greedy translation ``[batch, target_length]``,
+      decoded from ``<bos>`` without reading the target, padding after its
+      ``<eos>``. The alignment of the translation (teacher-forced in
+      training) is sown as ``intermediates/alignment``.
     """
     if self.attention not in ATTENTIONS:
       raise ValueError(f"Seq2Seq: unknown attention {self.attention!r}; use one of {ATTENTIONS}")
@@ -144,22 +148,27 @@ class Seq2Seq(nn.Module):
     weights = valid.astype(memory.dtype)[..., None]
     summary = (memory * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
     start = nn.tanh(nn.Dense(dim, name="bridge")(summary))
-    batch = source.shape[0]
+    batch, steps = source.shape[0], self.target_length
     state = (jnp.zeros_like(start), start) if self.cell == "lstm" else start
     carry = (state, jnp.zeros((batch, dim), start.dtype),
              jnp.full((batch,), BOS_ID, jnp.int32), jnp.zeros((batch,), bool))
     # Teacher forcing reads <bos> then the target shifted right by one.
     teacher = jnp.concatenate([jnp.full((batch, 1), BOS_ID, target.dtype), target[:, :-1]], 1)
+    teacher = teacher.astype(jnp.int32)
 
-    scan = nn.scan(DecoderStep, variable_broadcast="params", split_rngs={"params": False},
-                   in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1)
-    _, (logits, alignment) = scan(
+    decoder = nn.scan(DecoderStep, variable_broadcast="params", split_rngs={"params": False},
+                      in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1)(
         vocab_size=self.vocab_size, embed_dim=self.embed_dim, dim=dim,
         attention=self.attention, attention_units=self.attention_units, cell=self.cell,
-        teacher_forcing=train, dtype=self.dtype, name="decoder")(
-            carry, teacher.astype(jnp.int32), memory, valid)
+        dtype=self.dtype, name="decoder")
+    forced = jnp.ones((batch, steps), bool)
+    _, (logits, alignment, _) = decoder(carry, (teacher, forced), memory, valid)
+    outputs = {"logits": logits}
+    if not train:
+      _, (_, alignment, tokens) = decoder(carry, (teacher, ~forced), memory, valid)
+      outputs["tokens"] = tokens
     self.sow("intermediates", "alignment", alignment)
-    return logits
+    return outputs
 
 
 def strip_at_eos(ids) -> list:

@@ -54,8 +54,11 @@ class Checkpoints:
                        "record": ocp.JsonCheckpointHandler()},
         # Saves are waited for anyway (the loop needs them on disk before it
         # goes on), so no background thread is kept writing.
+        # Temporary folders left by a process killed mid-save are removed
+        # when the next run opens the directory.
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=True))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -72,10 +75,12 @@ class Checkpoints:
           state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
           record=ocp.args.JsonSave(record)), force=True)
       self.manager.wait_until_finished()
-    except OSError as e:
+    except Exception as e:  # OSError, or storage errors (TensorStore) wrapping one
+      reason = (e.strerror if isinstance(e, OSError) and e.strerror else
+                f"{type(e).__name__}: {e}")
       raise CheckpointError(
-          f"cannot write checkpoint step {step} to {self.directory}: "
-          f"{e.strerror or e}; the earlier checkpoints are kept") from e
+          f"cannot write checkpoint step {step} to {self.directory}: {reason}; "
+          "the earlier checkpoints are kept") from e
 
   def restore(self, template, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
     """Restores ``step`` (default: latest) into the structure of ``template``.
@@ -112,28 +117,43 @@ class Checkpoints:
       raise CheckpointError(f"cannot restore {where}: {type(e).__name__}: {e}") from e
     return state, record
 
-  def restore_newest_readable(self, template) -> Tuple[Any, Dict[str, Any]]:
-    """Restores the newest step that reads; unreadable newer ones are moved
-    to ``UNREADABLE_DIR`` beside the checkpoint directory, with a warning.
+  def restore_newest_readable(self, template, set_aside: bool = True
+                              ) -> Tuple[Any, Dict[str, Any]]:
+    """Restores the newest step that reads, warning about newer ones that do not.
+
+    Unreadable steps newer than it are moved (never deleted) to
+    ``UNREADABLE_DIR`` beside the checkpoint directory when ``set_aside``
+    (training: so the run can save those steps again), by the first process
+    only. Nothing is moved unless an older step did read, so a fault that
+    hits every step alike (permissions, a storage outage) moves nothing.
 
     Raises:
       CheckpointMismatch: a step reads but does not fit ``template``
         (nothing is moved: the checkpoints are fine, the config changed).
-      CheckpointError: no step is readable (all were moved aside).
+      CheckpointError: no step is readable (nothing is moved).
     """
-    moved = []
+    unreadable = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        return self.restore(template, step)
+        restored = self.restore(template, step)
       except CheckpointMismatch:
         raise
       except CheckpointError as e:
-        moved.append(self._set_aside(step))
-        logging.warning("%s; moved it to %s and trying the previous checkpoint",
-                        e, moved[-1])
+        logging.warning("%s", e)
+        unreadable.append((step, e))
+        continue
+      for bad, _ in unreadable:
+        if set_aside and jax.process_index() == 0:
+          logging.warning("moved unreadable checkpoint step %d to %s; resuming from step %d",
+                          bad, self._set_aside(bad), step)
+        else:
+          logging.warning("skipping unreadable checkpoint step %d; using step %d", bad, step)
+      return restored
     raise CheckpointError(
-        f"no readable checkpoint in {self.directory}; unreadable ones were moved "
-        f"to {', '.join(moved)}; run again to start from scratch")
+        f"no checkpoint in {self.directory} could be read (steps "
+        f"{', '.join(str(s) for s, _ in unreadable)}; the newest failed with: "
+        f"{unreadable[0][1] if unreadable else 'none found'}); nothing was moved or "
+        "deleted: move the folder away to start from scratch")
 
   def _set_aside(self, step: int) -> str:
     """Moves step ``step`` out of the manager's sight, keeping its files."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 import time
 from typing import Any, Dict, Optional
 
@@ -70,9 +71,13 @@ def train_step(state: TrainState, batch, *, model, task, config, schedule,
 
   (_, (metrics, model_state)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, model_state=model_state)
+  # The parameters' norm makes an update that overflows them visible to the
+  # loop's finiteness check even when the loss and gradients were finite.
   metrics = dict(metrics, grad_norm=_global_norm(grads),
+                 param_norm=_global_norm(new_state.params),
                  learning_rate=schedule(state.step))
-  return state.apply_gradients(grads=grads, model_state=model_state), metrics
+  return new_state, metrics
 
 
 def eval_step(model_variables, batch, *, model, task):
@@ -189,7 +194,7 @@ def check_workdir(workdir: str) -> None:
   Raises:
     WorkdirError: naming the directory and the operating system's reason.
   """
-  probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+  probe = os.path.join(workdir, f".write_test_{socket.gethostname()}_{os.getpid()}")
   try:
     os.makedirs(workdir, exist_ok=True)
     with open(probe, "w") as f:
@@ -256,15 +261,16 @@ def _train(exp, state, record, ckpts, writer, workdir, stop_after):
         pending = []
         writer.scalars("train", step, metrics)
         logging.info("%s", progress.line(step, metrics))
-      if step % config.eval_every == 0 and step < config.total_steps:
+      asked = stop_after is not None and step >= stop_after
+      signalled = stop_signal.received(step, every=config.log_every)
+      # A signalled run skips the evaluation: the grace period is for saving.
+      if step % config.eval_every == 0 and step < config.total_steps and not signalled:
         eval_metrics = exp.evaluate(state)
         writer.scalars("eval", step, eval_metrics)
         logging.info("eval at step %d: %s", step, _fmt(eval_metrics))
         _to_tensorboard(writer, step, draw_attention(exp, state, _attention_dir(workdir)))
       if saving_now:
         save(step)
-      asked = stop_after is not None and step >= stop_after
-      signalled = stop_signal.received(step, every=config.log_every)
       if (asked or signalled) and step < config.total_steps:
         if not saving_now:
           _check_finite(pending)
@@ -324,10 +330,10 @@ def draw_attention(exp: Experiment, state, out_dir: str):
   n = min(config.viz.num_examples, len(exp.data.eval["label"]))
   inputs = _first(exp.data.eval["inputs"], n)
   labels = np.asarray(exp.data.eval["label"][:n])
-  logits, outputs = jax.device_get(exp.apply_for_pictures(variables(state), inputs))
+  model_outputs, outputs = jax.device_get(exp.apply_for_pictures(variables(state), inputs))
   if not sharding.is_writer():
     return {}
-  predictions = np.asarray(jnp.argmax(logits, -1))
+  predictions = np.asarray(exp.task.predict(model_outputs))
   report_lib.clear_pictures(out_dir)
   vocabulary = exp.data.vocabulary
   pictures = report_lib.draw_examples(
@@ -353,7 +359,8 @@ def _restore_latest(config, workdir: str):
   ckpts = _checkpoints(config, workdir)
   try:
     exp = Experiment(config)
-    state, _ = ckpts.restore_newest_readable(exp.initial_state)
+    # Read-only: evaluating or drawing never moves a training run's files.
+    state, _ = ckpts.restore_newest_readable(exp.initial_state, set_aside=False)
   finally:
     ckpts.close()
   return exp, state
@@ -411,8 +418,9 @@ def _check_finite(pending):
     bad = [k for k, v in metrics.items() if not np.isfinite(v)]
     if bad:
       raise NonFiniteError(
-          f"non-finite {bad[0]} ({metrics[bad[0]]}) at step {step}; the newest "
-          "checkpoint is the last good one and was kept; rerun with "
+          f"non-finite {bad[0]} ({metrics[bad[0]]}) at step {step}; nothing from "
+          "that step on was saved, so the newest checkpoint (if any) is the last "
+          "good one; rerun with "
           "--config.debug_nans=True to stop at the operation that made it")
   return rows
 

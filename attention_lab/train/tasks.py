@@ -18,11 +18,13 @@ SEQ_PAD_ID = 0
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """``train_loss(outputs, batch, config) -> (loss, {name: scalar})`` and
-  ``eval_sums(outputs, batch) -> {name: weighted sum}``; eval metrics are the
-  sums divided by the summed ``weight``."""
+  """``train_loss(outputs, batch, config) -> (loss, {name: scalar})``,
+  ``eval_sums(outputs, batch) -> {name: weighted sum}`` (eval metrics are the
+  sums divided by the summed ``weight``) and ``predict(outputs) -> labels``
+  (class ids, or token ids for seq2seq) for pictures."""
   train_loss: Callable
   eval_sums: Callable
+  predict: Callable
 
 
 def _classification_train_loss(logits, batch, config):
@@ -51,9 +53,9 @@ def _target_mask(targets):
   return targets != SEQ_PAD_ID
 
 
-def _seq2seq_train_loss(logits, batch, config):
+def _seq2seq_train_loss(outputs, batch, config):
   """Teacher-forced token cross-entropy, averaged over non-padding targets."""
-  targets = batch["label"]
+  logits, targets = outputs["logits"], batch["label"]
   mask = _target_mask(targets).astype(jnp.float32)
   smoothed = optax.smooth_labels(jax_one_hot(targets, logits.shape[-1]), config.label_smoothing)
   loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), smoothed)
@@ -62,26 +64,36 @@ def _seq2seq_train_loss(logits, batch, config):
   return loss, {"loss": loss, "token_accuracy": correct.sum() / jnp.maximum(mask.sum(), 1.0)}
 
 
-def _seq2seq_eval_sums(logits, batch):
-  """Scores greedy decodes: ``exact_match`` (every target token and the
-  ``<eos>`` right, the task's metric), ``token_accuracy`` per example, and the
-  cross-entropy of the greedy logits against the target."""
+def _seq2seq_eval_sums(outputs, batch):
+  """Scores the greedy translation ``outputs["tokens"]``: ``exact_match``
+  (every target token and the ``<eos>`` right, the task's metric) and
+  ``token_accuracy`` per example; ``loss`` is the teacher-forced
+  cross-entropy per target token (greedy outputs have no likelihood of the
+  target once they differ from it)."""
   targets, weight = batch["label"], batch["weight"]
   mask = _target_mask(targets)
   maskf = mask.astype(jnp.float32)
   count = jnp.maximum(maskf.sum(-1), 1.0)
-  right = (jnp.argmax(logits, -1) == targets) & mask
+  right = (outputs["tokens"] == targets) & mask
   exact = jnp.all(right | ~mask, axis=-1).astype(jnp.float32)
   tokens = right.sum(-1) / count
   loss = (optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), targets) * maskf).sum(-1) / count
+      outputs["logits"].astype(jnp.float32), targets) * maskf).sum(-1) / count
   return {"exact_match": (exact * weight).sum(), "token_accuracy": (tokens * weight).sum(),
           "loss": (loss * weight).sum()}
 
 
+def _argmax(logits):
+  return jnp.argmax(logits, -1)
+
+
+def _greedy_tokens(outputs):
+  return outputs["tokens"]
+
+
 TASKS: Dict[str, Task] = {
-    "classification": Task(_classification_train_loss, _classification_eval_sums),
-    "seq2seq": Task(_seq2seq_train_loss, _seq2seq_eval_sums),
+    "classification": Task(_classification_train_loss, _classification_eval_sums, _argmax),
+    "seq2seq": Task(_seq2seq_train_loss, _seq2seq_eval_sums, _greedy_tokens),
 }
 
 
