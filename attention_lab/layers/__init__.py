@@ -4,6 +4,7 @@ from attention_lab.layers.additive import AdditiveAttention
 from attention_lab.layers.additive import AttentionPooling
 from attention_lab.layers.additive import LuongAttention
 from attention_lab.layers import conv_attention
+from attention_lab.layers import spectrogram
 from attention_lab.layers.attention import CrossAttention
 from attention_lab.layers.attention import MultiHeadAttention
 from attention_lab.layers.attention import SelfAttention
@@ -20,5 +21,5 @@ __all__ = [
     "AdditiveAttention", "AttentionPooling", "CBAM", "CrossAttention", "ECA",
     "Encoder", "EncoderBlock", "LearnedPositionEmbedding", "LuongAttention",
     "MlpBlock", "MultiHeadAttention", "SelfAttention", "SqueezeExcite",
-    "conv_attention", "sinusoidal_positions",
+    "conv_attention", "sinusoidal_positions", "spectrogram",
 ]

@@ -1,0 +1,125 @@
+"""Speech front end in JAX: log-mel spectrograms and SpecAugment masking.
+
+Pure functions, jit-able and batched, so the front end runs on the
+accelerator inside the model rather than in the input pipeline.
+
+Shapes: ``waveform [batch..., samples]`` -> ``log_mel [batch..., frames, mels]``
+with ``frames = 1 + (samples - window) // hop`` (no padding: every frame is
+real audio).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def hz_to_mel(hz):
+  """HTK mel scale: ``2595 log10(1 + hz / 700)``."""
+  return 2595.0 * np.log10(1.0 + np.asarray(hz, np.float64) / 700.0)
+
+
+def mel_to_hz(mel):
+  return 700.0 * (10.0 ** (np.asarray(mel, np.float64) / 2595.0) - 1.0)
+
+
+def mel_filterbank(num_mels: int, fft_size: int, sample_rate: int,
+                   low_hz: float = 20.0, high_hz: float = None) -> np.ndarray:
+  """Triangular filters, equally spaced on the mel scale: ``[fft_size // 2 + 1, num_mels]``.
+
+  Each filter rises from its left neighbour's centre to its own and falls to
+  its right neighbour's, with peak 1 (HTK-style, unnormalised).
+
+  Raises:
+    ValueError: a band edge outside ``(0, sample_rate / 2]`` or too many mels
+      for the FFT's resolution (a filter with no frequency bin).
+  """
+  nyquist = sample_rate / 2.0
+  high_hz = nyquist if high_hz is None else high_hz
+  if not 0.0 <= low_hz < high_hz <= nyquist:
+    raise ValueError(f"mel_filterbank: need 0 <= low_hz < high_hz <= {nyquist} Hz, "
+                     f"got {low_hz} and {high_hz}")
+  bins = np.linspace(0.0, nyquist, fft_size // 2 + 1)
+  edges = mel_to_hz(np.linspace(hz_to_mel(low_hz), hz_to_mel(high_hz), num_mels + 2))
+  left, centre, right = edges[:-2], edges[1:-1], edges[2:]
+  rising = (bins[:, None] - left) / (centre - left)
+  falling = (right - bins[:, None]) / (right - centre)
+  filters = np.maximum(0.0, np.minimum(rising, falling))
+  empty = np.flatnonzero(filters.sum(0) == 0)
+  if len(empty):
+    raise ValueError(f"mel_filterbank: {num_mels} mels are too many for fft_size "
+                     f"{fft_size}: filter(s) {empty.tolist()} cover no frequency bin")
+  return filters.astype(np.float32)
+
+
+def frame(waveform, window: int, hop: int):
+  """``[..., samples]`` -> ``[..., frames, window]`` overlapping frames."""
+  samples = waveform.shape[-1]
+  if samples < window:
+    raise ValueError(f"frame: {samples} samples are fewer than one window of {window}")
+  frames = 1 + (samples - window) // hop
+  index = hop * np.arange(frames)[:, None] + np.arange(window)[None, :]
+  return waveform[..., index]
+
+
+def log_mel_spectrogram(waveform, *, sample_rate: int = 16000, window_ms: float = 25.0,
+                        hop_ms: float = 10.0, num_mels: int = 40, fft_size: int = None,
+                        floor: float = 1e-6):
+  """Log mel power spectrogram.
+
+  Args:
+    waveform: float ``[batch..., samples]``.
+    window_ms, hop_ms: Hann window length and hop (25 ms and 10 ms: 400 and
+      160 samples at 16 kHz).
+    num_mels: mel bands (40 to 80 is usual for keyword spotting).
+    fft_size: FFT length, at least the window (default: the next power of two).
+    floor: power floor before the log, so silence gives ``log(floor)``, not -inf.
+
+  Returns:
+    float32 ``[batch..., frames, num_mels]``.
+  """
+  window = int(round(sample_rate * window_ms / 1000.0))
+  hop = int(round(sample_rate * hop_ms / 1000.0))
+  fft_size = fft_size or 1 << (window - 1).bit_length()
+  if fft_size < window:
+    raise ValueError(f"log_mel_spectrogram: fft_size {fft_size} < window {window}")
+  frames = frame(jnp.asarray(waveform, jnp.float32), window, hop)
+  hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(window) / window)   # periodic
+  spectrum = jnp.fft.rfft(frames * hann.astype(np.float32), n=fft_size)
+  power = jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
+  mel = power @ mel_filterbank(num_mels, fft_size, sample_rate)
+  return jnp.log(jnp.maximum(mel, floor))
+
+
+def spec_augment(rng, log_mel, *, time_masks: int = 2, time_width: int = 10,
+                 freq_masks: int = 2, freq_width: int = 5):
+  """SpecAugment (Park et al. 2019) without time warping: zero-mean bands.
+
+  Masks ``time_masks`` spans of up to ``time_width`` frames and
+  ``freq_masks`` spans of up to ``freq_width`` mel bands, drawn per example
+  from ``rng``; masked cells get the example's mean (a neutral value for a
+  log spectrogram, where 0 would be loud).
+
+  Args:
+    log_mel: ``[batch, frames, mels]``.
+
+  Returns:
+    the masked spectrogram, same shape and dtype.
+  """
+  batch, frames, mels = log_mel.shape
+  keys = jax.random.split(rng, 4)
+
+  def spans(key_start, key_width, count, width, size):
+    widths = jax.random.randint(key_width, (batch, count), 0, width + 1)
+    starts = jax.random.randint(key_start, (batch, count), 0, jnp.maximum(size - widths, 1))
+    position = jnp.arange(size)
+    inside = ((position[None, None, :] >= starts[..., None]) &
+              (position[None, None, :] < (starts + widths)[..., None]))
+    return inside.any(axis=1)                                   # [batch, size]
+
+  masked_time = spans(keys[0], keys[1], time_masks, time_width, frames)
+  masked_freq = spans(keys[2], keys[3], freq_masks, freq_width, mels)
+  mask = masked_time[:, :, None] | masked_freq[:, None, :]
+  mean = log_mel.mean(axis=(1, 2), keepdims=True)
+  return jnp.where(mask, mean, log_mel)
