@@ -47,6 +47,24 @@ def tiny_vit_config(data_dir, **overrides):
   return override(config, **overrides)
 
 
+def prepare_stand_in(name, path, split_generators):
+  """Prepares TFDS's real builder ``name`` in ``path`` from local examples.
+
+  Only the download step is replaced (``split_generators(self, dl_manager)``
+  returns ``{split: examples}``): files, metadata and reading are TFDS's own,
+  so ``tfds.load(name)`` then runs as it does for a user with internet.
+  """
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(name, data_dir=path)
+  original = type(builder)._split_generators
+  type(builder)._split_generators = split_generators
+  try:
+    builder.download_and_prepare()
+  finally:
+    type(builder)._split_generators = original
+  return path
+
+
 def override(config, **overrides):
   """Sets dotted keys (``"model.hidden_dim"``) on ``config``; returns it."""
   for key, value in overrides.items():

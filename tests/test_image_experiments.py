@@ -8,7 +8,6 @@ import os
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 import experiments
@@ -18,6 +17,7 @@ from attention_lab.data import images
 from attention_lab.train import checkpoint as checkpoint_lib
 from attention_lab.train import loop
 from conftest import override
+from conftest import prepare_stand_in
 
 TINY_RUN = {"total_steps": 4, "batch_size": 8, "eval_batch_size": 16, "log_every": 2,
             "eval_every": 2, "checkpoint_every": 2, "optimizer.warmup_steps": 1,
@@ -120,14 +120,7 @@ def test_grayscale_and_flip():
 
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory):
-  """TFDS's real ``cifar10`` builder prepared from random local images.
-
-  Only the download step is replaced: files, metadata and reading are TFDS's
-  own, so ``tfds.load("cifar10")`` then runs exactly as it does for a user.
-  """
-  path = str(tmp_path_factory.mktemp("cifar"))
-  builder = tfds.builder("cifar10", data_dir=path)
-
+  """TFDS's real ``cifar10`` builder prepared from random local images."""
   def local_split_generators(self, dl_manager):
     rng = np.random.default_rng(0)
 
@@ -137,13 +130,8 @@ def cifar_dir(tmp_path_factory):
                   "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)}
     return {"train": examples("train", 40), "test": examples("test", 20)}
 
-  original = type(builder)._split_generators
-  type(builder)._split_generators = local_split_generators
-  try:
-    builder.download_and_prepare()
-  finally:
-    type(builder)._split_generators = original
-  return path
+  return prepare_stand_in("cifar10", str(tmp_path_factory.mktemp("cifar")),
+                          local_split_generators)
 
 
 def test_cifar10_pipeline_on_local_stand_in(cifar_dir):

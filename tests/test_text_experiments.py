@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 import experiments
@@ -17,6 +16,7 @@ from attention_lab.data import dates
 from attention_lab.data import listops
 from attention_lab.data import sources
 from conftest import override
+from conftest import prepare_stand_in
 
 TINY_RUN = {"total_steps": 4, "batch_size": 8, "eval_batch_size": 16, "log_every": 2,
             "eval_every": 2, "checkpoint_every": 2, "optimizer.warmup_steps": 1,
@@ -127,13 +127,7 @@ def test_dates_visualize_mode_draws_from_checkpoint(tmp_path, text_dir):
 
 @pytest.fixture(scope="module")
 def imdb_dir(tmp_path_factory):
-  """TFDS's real ``imdb_reviews`` builder prepared from local stand-in reviews.
-
-  Only the download step is replaced: files, metadata and reading are TFDS's
-  own, so ``tfds.load("imdb_reviews")`` then runs as it does for a user.
-  """
-  path = str(tmp_path_factory.mktemp("imdb"))
-  builder = tfds.builder("imdb_reviews", data_dir=path)
+  """TFDS's real ``imdb_reviews`` builder prepared from local stand-in reviews."""
   words = ["a", "film", "great", "awful", "plot", "acting", "é", "loved", "boring", "the"]
 
   def local_split_generators(self, dl_manager):
@@ -145,13 +139,8 @@ def imdb_dir(tmp_path_factory):
         yield f"{prefix}{i}", {"text": text, "label": i % 2}
     return {"train": examples("train", 24), "test": examples("test", 16)}
 
-  original = type(builder)._split_generators
-  type(builder)._split_generators = local_split_generators
-  try:
-    builder.download_and_prepare()
-  finally:
-    type(builder)._split_generators = original
-  return path
+  return prepare_stand_in("imdb_reviews", str(tmp_path_factory.mktemp("imdb")),
+                          local_split_generators)
 
 
 def test_imdb_bytes_pipeline_on_local_stand_in(imdb_dir):

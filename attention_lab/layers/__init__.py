@@ -3,6 +3,7 @@
 from attention_lab.layers.additive import AdditiveAttention
 from attention_lab.layers.additive import AttentionPooling
 from attention_lab.layers.additive import LuongAttention
+from attention_lab.layers.additive import masked_mean
 from attention_lab.layers import conv_attention
 from attention_lab.layers import spectrogram
 from attention_lab.layers.attention import CrossAttention
@@ -21,5 +22,5 @@ __all__ = [
     "AdditiveAttention", "AttentionPooling", "CBAM", "CrossAttention", "ECA",
     "Encoder", "EncoderBlock", "LearnedPositionEmbedding", "LuongAttention",
     "MlpBlock", "MultiHeadAttention", "SelfAttention", "SqueezeExcite",
-    "conv_attention", "sinusoidal_positions", "spectrogram",
+    "conv_attention", "masked_mean", "sinusoidal_positions", "spectrogram",
 ]

@@ -28,6 +28,13 @@ def _attend(module, scores, values, mask):
   return context.astype(values.dtype), weights
 
 
+def masked_mean(x, valid):
+  """Mean of ``x [batch, length, features]`` over the positions where
+  ``valid [batch, length]`` is True; zeros for a row with none."""
+  weights = valid.astype(x.dtype)[..., None]
+  return (x * weights).sum(axis=-2) / jnp.maximum(weights.sum(axis=-2), 1.0)
+
+
 def _as_queries(query):
   """Accepts ``[batch, d]`` (one query) or ``[batch, q, d]``."""
   single = query.ndim == 2

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from attention_lab.layers import AdditiveAttention
 from attention_lab.layers import LuongAttention
+from attention_lab.layers import masked_mean
 from attention_lab.models.text import bidirectional_rnn
 from attention_lab.models.text import rnn_cell
 
@@ -145,9 +146,7 @@ class Seq2Seq(nn.Module):
     dim = 2 * self.hidden_dim
 
     # The decoder starts from a summary of the whole source (masked mean).
-    weights = valid.astype(memory.dtype)[..., None]
-    summary = (memory * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
-    start = nn.tanh(nn.Dense(dim, name="bridge")(summary))
+    start = nn.tanh(nn.Dense(dim, name="bridge")(masked_mean(memory, valid)))
     batch, steps = source.shape[0], self.target_length
     state = (jnp.zeros_like(start), start) if self.cell == "lstm" else start
     carry = (state, jnp.zeros((batch, dim), start.dtype),

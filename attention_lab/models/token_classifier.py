@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from attention_lab.layers import Encoder
 from attention_lab.layers import LearnedPositionEmbedding
+from attention_lab.layers import masked_mean
 
 
 class TokenClassifier(nn.Module):
@@ -69,7 +70,6 @@ class TokenClassifier(nn.Module):
     elif valid is None:
       x = x.mean(axis=1)
     else:
-      weights = valid.astype(x.dtype)[..., None]
-      x = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+      x = masked_mean(x, valid)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
                     name="head")(x)
