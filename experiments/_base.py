@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ""          # "" = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
   config.data.train_split = "train"
   config.data.eval_split = "test"
-  config.data.augment_shift = 0      # max random translation in pixels (images)
+  config.data.augment_shift = 0      # max random translation: pixels (images), samples (audio)
   config.data.augment_flip = False   # random left-right mirror (natural images)
   config.data.grayscale = False      # colour images -> one luminance channel
   config.data.max_length = 0         # text: tokens per example (padding / truncation length)

@@ -65,6 +65,14 @@ def prepare_stand_in(name, path, split_generators):
   return path
 
 
+def assert_picture(path):
+  """``path`` is a picture of some size with something drawn on it."""
+  import numpy as np
+  from PIL import Image
+  pixels = np.asarray(Image.open(path).convert("L"), np.float32)
+  assert min(pixels.shape) >= 100 and pixels.std() > 5, path
+
+
 def override(config, **overrides):
   """Sets dotted keys (``"model.hidden_dim"``) on ``config``; returns it."""
   for key, value in overrides.items():

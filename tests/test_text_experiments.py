@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import experiments
 from attention_lab import data
@@ -15,6 +14,7 @@ from attention_lab import train
 from attention_lab.data import dates
 from attention_lab.data import listops
 from attention_lab.data import sources
+from conftest import assert_picture
 from conftest import override
 from conftest import prepare_stand_in
 
@@ -53,11 +53,6 @@ def _files(workdir, suffix):
   return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(suffix))
 
 
-def _assert_picture(path):
-  pixels = np.asarray(Image.open(path).convert("L"), np.float32)
-  assert min(pixels.shape) >= 100 and pixels.std() > 5, path
-
-
 def test_listops_pipeline_shapes(text_dir):
   bundle = data.build(_listops("listops_transformer", text_dir))
   batch = bundle.train(0)
@@ -93,7 +88,7 @@ def test_listops_experiments_train_resume_and_draw(tmp_path, text_dir, name, shr
   if name != "listops_attention_pooling":
     heads = _files(workdir, "_heads.png")
     assert len(heads) == 2
-    _assert_picture(heads[0])
+    assert_picture(heads[0])
   index = open(os.path.join(workdir, "attention", "index.html")).read()
   assert "_tokens.html" not in index and "background: rgba" in index   # inlined
 
@@ -110,7 +105,7 @@ def test_dates_experiments_train_and_draw_alignments(tmp_path, text_dir, name, a
   pictures = _files(workdir, "_alignment.png")
   assert len(pictures) == 2
   for path in pictures:
-    _assert_picture(path)
+    assert_picture(path)
   index = open(os.path.join(workdir, "attention", "index.html")).read()
   source = dates.decode(data.build(config).eval["inputs"]["source"][0])
   assert source in index                     # the input text is shown with its picture

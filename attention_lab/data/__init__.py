@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, Optional, Sequence
 
+from attention_lab.data import audio
 from attention_lab.data import images
 from attention_lab.data import pipeline
 from attention_lab.data import sources
@@ -31,12 +32,17 @@ class DatasetSpec:
     augment: ``config.data -> transform or None`` for training batches, or
       None when the data has no augmentation.
     vocabulary: token strings by id, for pictures of token inputs.
+    class_names: label names by id, where they read better than numbers.
+    fixed_lengths: feature -> length, for features stored at varying
+      lengths (``sources.load_split``).
   """
   source: str
   to_inputs: Callable
   num_classes: int
   augment: Callable = None
   vocabulary: Optional[Sequence[str]] = None
+  class_names: Optional[Sequence[str]] = None
+  fixed_lengths: Optional[Dict[str, int]] = None
 
 
 DATASETS: Dict[str, DatasetSpec] = {
@@ -51,6 +57,12 @@ DATASETS: Dict[str, DatasetSpec] = {
                                 vocabulary=text.BYTE_VOCABULARY),
     "dates_offline": DatasetSpec("dates_offline", text.dates_inputs,
                                  len(text.dates.CHARS), vocabulary=text.dates.CHARS),
+    "speech_commands_offline": DatasetSpec("speech_commands_offline", audio.speech_inputs,
+                                           12, audio.augmentation,
+                                           class_names=audio.LABELS),
+    "speech_commands": DatasetSpec("speech_commands", audio.speech_inputs, 12,
+                                   audio.augmentation, class_names=audio.LABELS,
+                                   fixed_lengths=audio.FIXED_LENGTHS),
 }
 
 
@@ -61,6 +73,7 @@ class Data:
   eval: pipeline.Arrays
   num_classes: int
   vocabulary: Optional[Sequence[str]] = None
+  class_names: Optional[Sequence[str]] = None
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -80,16 +93,17 @@ def build(config) -> Data:
   ``config.batch_size`` and ``config.seed``.
   """
   spec = get_spec(config.data.name)
-  train = spec.to_inputs(sources.load_split(
-      spec.source, config.data.train_split, config.data.data_dir), config.data)
-  evaluation = spec.to_inputs(sources.load_split(
-      spec.source, config.data.eval_split, config.data.data_dir), config.data)
+  train, evaluation = (
+      spec.to_inputs(sources.load_split(spec.source, split, config.data.data_dir,
+                                        fixed_lengths=spec.fixed_lengths), config.data)
+      for split in (config.data.train_split, config.data.eval_split))
   if config.data.grayscale:
     train, evaluation = images.to_grayscale(train), images.to_grayscale(evaluation)
   transform = spec.augment(config.data) if spec.augment is not None else None
   return Data(
       train=TrainBatches(train, config.batch_size, config.seed, transform),
-      eval=evaluation, num_classes=spec.num_classes, vocabulary=spec.vocabulary)
+      eval=evaluation, num_classes=spec.num_classes, vocabulary=spec.vocabulary,
+      class_names=spec.class_names)
 
 
 __all__ = ["DATASETS", "Data", "DatasetSpec", "TrainBatches", "build",

@@ -14,12 +14,14 @@ import tensorflow_datasets as tfds
 from attention_lab.data.builders.dates_offline import DatesOffline
 from attention_lab.data.builders.listops_offline import ListopsOffline
 from attention_lab.data.builders.mnist_offline import MnistOffline
+from attention_lab.data.builders.speech_commands_offline import SpeechCommandsOffline
 
 # Builders prepared locally from packaged or generated data (no network).
 LOCAL_BUILDERS = {
     "mnist_offline": MnistOffline,
     "listops_offline": ListopsOffline,
     "dates_offline": DatesOffline,
+    "speech_commands_offline": SpeechCommandsOffline,
 }
 
 
@@ -41,7 +43,8 @@ def local_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.Datase
 
 
 def load_split(name: str, split: str, data_dir: Optional[str] = None,
-               download: bool = True) -> Dict[str, np.ndarray]:
+               download: bool = True,
+               fixed_lengths: Optional[Dict[str, int]] = None) -> Dict[str, np.ndarray]:
   """All examples of one split as numpy arrays, keyed by feature name.
 
   Args:
@@ -50,14 +53,39 @@ def load_split(name: str, split: str, data_dir: Optional[str] = None,
     split: a TFDS split string (``train``, ``test``, ``train[:90%]``...).
     data_dir: TFDS data directory; None for TFDS's default.
     download: for online names, allow ``tfds.load`` to download and prepare.
+    fixed_lengths: feature -> length for features whose examples differ in
+      length (speech clips); each is cut or zero-padded at the end to it, so
+      the split stacks into one array.
   """
   tfds.disable_progress_bar()
   data_dir = data_dir or None
+  batch_size = -1 if not fixed_lengths else None
   if name.partition("/")[0] in LOCAL_BUILDERS:
     builder = local_builder(name, data_dir)
     builder.download_and_prepare()
-    dataset = builder.as_dataset(split=split, batch_size=-1)
+    dataset = builder.as_dataset(split=split, batch_size=batch_size)
   else:
-    dataset = tfds.load(name, split=split, data_dir=data_dir, batch_size=-1,
+    dataset = tfds.load(name, split=split, data_dir=data_dir, batch_size=batch_size,
                         download=download)
+  if fixed_lengths:
+    dataset = _stack_fixed(dataset, fixed_lengths)
   return {k: np.asarray(v) for k, v in tfds.as_numpy(dataset).items()}
+
+
+def _stack_fixed(dataset, fixed_lengths: Dict[str, int]):
+  """One batch of the whole (unbatched) ``dataset``, with the features named in
+  ``fixed_lengths`` cut or end-padded with zeros to their length first."""
+  import tensorflow as tf
+
+  def fit(example):
+    example = dict(example)
+    for feature, length in fixed_lengths.items():
+      x = example[feature][:length]
+      example[feature] = tf.pad(x, [[0, length - tf.shape(x)[0]]])
+      example[feature].set_shape([length])
+    return example
+  missing = set(fixed_lengths) - set(dataset.element_spec)
+  if missing:
+    raise ValueError(f"fixed_lengths names feature(s) {sorted(missing)} the dataset "
+                     f"lacks; it has {sorted(dataset.element_spec)}")
+  return dataset.map(fit).batch(1 << 30).get_single_element()

@@ -10,6 +10,7 @@ real audio).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +54,34 @@ def mel_filterbank(num_mels: int, fft_size: int, sample_rate: int,
   return filters.astype(np.float32)
 
 
+def warped_mel_filterbank(warp, num_mels: int, fft_size: int, sample_rate: int,
+                          low_hz: float = 20.0):
+  """``mel_filterbank`` read at warped frequencies, one warp per example.
+
+  Filter ``k`` is evaluated at ``f * warp``, so it reads the energy at its
+  centre divided by ``warp``: a warp above 1 moves every formant up by that
+  factor, as a shorter vocal tract would, below 1 down (vocal tract length
+  perturbation, Jaitly and Hinton 2013). Filters above ``nyquist * warp``
+  (warp below 1) read nothing.
+
+  Args:
+    warp: float ``[batch]`` factors near 1.
+
+  Returns:
+    float32 ``[batch, fft_size // 2 + 1, num_mels]``; ``warp = 1`` gives
+    ``mel_filterbank`` (float32 rounding).
+  """
+  mel_filterbank(num_mels, fft_size, sample_rate, low_hz)      # validates the layout
+  nyquist = sample_rate / 2.0
+  bins = np.linspace(0.0, nyquist, fft_size // 2 + 1)
+  edges = mel_to_hz(np.linspace(hz_to_mel(low_hz), hz_to_mel(nyquist), num_mels + 2))
+  left, centre, right = (jnp.asarray(e, jnp.float32) for e in (edges[:-2], edges[1:-1], edges[2:]))
+  freq = jnp.asarray(warp, jnp.float32)[:, None, None] * jnp.asarray(bins, jnp.float32)[:, None]
+  rising = (freq - left) / (centre - left)
+  falling = (right - freq) / (right - centre)
+  return jnp.maximum(0.0, jnp.minimum(rising, falling))
+
+
 def frame(waveform, window: int, hop: int):
   """``[..., samples]`` -> ``[..., frames, window]`` overlapping frames."""
   samples = waveform.shape[-1]
@@ -65,7 +94,7 @@ def frame(waveform, window: int, hop: int):
 
 def log_mel_spectrogram(waveform, *, sample_rate: int = 16000, window_ms: float = 25.0,
                         hop_ms: float = 10.0, num_mels: int = 40, fft_size: int = None,
-                        floor: float = 1e-6):
+                        floor: float = 1e-6, warp=None):
   """Log mel power spectrogram.
 
   Args:
@@ -75,6 +104,8 @@ def log_mel_spectrogram(waveform, *, sample_rate: int = 16000, window_ms: float 
     num_mels: mel bands (40 to 80 is usual for keyword spotting).
     fft_size: FFT length, at least the window (default: the next power of two).
     floor: power floor before the log, so silence gives ``log(floor)``, not -inf.
+    warp: optional float ``[batch]`` frequency warps (``warped_mel_filterbank``)
+      for a waveform ``[batch, samples]``; None reads the spectrum unwarped.
 
   Returns:
     float32 ``[batch..., frames, num_mels]``.
@@ -88,7 +119,11 @@ def log_mel_spectrogram(waveform, *, sample_rate: int = 16000, window_ms: float 
   hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(window) / window)   # periodic
   spectrum = jnp.fft.rfft(frames * hann.astype(np.float32), n=fft_size)
   power = jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
-  mel = power @ mel_filterbank(num_mels, fft_size, sample_rate)
+  if warp is None:
+    mel = power @ mel_filterbank(num_mels, fft_size, sample_rate)
+  else:
+    filters = warped_mel_filterbank(warp, num_mels, fft_size, sample_rate)
+    mel = jnp.einsum("btf,bfm->btm", power, filters)
   return jnp.log(jnp.maximum(mel, floor))
 
 
@@ -123,3 +158,57 @@ def spec_augment(rng, log_mel, *, time_masks: int = 2, time_width: int = 10,
   mask = masked_time[:, :, None] | masked_freq[:, None, :]
   mean = log_mel.mean(axis=(1, 2), keepdims=True)
   return jnp.where(mask, mean, log_mel)
+
+
+class LogMelFrontEnd(nn.Module):
+  """Raw clips -> normalised log-mel frames, with SpecAugment in training.
+
+  The spectrogram (before normalisation) is sown as ``spectrogram`` for
+  pictures. Each example is scaled to zero mean and unit variance over its
+  whole spectrogram: this removes the recording's gain but keeps the
+  loudness contour over time and the spectral shape, which separate speech
+  from noise.
+
+  Attributes:
+    num_mels: mel bands.
+    sample_rate: of the clips.
+    time_masks, time_width, freq_masks, freq_width: SpecAugment in training
+      (``time_masks = freq_masks = 0`` turns it off).
+    max_warp: in training, each example's frequency axis is warped by a
+      factor drawn from ``[1 - max_warp, 1 + max_warp]`` (0: off), which
+      imitates other vocal tracts.
+
+  Training draws both from the ``dropout`` rng stream.
+  """
+  num_mels: int = 40
+  sample_rate: int = 16000
+  max_warp: float = 0.0
+  time_masks: int = 2
+  time_width: int = 10
+  freq_masks: int = 2
+  freq_width: int = 5
+
+  @nn.compact
+  def __call__(self, audio, *, train: bool = False):
+    """audio int16 (full scale 32768) or float ``[batch, samples]`` ->
+    float32 ``[batch, frames, num_mels]``."""
+    if audio.ndim != 2:
+      raise ValueError(f"LogMelFrontEnd expects clips [batch, samples], got {tuple(audio.shape)}")
+    waveform = audio.astype(jnp.float32)
+    if jnp.issubdtype(audio.dtype, jnp.integer):
+      waveform = waveform / 32768.0
+    warp = None
+    if train and self.max_warp > 0:
+      warp = jax.random.uniform(self.make_rng("dropout"), (audio.shape[0],),
+                                minval=1.0 - self.max_warp, maxval=1.0 + self.max_warp)
+    log_mel = log_mel_spectrogram(waveform, sample_rate=self.sample_rate,
+                                  num_mels=self.num_mels, warp=warp)
+    self.sow("intermediates", "spectrogram", log_mel)
+    mean = log_mel.mean(axis=(1, 2), keepdims=True)
+    std = log_mel.std(axis=(1, 2), keepdims=True)
+    x = (log_mel - mean) / jnp.maximum(std, 1e-3)
+    if train and (self.time_masks or self.freq_masks):
+      x = spec_augment(self.make_rng("dropout"), x, time_masks=self.time_masks,
+                       time_width=self.time_width, freq_masks=self.freq_masks,
+                       freq_width=self.freq_width)
+    return x

@@ -11,10 +11,14 @@ from attention_lab.models.image import PixelTransformer
 from attention_lab.models.image import ResNet
 from attention_lab.models.image import ViT
 from attention_lab.models.seq2seq import Seq2Seq
+from attention_lab.models.speech import ConformerClassifier
+from attention_lab.models.speech import KeywordTransformer
 from attention_lab.models.text import RnnAttentionClassifier
 from attention_lab.models.text import TextTransformer
 
 MODELS: Dict[str, Type[nn.Module]] = {
+    "conformer": ConformerClassifier,
+    "kwt": KeywordTransformer,
     "pixel_transformer": PixelTransformer,
     "resnet": ResNet,
     "rnn_attention": RnnAttentionClassifier,

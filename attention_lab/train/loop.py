@@ -335,14 +335,14 @@ def draw_attention(exp: Experiment, state, out_dir: str):
     return {}
   predictions = np.asarray(exp.task.predict(model_outputs))
   report_lib.clear_pictures(out_dir)
-  vocabulary = exp.data.vocabulary
+  vocabulary, class_names = exp.data.vocabulary, exp.data.class_names
   pictures = report_lib.draw_examples(
       config.viz.kind, out_dir, inputs=jax.tree_util.tree_map(np.asarray, inputs),
       labels=labels, predictions=predictions, vocabulary=vocabulary,
-      intermediates=outputs.get("intermediates", {}))
+      class_names=class_names, intermediates=outputs.get("intermediates", {}))
   report_lib.write_index(out_dir, f"{config.experiment}, step {int(state.step)}",
-                         report_lib.describe(labels, vocabulary),
-                         report_lib.describe(predictions, vocabulary), pictures,
+                         report_lib.describe(labels, vocabulary, class_names),
+                         report_lib.describe(predictions, vocabulary, class_names), pictures,
                          inputs=report_lib.describe_inputs(inputs, vocabulary))
   return pictures
 

@@ -210,7 +210,7 @@ def draw_image_overlay(image: np.ndarray, cls_map: np.ndarray,
 
 
 def draw_image_examples(out_dir, inputs, labels, predictions, intermediates,
-                        vocabulary=None) -> Pictures:
+                        vocabulary=None, class_names=None) -> Pictures:
   """Image Transformer pictures (ViT, pixel Transformer): a head grid and the
   last layer's and the rollout's attention over the image, per example.
 
@@ -303,7 +303,7 @@ def draw_channel_weights(weights, path: str, title: str) -> Pictures:
 
 
 def draw_cnn_examples(out_dir, inputs, labels, predictions, intermediates,
-                      vocabulary=None) -> Pictures:
+                      vocabulary=None, class_names=None) -> Pictures:
   """CNN pictures: spatial maps over the input (CBAM) and channel gates per block."""
   pictures: Pictures = {}
   spatial = collect_sown(intermediates, "spatial_map")        # [(module, [b, h, w])]
@@ -338,10 +338,13 @@ def tokens_of(ids, vocabulary) -> List[str]:
   return out
 
 
-def describe(values, vocabulary=None) -> List[str]:
-  """Labels or predictions as text for the index page: class ids as numbers,
-  token sequences ``[n, length]`` as the string they spell (without ``<eos>``)."""
+def describe(values, vocabulary=None, class_names=None) -> List[str]:
+  """Labels or predictions as text for the index page: class ids as numbers
+  (or ``class_names``), token sequences ``[n, length]`` as the string they
+  spell (without ``<eos>``)."""
   values = np.asarray(values)
+  if values.ndim == 1 and class_names is not None:
+    return [class_names[v] for v in values.tolist()]
   if values.ndim == 1 or vocabulary is None:
     return [str(v) for v in values.tolist()]
   return ["".join(t for t in tokens_of(row, vocabulary) if t != "<eos>") for row in values]
@@ -375,7 +378,7 @@ def _text_token_weights(intermediates, ids) -> Tuple[str, np.ndarray]:
 
 
 def draw_text_examples(out_dir, inputs, labels, predictions, intermediates,
-                       vocabulary=None) -> Pictures:
+                       vocabulary=None, class_names=None) -> Pictures:
   """Text classifiers: the tokens coloured by attention (HTML), and for
   Transformers the head grid of every layer over the valid tokens."""
   if vocabulary is None:
@@ -404,7 +407,7 @@ def draw_text_examples(out_dir, inputs, labels, predictions, intermediates,
 
 
 def draw_alignment_examples(out_dir, inputs, labels, predictions, intermediates,
-                            vocabulary=None) -> Pictures:
+                            vocabulary=None, class_names=None) -> Pictures:
   """Seq2seq: the decoder's alignment (output x input characters) per example,
   with the output the model wrote (up to its ``<eos>``) on the rows."""
   if vocabulary is None:
@@ -429,10 +432,77 @@ def draw_alignment_examples(out_dir, inputs, labels, predictions, intermediates,
   return pictures
 
 
+def spread_over_frames(weights: np.ndarray, frames: int) -> np.ndarray:
+  """Weights over ``t`` evenly subsampled positions ``[..., t]`` -> ``[..., frames]``,
+  linearly interpolated between the positions' centres and renormalised, so
+  each value is a share of attention per input frame (rows sum to one)."""
+  weights = np.asarray(weights, np.float64)
+  t = weights.shape[-1]
+  centres = (np.arange(t) + 0.5) * frames / t - 0.5
+  spread = np.apply_along_axis(lambda w: np.interp(np.arange(frames), centres, w), -1, weights)
+  return spread / np.maximum(spread.sum(axis=-1, keepdims=True), 1e-12)
+
+
+def _speech_curves(intermediates, frames: int):
+  """``{curve name: [batch, frames]}``: what each model attends to over time.
+
+  A CLS token (KWT: one token per frame plus CLS) gives its last-layer row
+  and its rollout row; attention pooling (Conformer) gives its weights and,
+  pushed back through the blocks' rollout, where the pooled evidence came
+  from; either over subsampled frames is spread back onto the spectrogram's.
+  """
+  layers = collect_attention(intermediates)
+  self_attention = [w for w in layers if w.ndim == 4]
+  pooling = [w for w in layers if w.ndim == 3]
+  curves = {}
+  if pooling:
+    pooled = pooling[-1][:, 0]                                   # [batch, t]
+    curves["attention pooling"] = pooled
+    if self_attention and self_attention[-1].shape[-1] == pooled.shape[-1]:
+      rollout = attention_rollout(self_attention)                # [batch, t, t]
+      curves["pooling through rollout"] = np.einsum("bt,bts->bs", pooled, rollout)
+  elif self_attention:
+    tokens = self_attention[-1].shape[-1]
+    first = 1 if tokens == frames + 1 else 0                     # CLS first
+    rollout = attention_rollout(self_attention)
+    if first:
+      curves["CLS, last layer"] = self_attention[-1].mean(axis=1)[:, 0, 1:]
+      curves["CLS rollout"] = rollout[:, 0, 1:]
+    else:
+      curves["mean rollout"] = rollout.mean(axis=1)
+  return {name: spread_over_frames(w, frames) for name, w in curves.items()}
+
+
+def draw_speech_examples(out_dir, inputs, labels, predictions, intermediates,
+                         vocabulary=None, class_names=None) -> Pictures:
+  """Speech classifiers: the log-mel spectrogram with the model's attention
+  over time beneath it, and the head grid of the self-attention layers."""
+  pictures: Pictures = {}
+  spectrograms = collect_sown(intermediates, "spectrogram")
+  if not spectrograms:
+    raise ValueError("draw_speech_examples: the model sowed no 'spectrogram'; "
+                     "speech pictures need the log-mel front end")
+  spectrogram = spectrograms[0][1]                               # [batch, frames, mels]
+  curves = _speech_curves(intermediates, spectrogram.shape[1])
+  heads = [w for w in collect_attention(intermediates) if w.ndim == 4]
+  name = (lambda c: class_names[c]) if class_names is not None else str
+  for i in range(len(labels)):
+    tag = f"example{i}_label{labels[i]}_pred{predictions[i]}"
+    title = f"label {name(labels[i])}, predicted {name(predictions[i])}"
+    pictures.update(sequences.draw_spectrogram_attention(
+        spectrogram[i], {k: v[i] for k, v in curves.items()},
+        os.path.join(out_dir, f"{tag}_spectrogram.png"), title))
+    if heads:
+      pictures.update(draw_head_grid(heads, i, os.path.join(out_dir, f"{tag}_heads.png"),
+                                     title))
+  return pictures
+
+
 DRAWERS = {
     "alignment": draw_alignment_examples,
     "cnn": draw_cnn_examples,
     "image": draw_image_examples,
+    "speech": draw_speech_examples,
     "text": draw_text_examples,
 }
 

@@ -1,0 +1,122 @@
+"""Spoken-command classifiers over raw one-second clips.
+
+Both start with the JAX log-mel front end (``layers.spectrogram``), so the
+spectrogram is computed on the accelerator inside the jitted step:
+
+- ``KeywordTransformer`` (KWT, Berg et al. 2021): every time frame is a
+  token, a CLS token in front, a Transformer encoder.
+- ``ConformerClassifier``: convolutional subsampling, Conformer blocks
+  (Gulati et al. 2020) and additive attention pooling over time.
+
+Inputs are int16 (or float) ``[batch, samples]``; outputs logits
+``[batch, num_classes]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+
+from attention_lab.layers import AttentionPooling
+from attention_lab.layers.conformer import ConformerBlock
+from attention_lab.layers.conformer import RelativePositionBias
+from attention_lab.layers.spectrogram import LogMelFrontEnd
+from attention_lab.models.token_classifier import TokenClassifier
+
+
+def _log_mel(module, audio, train: bool):
+  """The front end a speech model's fields describe: clips ``[batch, samples]``
+  -> normalised log-mel ``[batch, frames, num_mels]``."""
+  if audio.ndim != 2:
+    raise ValueError(f"{type(module).__name__} expects audio clips [batch, samples], "
+                     f"got shape {tuple(audio.shape)}")
+  return LogMelFrontEnd(module.num_mels, max_warp=module.max_warp,
+                        time_masks=module.time_masks,
+                        time_width=module.time_width, freq_masks=module.freq_masks,
+                        freq_width=module.freq_width, name="front_end")(audio, train=train)
+
+
+class KeywordTransformer(TokenClassifier):
+  """KWT: log-mel frames as tokens (98 per second at a 10 ms hop), CLS, encoder.
+
+  Attributes (besides ``TokenClassifier``'s):
+    num_mels: mel bands per frame.
+    max_warp: frequency warp in training (``LogMelFrontEnd``).
+    time_masks, time_width, freq_masks, freq_width: SpecAugment in training.
+  """
+  num_mels: int = 40
+  max_warp: float = 0.0
+  time_masks: int = 2
+  time_width: int = 10
+  freq_masks: int = 2
+  freq_width: int = 5
+
+  @nn.compact
+  def __call__(self, audio, *, train: bool = False):
+    """audio ``[batch, samples]`` -> logits ``[batch, num_classes]``."""
+    frames = _log_mel(self, audio, train)
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="frame_embedding")(frames)
+    return self._classify(x, train)
+
+
+class ConformerClassifier(nn.Module):
+  """Conformer encoder with attention pooling over time.
+
+  Two 3x3 stride-2 convolutions subsample the spectrogram four times in
+  time and frequency (98 frames -> 23), which is where a Conformer spends
+  its attention budget in speech recognition too.
+
+  Attributes:
+    num_classes: output logits.
+    hidden_dim, num_layers, num_heads, mlp_dim: encoder shape.
+    conv_kernel_size: the Conformer convolution's width (in subsampled frames).
+    subsample_channels: channels of the subsampling convolutions.
+    attention_units: hidden width of the additive pooling score.
+    max_distance: relative positions beyond it share a bias.
+    num_mels, max_warp, time_masks, time_width, freq_masks, freq_width: front
+      end (``LogMelFrontEnd``).
+    kernel: attention kernel name (None: the backend's default).
+  """
+  num_classes: int
+  hidden_dim: int = 96
+  num_layers: int = 3
+  num_heads: int = 4
+  mlp_dim: int = 384
+  conv_kernel_size: int = 15
+  subsample_channels: int = 32
+  attention_units: int = 64
+  max_distance: int = 32
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  num_mels: int = 40
+  max_warp: float = 0.0
+  time_masks: int = 2
+  time_width: int = 10
+  freq_masks: int = 2
+  freq_width: int = 5
+  kernel: Optional[str] = None
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, audio, *, train: bool = False):
+    """audio ``[batch, samples]`` -> logits ``[batch, num_classes]``.
+
+    The pooling weights over subsampled frames ``[batch, 1, frames]`` are
+    sown as ``attention_weights`` (besides each block's self-attention).
+    """
+    x = _log_mel(self, audio, train)[..., None]            # [batch, frames, mels, 1]
+    for i in range(2):
+      x = nn.relu(nn.Conv(self.subsample_channels, (3, 3), strides=(2, 2), padding="VALID",
+                          dtype=self.dtype, name=f"subsample{i}")(x))
+    batch, frames = x.shape[:2]
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="project")(x.reshape(batch, frames, -1))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    bias = RelativePositionBias(self.num_heads, self.max_distance, name="relative_bias")(frames)
+    for i in range(self.num_layers):
+      x = ConformerBlock(self.num_heads, self.mlp_dim, self.conv_kernel_size,
+                         self.dropout_rate, self.attention_dropout_rate, self.kernel,
+                         self.dtype, name=f"block{i}")(x, bias=bias, train=train)
+    pooled, _ = AttentionPooling(self.attention_units, name="pooling")(x)
+    pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=not train)
+    return nn.Dense(self.num_classes, name="head")(pooled)
