@@ -375,3 +375,13 @@ def test_warped_filterbank_is_the_filterbank_at_one_and_moves_a_tone():
   np.testing.assert_array_equal(front.apply(variables, clips), front.apply(variables, clips))
   a = front.apply(variables, clips, train=True, rngs={"dropout": jax.random.key(1)})
   assert not np.allclose(a, front.apply(variables, clips))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["speech_kwt", "speech_conformer"])
+def test_speech_experiments_reach_target_on_unheard_voices(tmp_path, name):
+  """>= 95% on the 2,400 test clips, data prepared afresh (times: README)."""
+  config = experiments.get_config(name)
+  config.data.data_dir = str(tmp_path / "tfds")
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["eval_accuracy"] >= 0.95
