@@ -65,6 +65,20 @@ def prepare_stand_in(name, path, split_generators):
   return path
 
 
+def train_stop_and_resume(config, workdir):
+  """Trains ``config`` to step 2, stops, reruns to the end (resuming), and
+  checks the run's results; returns them."""
+  import json
+  from attention_lab import train
+  train.train_and_evaluate(config, workdir, stop_after=2)
+  results = train.train_and_evaluate(config, workdir)           # resumes at step 2
+  assert results["step"] == config.total_steps
+  assert 0.0 <= results["eval_accuracy"] <= 1.0
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["experiment"] == config.experiment
+  return results
+
+
 def assert_picture(path):
   """``path`` is a picture of some size with something drawn on it."""
   import numpy as np

@@ -4,7 +4,6 @@ KWT and Conformer, the speech pictures, and the experiments end to end
 ``speech_commands`` builder fed local WAV archives)."""
 
 import io
-import json
 import os
 import tarfile
 import wave
@@ -27,6 +26,7 @@ from attention_lab.viz import report
 from conftest import assert_picture
 from conftest import override
 from conftest import prepare_stand_in
+from conftest import train_stop_and_resume
 
 TINY_RUN = {"total_steps": 4, "batch_size": 8, "eval_batch_size": 32, "log_every": 2,
             "eval_every": 2, "checkpoint_every": 2, "optimizer.warmup_steps": 1,
@@ -249,11 +249,7 @@ def _tiny(name, data_dir, **overrides):
 def test_speech_experiments_train_resume_and_draw(tmp_path, speech_dir, name):
   config = _tiny(name, speech_dir, debug_nans=True)
   workdir = str(tmp_path)
-  train.train_and_evaluate(config, workdir, stop_after=2)
-  results = train.train_and_evaluate(config, workdir)           # resumes at step 2
-  assert results["step"] == 4 and 0.0 <= results["eval_accuracy"] <= 1.0
-  with open(os.path.join(workdir, "results.json")) as f:
-    assert json.load(f)["experiment"] == name
+  train_stop_and_resume(config, workdir)
   folder = os.path.join(workdir, "attention")
   spectrograms = sorted(f for f in os.listdir(folder) if f.endswith("_spectrogram.png"))
   heads = sorted(f for f in os.listdir(folder) if f.endswith("_heads.png"))

@@ -2,7 +2,6 @@
 trains, checkpoints, evaluates and draws its pictures; IMDB bytes runs through
 TFDS's own ``imdb_reviews`` builder prepared from local stand-in reviews."""
 
-import json
 import os
 
 import numpy as np
@@ -17,6 +16,7 @@ from attention_lab.data import sources
 from conftest import assert_picture
 from conftest import override
 from conftest import prepare_stand_in
+from conftest import train_stop_and_resume
 
 TINY_RUN = {"total_steps": 4, "batch_size": 8, "eval_batch_size": 16, "log_every": 2,
             "eval_every": 2, "checkpoint_every": 2, "optimizer.warmup_steps": 1,
@@ -76,11 +76,7 @@ def test_listops_too_short_max_length_is_a_clear_error(text_dir):
 def test_listops_experiments_train_resume_and_draw(tmp_path, text_dir, name, shrink):
   config = _listops(name, text_dir, **shrink)
   workdir = str(tmp_path)
-  train.train_and_evaluate(config, workdir, stop_after=2)
-  results = train.train_and_evaluate(config, workdir)           # resumes at step 2
-  assert results["step"] == 4 and 0.0 <= results["eval_accuracy"] <= 1.0
-  with open(os.path.join(workdir, "results.json")) as f:
-    assert json.load(f)["experiment"] == name
+  train_stop_and_resume(config, workdir)
   pages = _files(workdir, "_tokens.html")
   assert len(pages) == 2
   html = open(pages[0]).read()

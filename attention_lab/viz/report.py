@@ -449,7 +449,9 @@ def _speech_curves(intermediates, frames: int):
   A CLS token (KWT: one token per frame plus CLS) gives its last-layer row
   and its rollout row; attention pooling (Conformer) gives its weights and,
   pushed back through the blocks' rollout, where the pooled evidence came
-  from; either over subsampled frames is spread back onto the spectrogram's.
+  from (an approximation: rollout sees the attention, not the Conformer's
+  convolutions, which also mix neighbouring frames); either over subsampled
+  frames is spread back onto the spectrogram's.
   """
   layers = collect_attention(intermediates)
   self_attention = [w for w in layers if w.ndim == 4]

@@ -8,7 +8,7 @@ Validation and test are spoken by voice variants never used in training
 
 | config  | train / validation / test | use |
 |---------|---------------------------|-----|
-| default | 18,000 / 1,200 / 2,400    | the speech experiments (about 2 minutes to prepare) |
+| default | 18,000 / 1,200 / 2,400    | the speech experiments (about 40 s to prepare, 660 MB) |
 | smoke   | 240 / 60 / 60             | tests |
 
 The seed fixes the recipe (speakers per split, word, rate, pitch, noise of
