@@ -10,21 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from attention_lab.data.pipeline import Arrays
-
+from attention_lab.data.speech_commands import CLIP_SAMPLES
 from attention_lab.data.speech_commands import LABELS  # TFDS speech_commands' names too
+from attention_lab.data.speech_commands import SAMPLE_RATE
 
-SAMPLE_RATE = 16000
-CLIP_SAMPLES = SAMPLE_RATE
 # TFDS speech_commands clips run up to one second; shorter ones are padded
 # with silence at the end (before batching: the split is ragged on disk).
 FIXED_LENGTHS = {"audio": CLIP_SAMPLES}
-
-
-def fit_length(clip: np.ndarray, samples: int = CLIP_SAMPLES) -> np.ndarray:
-  """``clip [n]`` cut or zero-padded at the end to ``[samples]``."""
-  out = np.zeros(samples, clip.dtype)
-  out[:min(len(clip), samples)] = clip[:samples]
-  return out
 
 
 def speech_inputs(split: Arrays, data_config=None) -> Arrays:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention_lab.layers.attention import SelfAttention
+from attention_lab.layers.transformer import MlpBlock
 
 
 class RelativePositionBias(nn.Module):
@@ -36,21 +37,6 @@ class RelativePositionBias(nn.Module):
     distance = np.arange(length)[None, :] - np.arange(length)[:, None]
     index = np.clip(distance, -self.max_distance, self.max_distance) + self.max_distance
     return jnp.transpose(table[index], (2, 0, 1))[None]
-
-
-class FeedForward(nn.Module):
-  """LayerNorm -> Dense(expand) -> swish -> dropout -> Dense -> dropout."""
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x, *, deterministic: bool = True):
-    y = nn.LayerNorm(dtype=self.dtype)(x)
-    y = nn.swish(nn.Dense(self.mlp_dim, dtype=self.dtype)(y))
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = nn.Dense(x.shape[-1], dtype=self.dtype)(y)
-    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
 class ConvModule(nn.Module):
@@ -99,8 +85,13 @@ class ConformerBlock(nn.Module):
     """``x [batch, time, features]``, ``bias`` broadcastable to
     ``[batch, heads, time, time]`` -> ``[batch, time, features]``."""
     deterministic = not train
-    x = x + 0.5 * FeedForward(self.mlp_dim, self.dropout_rate, self.dtype,
-                              name="ff_in")(x, deterministic=deterministic)
+
+    def half_step(x, name):       # the Macaron feed-forward: LayerNorm, swish MLP, weight 1/2
+      y = nn.LayerNorm(dtype=self.dtype, name=f"{name}_norm")(x)
+      return 0.5 * MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, nn.swish,
+                            name=name)(y, deterministic=deterministic)
+
+    x = x + half_step(x, "ff_in")
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = SelfAttention(num_heads=self.num_heads, kernel=self.kernel,
                       dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
@@ -108,6 +99,5 @@ class ConformerBlock(nn.Module):
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     x = x + ConvModule(self.conv_kernel_size, self.dropout_rate, self.dtype,
                        name="conv")(x, train=train)
-    x = x + 0.5 * FeedForward(self.mlp_dim, self.dropout_rate, self.dtype,
-                              name="ff_out")(x, deterministic=deterministic)
+    x = x + half_step(x, "ff_out")
     return nn.LayerNorm(dtype=self.dtype)(x)

@@ -25,6 +25,21 @@ def mel_to_hz(mel):
   return 700.0 * (10.0 ** (np.asarray(mel, np.float64) / 2595.0) - 1.0)
 
 
+def _mel_edges(num_mels: int, low_hz: float, high_hz: float) -> np.ndarray:
+  """``num_mels + 2`` band edges in Hz, equally spaced on the mel scale."""
+  return mel_to_hz(np.linspace(hz_to_mel(low_hz), hz_to_mel(high_hz), num_mels + 2))
+
+
+def _triangles(freq, edges, xp):
+  """Filter weights at frequencies ``freq [..., bins, 1]`` -> ``[..., bins, mels]``:
+  filter ``k`` rises from ``edges[k]`` to 1 at ``edges[k + 1]`` and falls to
+  ``edges[k + 2]``. ``xp`` is numpy or jax.numpy (traced warps)."""
+  left, centre, right = edges[:-2], edges[1:-1], edges[2:]
+  rising = (freq - left) / (centre - left)
+  falling = (right - freq) / (right - centre)
+  return xp.maximum(0.0, xp.minimum(rising, falling))
+
+
 def mel_filterbank(num_mels: int, fft_size: int, sample_rate: int,
                    low_hz: float = 20.0, high_hz: float = None) -> np.ndarray:
   """Triangular filters, equally spaced on the mel scale: ``[fft_size // 2 + 1, num_mels]``.
@@ -42,11 +57,7 @@ def mel_filterbank(num_mels: int, fft_size: int, sample_rate: int,
     raise ValueError(f"mel_filterbank: need 0 <= low_hz < high_hz <= {nyquist} Hz, "
                      f"got {low_hz} and {high_hz}")
   bins = np.linspace(0.0, nyquist, fft_size // 2 + 1)
-  edges = mel_to_hz(np.linspace(hz_to_mel(low_hz), hz_to_mel(high_hz), num_mels + 2))
-  left, centre, right = edges[:-2], edges[1:-1], edges[2:]
-  rising = (bins[:, None] - left) / (centre - left)
-  falling = (right - bins[:, None]) / (right - centre)
-  filters = np.maximum(0.0, np.minimum(rising, falling))
+  filters = _triangles(bins[:, None], _mel_edges(num_mels, low_hz, high_hz), np)
   empty = np.flatnonzero(filters.sum(0) == 0)
   if len(empty):
     raise ValueError(f"mel_filterbank: {num_mels} mels are too many for fft_size "
@@ -73,13 +84,9 @@ def warped_mel_filterbank(warp, num_mels: int, fft_size: int, sample_rate: int,
   """
   mel_filterbank(num_mels, fft_size, sample_rate, low_hz)      # validates the layout
   nyquist = sample_rate / 2.0
-  bins = np.linspace(0.0, nyquist, fft_size // 2 + 1)
-  edges = mel_to_hz(np.linspace(hz_to_mel(low_hz), hz_to_mel(nyquist), num_mels + 2))
-  left, centre, right = (jnp.asarray(e, jnp.float32) for e in (edges[:-2], edges[1:-1], edges[2:]))
-  freq = jnp.asarray(warp, jnp.float32)[:, None, None] * jnp.asarray(bins, jnp.float32)[:, None]
-  rising = (freq - left) / (centre - left)
-  falling = (right - freq) / (right - centre)
-  return jnp.maximum(0.0, jnp.minimum(rising, falling))
+  bins = np.linspace(0.0, nyquist, fft_size // 2 + 1).astype(np.float32)
+  freq = jnp.asarray(warp, jnp.float32)[:, None, None] * bins[:, None]
+  return _triangles(freq, _mel_edges(num_mels, low_hz, nyquist).astype(np.float32), jnp)
 
 
 def frame(waveform, window: int, hop: int):

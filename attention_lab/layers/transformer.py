@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -33,16 +33,17 @@ class LearnedPositionEmbedding(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> dropout -> Dense -> dropout."""
+  """Dense -> activation (GELU; the Conformer's swish) -> dropout -> Dense -> dropout."""
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Any = None
+  activation: Callable = nn.gelu
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
     features = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype)(x)
-    x = nn.gelu(x)
+    x = self.activation(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = nn.Dense(features, dtype=self.dtype)(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
