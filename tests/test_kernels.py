@@ -262,7 +262,7 @@ def test_missing_feature_names_kernel_and_feature():
 def test_default_dispatch_per_backend():
   assert kernels.preference("cpu")[0] == "blockwise"
   assert kernels.preference("gpu")[:2] == ["cudnn", "pallas"]
-  assert kernels.preference("tpu")[0] == "pallas"
+  assert kernels.preference("tpu")[:2] == ["splash", "pallas"]
   assert kernels.select(frozenset({"dropout"}), "cpu").name == "reference"
   # On GPU: cuDNN for half precision, the Pallas kernel for float32, jax.nn
   # when a dense mask is asked for.
@@ -280,7 +280,7 @@ def test_default_dispatch_per_backend():
 
 def test_dispatch_logs_the_choice_and_what_it_skipped(caplog):
   import logging
-  kernels._LOGGED_CHOICES.clear()   # each choice is logged once per process
+  kernels.dispatch._LOGGED_CHOICES.clear()   # each choice is logged once per process
   q, k, v = _inputs(0, q_len=3, kv_len=3)
   with caplog.at_level(logging.INFO, logger="absl"):
     out = kernels.dot_product_attention(q, k, v, dropout_rate=0.5,

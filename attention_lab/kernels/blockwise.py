@@ -173,7 +173,10 @@ def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths):
                       q_lengths, kv_lengths)
         s = jnp.where(ok, s, _NEG_INF)
       m_new = jnp.maximum(m, s.max(-1))
-      m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new) if masked else m_new
+      # Also on unmasked paths: a -inf bias can leave a row without a finite
+      # score so far, and exp(-inf - (-inf)) would be NaN. A [b, n, bq]
+      # select costs nothing beside the block's matmuls.
+      m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
       p = jnp.exp(s - m_safe[..., None])                  # masked -> exp(-inf) = 0
       correction = jnp.exp(m - m_safe)                    # m = -inf -> 0
       l = correction * l + p.sum(-1)
@@ -235,14 +238,16 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
       bias_blk = _block(bias, q_start, st.bq, k_start, st.bk)
       if bias_blk is not None:
         s_t = s_t + jnp.swapaxes(bias_blk, -1, -2).astype(f32)
+      # Rows with no visible key (lse = -inf, from masks or a -inf bias) get
+      # probabilities exp(s - 0) with s = -inf or masked below: zero, not NaN.
+      lse_safe = jnp.where(lse_b == _NEG_INF, 0.0, lse_b)
       if masked:
         ok = st.valid(q_start, k_start, _block(mask, q_start, st.bq, k_start, st.bk),
                       q_lengths, kv_lengths)
-        lse_safe = jnp.where(lse_b == _NEG_INF, 0.0, lse_b)
         p_t = jnp.where(jnp.swapaxes(ok, -1, -2),
                         jnp.exp(s_t - lse_safe[..., None, :]), 0.0)    # [b, n, bk, bq]
       else:
-        p_t = jnp.exp(s_t - lse_b[..., None, :])
+        p_t = jnp.exp(s_t - lse_safe[..., None, :])
       d_vb = d_vb + jnp.einsum("bnkq,bnqd->bnkd", p_t.astype(dob.dtype), dob,
                                preferred_element_type=f32)
       dp_t = jnp.einsum("bnkd,bnqd->bnkq", vb, dob, preferred_element_type=f32)

@@ -25,6 +25,13 @@ def jax_nn_attention(query, key, value, bias=None, mask=None, *,
   """Same arguments and shapes as ``reference_attention`` (no dropout)."""
   shape = checks.check_inputs(query, key, value, mask, bias,
                               who="jax_nn_attention")
+  if bias is not None:
+    # jax.nn turns a row whose bias is -inf everywhere into NaN (forward and
+    # gradient). A -inf bias hides a key, which is what the mask says: move
+    # it there, keep the bias finite.
+    hidden = jnp.isneginf(bias)
+    mask = ~hidden if mask is None else mask & ~hidden
+    bias = jnp.where(hidden, jnp.zeros((), bias.dtype), bias)
   batch = shape.batch
   flat = math.prod(batch) if batch else 1
 
@@ -51,7 +58,8 @@ def jax_nn_attention(query, key, value, bias=None, mask=None, *,
   out = out.reshape(batch + out.shape[1:])[..., :shape.value_dim]
 
   # jax.nn gives a fully masked row the mean of the values; the contract
-  # says zeros. Only a user mask or a window can empty a row.
+  # says zeros. Only a mask (the user's, or a -inf bias) or a window can
+  # empty a row.
   if mask is not None or local_window_size is not None:
     combined = full_mask(shape, mask, is_causal, local_window_size)
     combined = jnp.broadcast_to(combined, shape.scores)

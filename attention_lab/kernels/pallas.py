@@ -9,9 +9,21 @@ the saved log-sum-exp, so memory stays linear in the length.
 
 Supported: causal, sliding window, key padding by ``kv_lengths``. Dense masks
 and biases are not (the registry sends such calls to another kernel, and says
-so in the log). On CPU the kernel runs in Pallas's interpreter (``interpret``
-defaults to True there): slow, but the same program, which is how the tests
-check it against the reference.
+so in the log).
+
+One kernel body, three targets (``target=``), chosen per *lowering* platform
+when not given (``jax.lax.platform_dependent``), so one jitted or exported
+function carries the right program for each platform:
+
+* ``"triton"`` on GPU. Selected explicitly by its compiler parameters: the
+  jax default on GPU is Mosaic GPU, which targets Hopper only.
+* ``"tpu"`` (Mosaic TPU). TPU tiles are 8 x 128: per-row statistics (the
+  log-sum-exp, ``delta``) are stored broadcast over 128 lanes, blocks are
+  multiples of 128, head dims are padded to 128 lanes, and the key lengths
+  live whole in scalar memory (SMEM).
+* ``"interpret"`` on CPU: Pallas's interpreter runs the GPU layout, which is
+  how the tests check the kernel against the reference. ``"tpu_interpret"``
+  runs the TPU layout in the TPU interpreter on CPU.
 
 Masked scores use a large finite negative rather than ``-inf``: Triton's
 ``exp`` of ``-inf - (-inf)`` is NaN, and a finite value keeps fully masked rows
@@ -28,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 from attention_lab.kernels import checks
 from attention_lab.kernels.masks import _window_sides
@@ -35,6 +49,9 @@ from attention_lab.kernels.reference import repeat_kv_heads
 
 DEFAULT_BLOCK_Q = 64
 DEFAULT_BLOCK_K = 64
+TPU_BLOCK = 128        # TPU tiles: 8 sublanes x 128 lanes
+TPU_LANES = 128
+TARGETS = ("interpret", "triton", "tpu", "tpu_interpret")
 _MASKED = -1e30  # finite: see module docstring
 
 
@@ -45,12 +62,16 @@ def _round_up(x: int, multiple: int) -> int:
 class _Setting:
   """Static facts of one call, shared by the three kernels."""
 
-  def __init__(self, q_len, kv_len, block_q, block_k, scale, causal, window):
+  def __init__(self, q_len, kv_len, block_q, block_k, scale, causal, window, tpu):
     self.q_len, self.kv_len = q_len, kv_len
     self.bq, self.bk = block_q, block_k
     self.q_padded, self.kv_padded = _round_up(q_len, block_q), _round_up(kv_len, block_k)
     self.nq, self.nk = self.q_padded // block_q, self.kv_padded // block_k
     self.scale, self.causal, self.window = scale, causal, window
+    self.tpu = tpu
+    # Per-row statistics are stored [.., length, lanes]: 128 lanes on TPU
+    # (a lane-dense store), one elsewhere.
+    self.lanes = TPU_LANES if tpu else 1
 
   def key_blocks(self, qi):
     lo, hi = 0, self.nk
@@ -84,60 +105,75 @@ class _Setting:
       ok = ok & (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
     return ok
 
+  def rows(self, i, size):
+    """A dynamic slice of ``size`` rows starting at block ``i`` (aligned)."""
+    return pl.ds(pl.multiple_of(i * size, size), size)
+
+  def kv_valid(self, len_ref):
+    # TPU: the whole lengths vector sits in SMEM; elsewhere each program
+    # gets its own one-element block.
+    return len_ref[pl.program_id(0)] if self.tpu else len_ref[0]
+
+  def store_rows(self, ref, column):
+    """Stores a ``[bq, 1]`` statistic into its ``[bq, lanes]`` block."""
+    ref[...] = jnp.broadcast_to(column, (column.shape[0], self.lanes))
+
 
 def _qk(q, k):
+  """``q [m, d] @ k[n, d]^T -> [m, n]`` in float32."""
   return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _tq(a, b):
+  """``a[m, n]^T @ b[m, d] -> [n, d]`` in float32."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Setting):
   qi = pl.program_id(2)
-  kv_valid = len_ref[0]
+  kv_valid = st.kv_valid(len_ref)
   q = q_ref[...]
   dv = v_ref.shape[-1]
 
   def body(kj, carry):
     m, l, acc = carry
-    k = k_ref[pl.ds(kj * st.bk, st.bk), :]
-    v = v_ref[pl.ds(kj * st.bk, st.bk), :]
+    cols = st.rows(kj, st.bk)
+    k, v = k_ref[cols, :], v_ref[cols, :]
     ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
     s = jnp.where(ok, _qk(q, k) * st.scale, _MASKED)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
+    m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+    p = jnp.where(ok, jnp.exp(s - m_new), 0.0)
     correction = jnp.exp(m - m_new)
-    l = correction * l + p.sum(axis=1)
-    acc = correction[:, None] * acc + jnp.dot(p.astype(v.dtype), v,
-                                              preferred_element_type=jnp.float32)
+    l = correction * l + p.sum(axis=1, keepdims=True)
+    acc = correction * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, l, acc
 
   lo, hi = st.key_blocks(qi)
-  init = (jnp.full((st.bq,), _MASKED, jnp.float32), jnp.zeros((st.bq,), jnp.float32),
+  init = (jnp.full((st.bq, 1), _MASKED, jnp.float32), jnp.zeros((st.bq, 1), jnp.float32),
           jnp.zeros((st.bq, dv), jnp.float32))
   m, l, acc = lax.fori_loop(lo, hi, body, init)
   has_key = l > 0.0
   safe_l = jnp.where(has_key, l, 1.0)
-  o_ref[...] = jnp.where(has_key[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(has_key, m + jnp.log(safe_l), _MASKED)
+  o_ref[...] = jnp.where(has_key, acc / safe_l, 0.0).astype(o_ref.dtype)
+  st.store_rows(lse_ref, jnp.where(has_key, m + jnp.log(safe_l), _MASKED))
 
 
 def _dkdv_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                  dk_ref, dv_ref, *, st: _Setting):
   kj = pl.program_id(2)
-  kv_valid = len_ref[0]
+  kv_valid = st.kv_valid(len_ref)
   k, v = k_ref[...], v_ref[...]
 
   def body(qi, carry):
     dk, dv = carry
-    rows = pl.ds(qi * st.bq, st.bq)
+    rows = st.rows(qi, st.bq)
     q, do = q_ref[rows, :], do_ref[rows, :]
-    lse, delta = lse_ref[rows], delta_ref[rows]
+    lse, delta = lse_ref[rows, :][:, :1], delta_ref[rows, :][:, :1]
     ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
-    p = jnp.where(ok, jnp.exp(_qk(q, k) * st.scale - lse[:, None]), 0.0)   # [bq, bk]
-    dv = dv + lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-    dp = _qk(do, v)
-    ds = p * (dp - delta[:, None])
-    dk = dk + lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                              preferred_element_type=jnp.float32) * st.scale
+    p = jnp.where(ok, jnp.exp(_qk(q, k) * st.scale - lse), 0.0)        # [bq, bk]
+    dv = dv + _tq(p.astype(do.dtype), do)
+    ds = p * (_qk(do, v) - delta)
+    dk = dk + _tq(ds.astype(q.dtype), q) * st.scale
     return dk, dv
 
   lo, hi = st.query_blocks(kj)
@@ -150,16 +186,16 @@ def _dkdv_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 def _dq_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                *, st: _Setting):
   qi = pl.program_id(2)
-  kv_valid = len_ref[0]
+  kv_valid = st.kv_valid(len_ref)
   q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
+  lse, delta = lse_ref[...][:, :1], delta_ref[...][:, :1]
 
   def body(kj, dq):
-    cols = pl.ds(kj * st.bk, st.bk)
+    cols = st.rows(kj, st.bk)
     k, v = k_ref[cols, :], v_ref[cols, :]
     ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
-    p = jnp.where(ok, jnp.exp(_qk(q, k) * st.scale - lse[:, None]), 0.0)
-    ds = p * (_qk(do, v) - delta[:, None])
+    p = jnp.where(ok, jnp.exp(_qk(q, k) * st.scale - lse), 0.0)
+    ds = p * (_qk(do, v) - delta)
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * st.scale
 
   lo, hi = st.key_blocks(qi)
@@ -169,7 +205,10 @@ def _dq_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
 
 def _specs(st: _Setting, d: int, dv: int):
   """BlockSpecs over heads-major ``[b, n, length, dim]`` arrays, grid (b, n, block)."""
-  length = pl.BlockSpec((1,), lambda b, n, i: (b,))
+  if st.tpu:
+    length = pl.BlockSpec(memory_space=pltpu.SMEM)
+  else:
+    length = pl.BlockSpec((1,), lambda b, n, i: (b,))
   q_block = pl.BlockSpec((None, None, st.bq, d), lambda b, n, i: (b, n, i, 0))
   q_full = pl.BlockSpec((None, None, st.q_padded, d), lambda b, n, i: (b, n, 0, 0))
   k_block = pl.BlockSpec((None, None, st.bk, d), lambda b, n, i: (b, n, i, 0))
@@ -178,13 +217,29 @@ def _specs(st: _Setting, d: int, dv: int):
   v_full = pl.BlockSpec((None, None, st.kv_padded, dv), lambda b, n, i: (b, n, 0, 0))
   o_block = pl.BlockSpec((None, None, st.bq, dv), lambda b, n, i: (b, n, i, 0))
   o_full = pl.BlockSpec((None, None, st.q_padded, dv), lambda b, n, i: (b, n, 0, 0))
-  row_block = pl.BlockSpec((None, None, st.bq), lambda b, n, i: (b, n, i))
-  row_full = pl.BlockSpec((None, None, st.q_padded), lambda b, n, i: (b, n, 0))
+  row_block = pl.BlockSpec((None, None, st.bq, st.lanes), lambda b, n, i: (b, n, i, 0))
+  row_full = pl.BlockSpec((None, None, st.q_padded, st.lanes), lambda b, n, i: (b, n, 0, 0))
   return locals()
 
 
-def _make(st: _Setting, interpret: bool):
+def _call_options(target: str):
+  """``pallas_call`` keywords that pick the compiler for ``target``."""
+  if target == "triton":
+    return dict(compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2))
+  if target == "tpu":
+    return dict(compiler_params=pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel")))
+  if target == "tpu_interpret":
+    return dict(interpret=pltpu.InterpretParams())
+  return dict(interpret=True)
+
+
+def _make(st: _Setting, target: str):
   """custom_vjp attention over padded heads-major arrays and kv lengths ``[b]``."""
+  options = _call_options(target)
+
+  def rows_shape(b, n):
+    return jax.ShapeDtypeStruct((b, n, st.q_padded, st.lanes), jnp.float32)
 
   def forward(q, k, v, lengths):
     b, n, _, d = q.shape
@@ -195,9 +250,8 @@ def _make(st: _Setting, interpret: bool):
         grid=(b, n, st.nq),
         in_specs=[sp["length"], sp["q_block"], sp["k_full"], sp["v_full"]],
         out_specs=[sp["o_block"], sp["row_block"]],
-        out_shape=[jax.ShapeDtypeStruct((b, n, st.q_padded, dv), q.dtype),
-                   jax.ShapeDtypeStruct((b, n, st.q_padded), jnp.float32)],
-        interpret=interpret, name="attention_lab_flash_forward",
+        out_shape=[jax.ShapeDtypeStruct((b, n, st.q_padded, dv), q.dtype), rows_shape(b, n)],
+        name="attention_lab_flash_forward", **options,
     )(lengths, q, k, v)
 
   @jax.custom_vjp
@@ -213,7 +267,8 @@ def _make(st: _Setting, interpret: bool):
     b, n, _, d = q.shape
     dv = v.shape[-1]
     sp = _specs(st, d, dv)
-    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1, keepdims=True)
+    delta = jnp.broadcast_to(delta, lse.shape)
     d_k, d_v = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st),
         grid=(b, n, st.nk),
@@ -221,7 +276,7 @@ def _make(st: _Setting, interpret: bool):
                   sp["row_full"], sp["row_full"]],
         out_specs=[sp["k_block"], sp["v_block"]],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret=interpret, name="attention_lab_flash_dkdv",
+        name="attention_lab_flash_dkdv", **options,
     )(lengths, q, k, v, d_out, lse, delta)
     d_q = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
@@ -230,7 +285,7 @@ def _make(st: _Setting, interpret: bool):
                   sp["row_block"], sp["row_block"]],
         out_specs=sp["q_block"],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret=interpret, name="attention_lab_flash_dq",
+        name="attention_lab_flash_dq", **options,
     )(lengths, q, k, v, d_out, lse, delta)
     return d_q, d_k, d_v, None
 
@@ -238,11 +293,48 @@ def _make(st: _Setting, interpret: bool):
   return attend
 
 
+def _attend_on(target, query, key, value, lengths, *, shape, scale, is_causal,
+               window, block_q, block_k):
+  """The whole call for one target: tiles, padding, kernel, unpadding."""
+  tpu = target in ("tpu", "tpu_interpret")
+  batch = shape.batch
+  flat = math.prod(batch) if batch else 1
+  if tpu:
+    # Multiples of the 128-wide TPU tile, no longer than the padded sequence.
+    block_q = min(_round_up(block_q, TPU_BLOCK), _round_up(shape.q_length, TPU_BLOCK))
+    block_k = min(_round_up(block_k, TPU_BLOCK), _round_up(shape.kv_length, TPU_BLOCK))
+    d_pad = _round_up(shape.head_dim, TPU_LANES)
+    dv_pad = _round_up(shape.value_dim, TPU_LANES)
+  else:
+    # Tiles no longer than the (power-of-two rounded) sequence, at least 16;
+    # head dims padded to a power of two >= 16 (what GPU tiles want).
+    block_q = max(16, min(block_q, pl.next_power_of_2(shape.q_length)))
+    block_k = max(16, min(block_k, pl.next_power_of_2(shape.kv_length)))
+    d_pad = max(16, pl.next_power_of_2(shape.head_dim))
+    dv_pad = max(16, pl.next_power_of_2(shape.value_dim))
+  st = _Setting(shape.q_length, shape.kv_length, block_q, block_k, scale, is_causal,
+                window, tpu)
+
+  # Zero columns change neither the scores (the scale is fixed from the true
+  # head_dim) nor the output (sliced off).
+  def heads_major(x, length, width):
+    x = x.reshape((flat,) + x.shape[len(batch):])
+    x = jnp.swapaxes(x, 1, 2)                                   # [b, n, t, d]
+    return jnp.pad(x, [(0, 0), (0, 0), (0, length - x.shape[2]), (0, width - x.shape[3])])
+
+  q = heads_major(query, st.q_padded, d_pad)
+  k = heads_major(repeat_kv_heads(key, shape.heads), st.kv_padded, d_pad)
+  v = heads_major(repeat_kv_heads(value, shape.heads), st.kv_padded, dv_pad)
+  out = _make(st, target)(q, k, v, lengths)
+  out = jnp.swapaxes(out[:, :, :shape.q_length, :shape.value_dim], 1, 2)
+  return out.reshape(batch + out.shape[1:])
+
+
 def pallas_attention(query, key, value, bias=None, mask=None, *,
                      scale: Optional[float] = None, is_causal: bool = False,
                      local_window_size=None, kv_lengths=None,
                      block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
-                     interpret: Optional[bool] = None):
+                     target: Optional[str] = None, interpret: Optional[bool] = None):
   """Flash attention in Pallas; arguments and shapes as ``reference_attention``.
 
   Args:
@@ -251,8 +343,11 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
     value: ``[batch..., kv_length, kv_heads, value_dim]``.
     bias, mask: not supported (ValueError); use ``kv_lengths`` for padding.
     kv_lengths: int ``[batch...]``, number of valid keys per sequence.
-    block_q / block_k: tile sizes (powers of two, at least 16 on GPU).
-    interpret: run in Pallas's interpreter; default True on CPU only.
+    block_q / block_k: tile sizes (powers of two; at least 16 on GPU, rounded
+      up to multiples of 128 on TPU).
+    target: one of ``TARGETS``; None picks per lowering platform (Triton on
+      GPU, Mosaic on TPU, the interpreter on CPU).
+    interpret: True is ``target="interpret"`` (kept for older callers).
 
   Returns:
     ``[batch..., q_length, heads, value_dim]`` in the query dtype.
@@ -263,17 +358,14 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
   shape = checks.check_inputs(query, key, value, who="pallas_attention")
   batch = shape.batch
   flat = math.prod(batch) if batch else 1
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+  if interpret:
+    target = "interpret"
+  if target is not None and target not in TARGETS:
+    raise ValueError(f"pallas_attention: unknown target {target!r}; targets: {', '.join(TARGETS)}")
   for name, size in (("block_q", block_q), ("block_k", block_k)):
     if size <= 0 or size & (size - 1):
       raise ValueError(f"pallas_attention: {name} must be a power of two, got {size}")
-  # Tiles no longer than the (power-of-two rounded) sequence, at least 16.
-  block_q = max(16, min(block_q, pl.next_power_of_2(shape.q_length)))
-  block_k = max(16, min(block_k, pl.next_power_of_2(shape.kv_length)))
   window = None if local_window_size is None else _window_sides(local_window_size)
-  st = _Setting(shape.q_length, shape.kv_length, block_q, block_k,
-                shape.head_dim ** -0.5 if scale is None else scale, is_causal, window)
   if kv_lengths is None:
     lengths = jnp.full((flat,), shape.kv_length, jnp.int32)
   else:
@@ -282,19 +374,13 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
                        f"must equal the batch shape {batch}")
     lengths = jnp.minimum(jnp.asarray(kv_lengths, jnp.int32).reshape(flat), shape.kv_length)
 
-  # Head dims padded to a power of two >= 16 (what GPU tiles want); zero
-  # columns change neither the scores nor the (sliced-off) output.
-  d_pad = max(16, pl.next_power_of_2(shape.head_dim))
-  dv_pad = max(16, pl.next_power_of_2(shape.value_dim))
-
-  def heads_major(x, length, width):
-    x = x.reshape((flat,) + x.shape[len(batch):])
-    x = jnp.swapaxes(x, 1, 2)                                   # [b, n, t, d]
-    return jnp.pad(x, [(0, 0), (0, 0), (0, length - x.shape[2]), (0, width - x.shape[3])])
-
-  q = heads_major(query, st.q_padded, d_pad)
-  k = heads_major(repeat_kv_heads(key, shape.heads), st.kv_padded, d_pad)
-  v = heads_major(repeat_kv_heads(value, shape.heads), st.kv_padded, dv_pad)
-  out = _make(st, interpret)(q, k, v, lengths)
-  out = jnp.swapaxes(out[:, :, :shape.q_length, :shape.value_dim], 1, 2)
-  return out.reshape(batch + out.shape[1:])
+  run = functools.partial(
+      _attend_on, shape=shape, scale=shape.head_dim ** -0.5 if scale is None else scale,
+      is_causal=is_causal, window=window, block_q=block_q, block_k=block_k)
+  if target is not None:
+    return run(target, query, key, value, lengths)
+  return lax.platform_dependent(
+      query, key, value, lengths,
+      cpu=functools.partial(run, "interpret"),
+      cuda=functools.partial(run, "triton"), rocm=functools.partial(run, "triton"),
+      tpu=functools.partial(run, "tpu"))

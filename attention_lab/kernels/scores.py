@@ -79,9 +79,13 @@ def masked_softmax(scores, mask=None, axis: int = -1):
   """
   compute_dtype = jnp.promote_types(scores.dtype, jnp.float32)
   scores = scores.astype(compute_dtype)
+  # A -inf logit (an additive -inf bias) hides its key just as the mask does,
+  # so a row of -inf logits is an all-masked row: zeros, not NaN.
+  finite_or_pos = scores != -jnp.inf
   if mask is None:
-    return jax.nn.softmax(scores, axis=axis)
-  mask = jnp.broadcast_to(jnp.asarray(mask, bool), scores.shape)
+    mask = finite_or_pos
+  else:
+    mask = jnp.broadcast_to(jnp.asarray(mask, bool), scores.shape) & finite_or_pos
   # The max is taken over valid entries only, so a row of huge masked logits
   # cannot underflow the valid ones; a fully masked row gets max 0 and sum 0.
   neg_inf = jnp.asarray(-jnp.inf, compute_dtype)

@@ -1,0 +1,357 @@
+"""``dot_product_attention``: one entry point, a kernel per *lowering* platform.
+
+The kernel is chosen for the platform the computation is lowered for, not for
+the process's default backend: automatic dispatch picks a kernel for each of
+CPU, GPU and TPU and, when they differ, wraps them in
+``jax.lax.platform_dependent``. A function jitted here and exported (or
+cross-lowered) for TPU therefore carries the TPU kernel; on CPU, XLA keeps
+only the CPU branch (no run-time cost). Each choice is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict, FrozenSet, Optional
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from attention_lab.kernels import checks
+from attention_lab.kernels import masks
+from attention_lab.kernels import registry
+from attention_lab.kernels.reference import attention_weights
+
+# jax.nn's names for implementations, and ours for them.
+JAX_IMPLEMENTATIONS = {"xla": "jax_nn", "cudnn": "cudnn"}
+# platform_dependent's platform names -> the registry's.
+_LOWERING_PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+DATA_AXIS = "data"
+_LOGGED_CHOICES = set()
+
+
+def requested_features(*, mask=None, bias=None, is_causal=False,
+                       local_window_size=None, dropout=False,
+                       weights=False) -> FrozenSet[str]:
+  """The feature set a call needs, from its arguments."""
+  wanted = {
+      "mask": mask is not None, "bias": bias is not None, "causal": is_causal,
+      "window": local_window_size is not None, "dropout": dropout,
+      "weights": weights,
+  }
+  return frozenset(f for f, on in wanted.items() if on)
+
+
+def _why_not(spec: registry.KernelSpec, features, dtype, shape,
+             kv_lengths: bool = False) -> Optional[str]:
+  """None if ``spec`` can run this call, else the reason it cannot."""
+  if not spec.automatic:
+    return "only when named"
+  needed = set(features)
+  if kv_lengths and not spec.takes("kv_lengths"):
+    needed.add("mask")                        # lengths become a padding mask
+  missing = sorted(needed - spec.features)
+  if missing:
+    return f"lacks {', '.join(missing)}"
+  if dtype is not None and str(dtype) not in spec.dtypes:
+    return f"not for {dtype}"
+  if shape is not None and spec.applies is not None and not spec.applies(shape):
+    return "not for this shape"
+  return None
+
+
+def select(features: FrozenSet[str], platform: Optional[str] = None, dtype=None,
+           shape: Optional[checks.AttentionShape] = None,
+           kv_lengths: bool = False) -> registry.KernelSpec:
+  """The preferred kernel on ``platform`` (default: the lowering target) that
+  can run this call. Every skipped kernel is named, with the reason, in the
+  (once per choice) log."""
+  platform = platform or target_platform()
+  skipped = []
+  for name in registry.preference(platform):
+    spec = registry.get(name)
+    reason = _why_not(spec, features, dtype, shape, kv_lengths)
+    if reason:
+      skipped.append(f"{name} ({reason})")
+      continue
+    key = (platform, features, str(dtype), kv_lengths, name, tuple(skipped))
+    if key not in _LOGGED_CHOICES:
+      _LOGGED_CHOICES.add(key)
+      logging.info("attention kernel on %s for %s: %s%s", platform,
+                   sorted(features) or "plain attention", name,
+                   f"; skipped {', '.join(skipped)}" if skipped else "")
+    return spec
+  raise ValueError(
+      f"no registered kernel on {platform} supports {sorted(features)}; "
+      f"kernels: {', '.join(registry.names())}")
+
+
+def target_platform() -> str:
+  """The platform being lowered for when a named kernel is checked: the
+  abstract mesh's device when one is set (cross-lowering), else the default
+  backend."""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  platform = device.platform if device is not None else jax.default_backend()
+  return _LOWERING_PLATFORMS.get(platform, platform)
+
+
+def check_supported(spec: registry.KernelSpec, features: FrozenSet[str],
+                    platform: Optional[str] = None, dtype=None) -> None:
+  """ValueError naming the kernel and the first missing feature, platform or dtype."""
+  missing = sorted(features - spec.features)
+  if missing:
+    raise ValueError(
+        f"attention kernel {spec.name!r} does not support {missing[0]!r} "
+        f"(it supports: {', '.join(sorted(spec.features)) or 'nothing optional'})")
+  platform = platform or target_platform()
+  if platform not in spec.platforms:
+    raise ValueError(
+        f"attention kernel {spec.name!r} does not run on {platform!r} "
+        f"(platforms: {', '.join(spec.platforms)})")
+  if dtype is not None and str(dtype) not in spec.dtypes:
+    raise ValueError(
+        f"attention kernel {spec.name!r} does not support dtype {dtype} "
+        f"(dtypes: {', '.join(spec.dtypes)})")
+
+
+def _precision_name(precision) -> str:
+  """A ``lax.Precision`` (or pair, or string) as ``default_matmul_precision`` takes it."""
+  if isinstance(precision, (tuple, list)):
+    precision = max(precision, key=lambda p: jax.lax.Precision(p).value)
+  if isinstance(precision, str):
+    return precision
+  return {0: "default", 1: "high", 2: "highest"}[jax.lax.Precision(precision).value]
+
+
+def _data_axis_size() -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or DATA_AXIS not in mesh.axis_names:
+    return 1
+  return mesh.shape[DATA_AXIS]
+
+
+def _run(spec: registry.KernelSpec, query, key, value, bias, mask, q_lengths, kv_lengths,
+         *, shape: checks.AttentionShape, scale, is_causal, kwargs, precision):
+  """Calls one kernel: lengths as the kernel takes them, per device when it
+  must be, ``precision`` through JAX's matmul precision when it has none."""
+  kwargs = dict(kwargs)
+  if kv_lengths is not None:
+    if spec.takes("kv_lengths"):
+      kwargs["kv_lengths"] = kv_lengths
+    else:
+      padding = masks.key_padding_mask(kv_lengths, shape.kv_length)   # [batch..., 1, 1, kv]
+      mask = padding if mask is None else mask & padding
+  if q_lengths is not None and spec.takes("q_lengths"):
+    kwargs["q_lengths"] = q_lengths
+  if precision is not None and spec.takes("precision"):
+    kwargs["precision"] = precision
+
+  kv = kwargs.pop("kv_lengths", None)
+
+  def call(query, key, value, bias, mask, kv):
+    extra = {} if kv is None else {"kv_lengths": kv}
+    return spec.fn(query, key, value, bias=bias, mask=mask, scale=scale,
+                   is_causal=is_causal, **kwargs, **extra)
+
+  devices = _data_axis_size()
+  if (spec.per_device and devices > 1 and len(shape.batch) >= 1
+      and shape.batch[0] % devices == 0 and bias is None and mask is None):
+    # GSPMD cannot split a pallas_call: run it on each device's rows.
+    if kv is None:
+      kv = jnp.full(shape.batch, shape.kv_length, jnp.int32)
+    rows = P(DATA_AXIS)
+    per_device = jax.shard_map(
+        lambda q, k, v, kv: call(q, k, v, None, None, kv), in_specs=(rows,) * 4,
+        out_specs=rows, axis_names={DATA_AXIS}, check_vma=False)
+    run = lambda: per_device(query, key, value, kv)
+  else:
+    run = lambda: call(query, key, value, bias, mask, kv)
+  if precision is not None and not spec.takes("precision"):
+    with jax.default_matmul_precision(_precision_name(precision)):
+      out = run()
+  else:
+    out = run()
+  if q_lengths is not None and not spec.takes("q_lengths"):
+    # Query padding: rows past the length attend to nothing, so zeros.
+    valid = masks.padding_mask(q_lengths, shape.q_length)[..., None, None]
+    if isinstance(out, tuple):
+      out = (jnp.where(valid, out[0], 0).astype(out[0].dtype),) + out[1:]
+    else:
+      out = jnp.where(valid, out, 0).astype(out.dtype)
+  return out
+
+
+def dot_product_attention(query, key, value, bias=None, mask=None, *,
+                          scale: Optional[float] = None,
+                          is_causal: bool = False, local_window_size=None,
+                          implementation: Optional[str] = None,
+                          query_seq_lengths=None, key_value_seq_lengths=None,
+                          q_lengths=None, kv_lengths=None,
+                          dropout_rng=None, dropout_rate: float = 0.0,
+                          broadcast_dropout: bool = True,
+                          deterministic: bool = False, dtype=None,
+                          precision=None, module=None, **options):
+  """Scaled dot-product attention through a registered kernel.
+
+  Signature-compatible with ``jax.nn.dot_product_attention`` (query, key,
+  value, bias, mask, scale, is_causal, query_seq_lengths,
+  key_value_seq_lengths, local_window_size, implementation) and with Flax
+  linen's ``attention_fn`` (mask, dropout_rng, dropout_rate,
+  broadcast_dropout, deterministic, dtype, precision, module).
+
+  Args:
+    query: ``[batch..., q_length, heads, head_dim]``.
+    key: ``[batch..., kv_length, kv_heads, head_dim]``.
+    value: ``[batch..., kv_length, kv_heads, value_dim]``.
+    bias: float, broadcastable to ``[batch..., heads, q_length, kv_length]``;
+      ``-inf`` hides a key.
+    mask: same broadcasting; True (or nonzero, as Flax's float masks) = attend.
+    implementation: a registered kernel name, JAX's ``"xla"`` / ``"cudnn"``,
+      or None: per lowering platform, the first kernel in its preference
+      order that can run the call.
+    q_lengths / kv_lengths (JAX's ``query_seq_lengths`` /
+      ``key_value_seq_lengths``): int ``[batch...]`` valid prefix lengths;
+      padded query rows return zeros.
+    dropout_rate / dropout_rng / deterministic / broadcast_dropout: dropout on
+      the weights, applied when ``dropout_rate > 0 and not deterministic``.
+    dtype: compute dtype: query, key and value are cast to it first and the
+      output has it (Flax semantics).
+    precision: matmul precision (Flax passes its module's); kernels without
+      a ``precision`` parameter run under ``jax.default_matmul_precision``.
+    module: a Flax module; when given (Flax passes it with ``sow_weights``),
+      the weights are sown into its ``intermediates`` collection.
+    **options: kernel-specific options, passed to kernels that name them.
+
+  Returns:
+    ``[batch..., q_length, heads, value_dim]``.
+  """
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if jnp.iscomplexobj(x):
+      raise ValueError(f"dot_product_attention: complex {name} ({x.dtype}) is not supported")
+  if dtype is not None:
+    query, key, value = (x.astype(dtype) for x in (query, key, value))
+  q_lengths = _one_of("q_lengths", q_lengths, "query_seq_lengths", query_seq_lengths)
+  kv_lengths = _one_of("kv_lengths", kv_lengths, "key_value_seq_lengths", key_value_seq_lengths)
+  mask = checks.as_bool_mask(mask)
+  shape = checks.check_inputs(query, key, value, mask, bias, who="dot_product_attention")
+  for name, lengths in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
+    if lengths is not None and tuple(jnp.shape(lengths)) != shape.batch:
+      raise ValueError(f"dot_product_attention: {name} shape {tuple(jnp.shape(lengths))} "
+                       f"must equal the batch shape {shape.batch}")
+  if local_window_size is not None and not isinstance(local_window_size, int):
+    local_window_size = tuple(local_window_size)
+  use_dropout = dropout_rate > 0.0 and not deterministic
+  return_weights = bool(options.get("return_weights", False))
+  features = requested_features(mask=mask, bias=bias, is_causal=is_causal,
+                                local_window_size=local_window_size,
+                                dropout=use_dropout, weights=return_weights)
+
+  kwargs = {k: v for k, v in options.items() if not (k == "return_weights" and not v)}
+  if local_window_size is not None:
+    kwargs["local_window_size"] = local_window_size
+  if use_dropout:
+    if dropout_rng is None:
+      raise ValueError("dot_product_attention: dropout_rate > 0 with "
+                       "deterministic=False needs dropout_rng")
+    kwargs.update(dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                  broadcast_dropout=broadcast_dropout)
+
+  if implementation is None:
+    choices = {p: select(features, p, query.dtype, shape, kv_lengths is not None)
+               for p in registry.PLATFORMS}
+  else:
+    name = JAX_IMPLEMENTATIONS.get(implementation, implementation)
+    spec = registry.get(name)
+    needed = features | ({"mask"} if kv_lengths is not None and not spec.takes("kv_lengths")
+                         else frozenset())
+    interpreted = bool(options.get("interpret")) or options.get("target") is not None
+    check_supported(spec, needed, platform=None if not interpreted else spec.platforms[0],
+                    dtype=query.dtype)
+    choices = {p: spec for p in registry.PLATFORMS}
+  for spec in set(choices.values()):
+    unknown = [k for k in kwargs if not spec.takes(k)]
+    if unknown:
+      raise ValueError(f"attention kernel {spec.name!r} does not take option(s) {unknown}")
+
+  if shape.q_length == 0 or shape.kv_length == 0:
+    # No queries, or nothing to attend to (every row fully masked): zeros by
+    # the contract, without asking a kernel to tile an empty axis.
+    out = jnp.zeros(shape.batch + (shape.q_length, shape.heads, shape.value_dim),
+                    jnp.result_type(query.dtype, value.dtype))
+    if return_weights:
+      out = (out, jnp.zeros(shape.scores, jnp.float32))
+  else:
+    run = functools.partial(_run, shape=shape, scale=scale, is_causal=is_causal,
+                            kwargs=kwargs, precision=precision)
+    args = (query, key, value, bias, mask, q_lengths, kv_lengths)
+    distinct = {spec.name: spec for spec in choices.values()}
+    if len(distinct) == 1:
+      out = run(next(iter(distinct.values())), *args)
+    else:
+      branches = {lowering: (lambda spec: lambda *a: run(spec, *a))(choices[ours])
+                  for lowering, ours in _LOWERING_PLATFORMS.items()}
+      out = _platform_dependent(args, branches)
+  if dtype is not None:
+    out = (out[0].astype(dtype),) + tuple(out[1:]) if isinstance(out, tuple) else out.astype(dtype)
+  if module is not None:
+    module.sow("intermediates", "attention_weights", attention_weights(
+        query, key, bias, _with_lengths(mask, q_lengths, kv_lengths, shape), scale=scale,
+        is_causal=is_causal, local_window_size=local_window_size))
+  return out
+
+
+def _platform_dependent(args, branches: Dict[str, object]):
+  """``lax.platform_dependent`` over arguments some of which are None."""
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def adapt(fn):
+    def call(*given):
+      full = [None] * len(args)
+      for i, a in zip(present, given):
+        full[i] = a
+      return fn(*full)
+    return call
+
+  return jax.lax.platform_dependent(
+      *[args[i] for i in present], **{p: adapt(fn) for p, fn in branches.items()})
+
+
+def _with_lengths(mask, q_lengths, kv_lengths, shape):
+  """``mask`` and the padding of the lengths as one boolean mask (or None)."""
+  parts = [mask]
+  if kv_lengths is not None:
+    parts.append(masks.key_padding_mask(kv_lengths, shape.kv_length))
+  if q_lengths is not None:
+    parts.append(masks.padding_mask(q_lengths, shape.q_length)[..., None, :, None])
+  return masks.combine_masks(*parts)
+
+
+def _one_of(ours: str, ours_value, jax_name: str, jax_value):
+  if ours_value is not None and jax_value is not None:
+    raise ValueError(f"dot_product_attention: pass {ours} or {jax_name}, not both")
+  return ours_value if ours_value is not None else jax_value
+
+
+def attention_fn(name: Optional[str]):
+  """A Flax ``attention_fn`` bound to kernel ``name`` (None: per platform).
+
+  Validates the name now, so a bad config fails before any tracing.
+  """
+  if name is not None:
+    registry.get(JAX_IMPLEMENTATIONS.get(name, name))
+
+  def fn(query, key, value, bias=None, mask=None, *, dropout_rng=None,
+         dropout_rate=0.0, broadcast_dropout=True, deterministic=False,
+         dtype=None, precision=None, module=None, scale=None, is_causal=False,
+         local_window_size=None, q_lengths=None, kv_lengths=None):
+    return dot_product_attention(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+        local_window_size=local_window_size, implementation=name,
+        q_lengths=q_lengths, kv_lengths=kv_lengths,
+        dropout_rng=dropout_rng, dropout_rate=dropout_rate,
+        broadcast_dropout=broadcast_dropout, deterministic=deterministic,
+        dtype=dtype, precision=precision, module=module)
+
+  fn.__name__ = f"attention_fn_{name or 'auto'}"
+  return fn

@@ -1,0 +1,109 @@
+"""The kernel registry: each kernel's capabilities, and each platform's order.
+
+Capabilities are data (``KernelSpec``), so dispatch, tests and error messages
+read them instead of guessing. The per-platform preference is one explicit
+table at the bottom of ``attention_lab/kernels/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+
+from attention_lab.kernels import checks
+
+FEATURES = ("mask", "bias", "causal", "window", "dropout", "weights")
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+  """A registered kernel and what it can do.
+
+  Attributes:
+    name: registry name, used by ``config.model.kernel``.
+    fn: the pure function (kernel contract, see ``attention_lab.kernels``).
+    features: subset of ``FEATURES`` it supports.
+    platforms: platforms it lowers for.
+    dtypes: input dtypes it accepts.
+    description: one line for listings.
+    applies: optional ``fn(AttentionShape) -> bool``: automatic dispatch
+      skips the kernel when it says no (a hard limit such as cuDNN's head
+      sizes, or shapes where the next kernel is measurably faster). An
+      explicit ``implementation=`` ignores it.
+    automatic: False for kernels that only run when named (``ring`` needs a
+      device mesh with a sequence axis, which a call cannot infer).
+    per_device: a ``pallas_call`` inside: GSPMD cannot partition it, so
+      under a mesh with a ``data`` axis dispatch runs it per device
+      (``shard_map`` over the batch).
+  """
+  name: str
+  fn: Callable
+  features: FrozenSet[str]
+  platforms: Tuple[str, ...] = PLATFORMS
+  dtypes: Tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
+  description: str = ""
+  applies: Optional[Callable[[checks.AttentionShape], bool]] = None
+  automatic: bool = True
+  per_device: bool = False
+
+  def supports(self, feature: str) -> bool:
+    return feature in self.features
+
+  def takes(self, option: str) -> bool:
+    """Whether ``fn`` has a keyword parameter ``option``."""
+    return option in inspect.signature(self.fn).parameters
+
+
+_REGISTRY: Dict[str, KernelSpec] = {}
+_PREFERENCE: Dict[str, List[str]] = {p: [] for p in PLATFORMS}
+
+
+def register(spec: KernelSpec) -> None:
+  """Adds (or replaces) a kernel. It joins no platform's automatic order
+  until ``set_preference`` names it."""
+  unknown = set(spec.features) - set(FEATURES)
+  if unknown:
+    raise ValueError(f"kernel {spec.name!r} declares unknown features {sorted(unknown)}")
+  _REGISTRY[spec.name] = spec
+
+
+def set_preference(platform: str, order: List[str]) -> None:
+  """The automatic dispatch order on ``platform``: first that can run wins."""
+  if platform not in PLATFORMS:
+    raise ValueError(f"unknown platform {platform!r}; platforms: {', '.join(PLATFORMS)}")
+  for name in order:
+    spec = get(name)
+    if platform not in spec.platforms:
+      raise ValueError(f"kernel {name!r} does not run on {platform!r}")
+  _PREFERENCE[platform] = list(order)
+
+
+def names() -> List[str]:
+  """Registered kernel names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def get(name: str) -> KernelSpec:
+  """The spec of kernel ``name``; ValueError listing the known ones."""
+  try:
+    return _REGISTRY[name]
+  except KeyError:
+    raise ValueError(
+        f"unknown attention kernel {name!r}; known kernels: {', '.join(names())}"
+    ) from None
+
+
+def capabilities(name: str) -> Dict[str, object]:
+  """Declared capabilities of a kernel, as plain data."""
+  spec = get(name)
+  caps: Dict[str, object] = {f: f in spec.features for f in FEATURES}
+  caps["platforms"] = spec.platforms
+  caps["dtypes"] = spec.dtypes
+  return caps
+
+
+def preference(platform: str) -> List[str]:
+  """The automatic dispatch order on ``platform``."""
+  return list(_PREFERENCE[platform])

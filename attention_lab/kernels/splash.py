@@ -1,0 +1,162 @@
+"""JAX's splash attention (TPU) under the kernel contract.
+
+Splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) is the
+TPU flash kernel MaxText and Keras use: masks are *functions* of positions,
+turned once per shape into block-sparse metadata so that empty blocks are
+skipped; segment ids separate packed or padded sequences; one K/V head can
+serve many query heads. It is well kept and tuned for every TPU generation,
+so it is the TPU default here; our own ``pallas`` kernel stays the readable
+one.
+
+This wrapper maps the contract onto it:
+
+* layout ``[batch..., length, heads, dim]`` -> splash's ``[heads, length, dim]``,
+  ``vmap``-ed over the batch;
+* causal and window -> splash's static ``CausalMask`` / ``LocalMask``;
+* ``kv_lengths`` (and the padding of lengths to whole blocks) -> segment ids;
+* grouped K/V heads -> the multi-query form, ``vmap``-ed over the K/V heads
+  (K/V are never repeated in memory);
+* ``scale`` -> applied to the queries (splash does not scale);
+* head dims padded to the 128 TPU lanes, lengths to whole blocks.
+
+Rows with no visible key return zeros (splash itself needs every row to see
+a key, so such rows attend to their own sequence's keys and are then zeroed).
+Dense masks and biases are not expressible as splash masks: the registry sends
+those calls to another kernel and logs why.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from attention_lab.kernels import checks
+from attention_lab.kernels.masks import _window_sides
+
+LANES = 128
+BLOCK_CHOICES = (512, 256, 128)   # the largest that divides the padded length
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def _block(padded: int) -> int:
+  return next(b for b in BLOCK_CHOICES if padded % b == 0)
+
+
+def _static_mask(q_len: int, kv_len: int, is_causal: bool, window):
+  """The splash mask object for one head ``[q_len, kv_len]``."""
+  shape = (q_len, kv_len)
+  if window is None:
+    return splash.CausalMask(shape) if is_causal else splash.FullMask(shape)
+  left, right = window
+  if is_causal:
+    right = 0 if right is None else min(right, 0)
+  return splash.LocalMask(shape, window_size=(left, right), offset=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(q_padded, kv_padded, heads, is_causal, window, is_mqa, interpret):
+  """A splash kernel for one static setting (built once per shape: the block
+  metadata is computed in NumPy from the mask functions)."""
+  head_mask = _static_mask(q_padded, kv_padded, is_causal, window)
+  mask = splash.MultiHeadMask([head_mask] * heads)
+  block_q, block_kv = _block(q_padded), _block(kv_padded)
+  sizes = splash.BlockSizes(
+      block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+      block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+      block_q_dq=block_q, block_kv_dq=block_kv)
+  make = splash.make_splash_mqa if is_mqa else splash.make_splash_mha
+  return make(mask=mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+              interpret=interpret)
+
+
+def splash_attention(query, key, value, bias=None, mask=None, *,
+                     scale: Optional[float] = None, is_causal: bool = False,
+                     local_window_size=None, kv_lengths=None, interpret: bool = False):
+  """Splash attention; arguments and shapes as ``reference_attention``.
+
+  Args:
+    query: ``[batch..., q_length, heads, head_dim]``.
+    key: ``[batch..., kv_length, kv_heads, head_dim]``.
+    value: ``[batch..., kv_length, kv_heads, value_dim]``; ``value_dim`` must
+      equal ``head_dim`` (splash's layout).
+    bias, mask: not supported (ValueError); use ``kv_lengths`` for padding.
+    kv_lengths: int ``[batch...]``, number of valid keys per sequence.
+    interpret: run the Pallas program in the TPU interpreter (CPU tests).
+
+  Returns:
+    ``[batch..., q_length, heads, value_dim]`` in the query dtype.
+  """
+  if bias is not None or mask is not None:
+    raise ValueError("attention kernel 'splash' does not support "
+                     f"{'bias' if bias is not None else 'mask'}; pass kv_lengths for padding")
+  shape = checks.check_inputs(query, key, value, who="splash_attention")
+  if shape.value_dim != shape.head_dim:
+    raise ValueError(f"splash_attention: value_dim {shape.value_dim} must equal head_dim "
+                     f"{shape.head_dim}")
+  batch = shape.batch
+  flat = math.prod(batch) if batch else 1
+  window = None if local_window_size is None else _window_sides(local_window_size)
+  scale = shape.head_dim ** -0.5 if scale is None else scale
+  q_padded = _round_up(shape.q_length, LANES)
+  kv_padded = _round_up(shape.kv_length, LANES)
+  dim = _round_up(shape.head_dim, LANES)
+  group = shape.heads // shape.kv_heads
+  is_mqa = group != shape.heads or shape.kv_heads == 1
+  kernel = _kernel(q_padded, kv_padded, group if is_mqa else shape.heads,
+                   is_causal, window, is_mqa, interpret)
+
+  if kv_lengths is None:
+    lengths = jnp.full((flat,), shape.kv_length, jnp.int32)
+  else:
+    if tuple(jnp.shape(kv_lengths)) != batch:
+      raise ValueError(f"splash_attention: kv_lengths shape {tuple(jnp.shape(kv_lengths))} "
+                       f"must equal the batch shape {batch}")
+    lengths = jnp.clip(jnp.asarray(kv_lengths, jnp.int32).reshape(flat), 0, shape.kv_length)
+
+  def heads_major(x, padded):
+    x = x.reshape((flat,) + x.shape[len(batch):])
+    x = jnp.swapaxes(x, 1, 2)                                    # [b, n, t, d]
+    return jnp.pad(x, [(0, 0), (0, 0), (0, padded - x.shape[2]), (0, dim - x.shape[3])])
+
+  q = heads_major((query.astype(jnp.float32) * scale).astype(query.dtype), q_padded)
+  k = heads_major(key, kv_padded)
+  v = heads_major(value, kv_padded)
+  # Segment 0: the valid keys and every query; 1: padded keys. A sequence
+  # with no valid key attends to all of its keys instead (splash needs a key
+  # in every row) and is zeroed below.
+  kv_pos = jnp.arange(kv_padded)
+  kv_segment = jnp.where((kv_pos[None] < lengths[:, None]) | (lengths[:, None] == 0), 0, 1)
+  q_segment = jnp.zeros((flat, q_padded), jnp.int32)
+
+  def one(q, k, v, q_seg, kv_seg):
+    segments = splash.SegmentIds(q=q_seg, kv=kv_seg.astype(jnp.int32))
+    if not is_mqa:
+      return kernel(q, k, v, segment_ids=segments)
+    q = q.reshape(shape.kv_heads, group, q_padded, dim)
+    return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(
+        q, k, v).reshape(shape.heads, q_padded, dim)
+
+  out = jax.vmap(one)(q, k, v, q_segment, kv_segment)            # [b, n, t, d]
+  out = jnp.swapaxes(out[:, :, :shape.q_length, :shape.value_dim], 1, 2)
+  out = out.reshape(batch + out.shape[1:]).astype(query.dtype)
+  # Rows with no visible key: every key padded, or (with a window) every key
+  # in the band padded.
+  q_pos = jnp.arange(shape.q_length)
+  first, last = jnp.zeros_like(q_pos), jnp.full_like(q_pos, shape.kv_length - 1)
+  if window is not None:
+    first = jnp.maximum(first, q_pos - window[0])
+    last = jnp.minimum(last, q_pos + window[1])
+  if is_causal:
+    last = jnp.minimum(last, q_pos)
+  has_key = (first[None] < lengths[:, None]) & (first <= last)[None]   # [b, q]
+  has_key = has_key.reshape(batch + (shape.q_length, 1, 1))
+  return jnp.where(has_key, out, jnp.zeros((), out.dtype))
