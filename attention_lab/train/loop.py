@@ -30,6 +30,7 @@ from attention_lab.train import preemption
 from attention_lab.train import progress as progress_lib
 from attention_lab.train import sharding
 from attention_lab.train import tasks as tasks_lib
+from attention_lab.train import validation
 from attention_lab.viz import report as report_lib
 
 
@@ -182,7 +183,12 @@ def train_and_evaluate(config, workdir: str, *,
   Returns:
     The final evaluation metrics (also in ``WORKDIR/results.json``), or the
     last logged training metrics when stopped early.
+
+  Raises:
+    validation.ConfigError: (a ValueError) one line per bad config value,
+      before anything is created in ``workdir``.
   """
+  validation.validate(config)
   check_workdir(workdir)
   with jax.debug_nans(bool(config.debug_nans)):
     return _train_and_evaluate(config, workdir, stop_after)
@@ -370,8 +376,10 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, float]:
   """``--mode=eval``: evaluates the latest checkpoint in ``workdir``.
 
   Raises:
+    validation.ConfigError: a bad config value (one line each).
     FileNotFoundError: when ``workdir`` has no checkpoint.
   """
+  validation.validate(config)
   exp, state = _restore_latest(config, workdir)
   metrics = exp.evaluate(state)
   logging.info("eval of step %d: %s", int(state.step), _fmt(metrics))
@@ -390,8 +398,10 @@ def visualize_checkpoint(config, workdir: str):
     the paths written.
 
   Raises:
+    validation.ConfigError: a bad config value (one line each).
     FileNotFoundError: when ``workdir`` has no checkpoint (nothing is written).
   """
+  validation.validate(config)
   exp, state = _restore_latest(config, workdir)
   out_dir = _attention_dir(workdir)
   pictures = draw_attention(exp, state, out_dir)

@@ -1,0 +1,350 @@
+"""Checks a whole experiment config before any work starts.
+
+A bad value used to surface late, or never: ``total_steps=-5`` trained nothing
+and wrote a 10% ``results.json``, an unknown kernel failed deep inside JAX's
+tracing, ``batch_size=0`` in the input pipeline. ``problems(config)`` looks at
+every field the loop reads and returns one line per problem, each naming the
+field, its value and what is allowed; ``validate(config)`` raises them as one
+``ConfigError``. ``run.py`` and ``train.train_and_evaluate`` (and the eval and
+visualize modes) call it before touching TensorFlow, JAX devices or the
+work directory.
+
+Importing this module imports JAX and Flax (through the model and kernel
+registries, which own the lists of names) but never TensorFlow, so a config
+error does not wait for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any, Iterable, List, Optional, Sequence
+
+from attention_lab import data as data_lib
+from attention_lab import kernels
+from attention_lab import models
+from attention_lab.data import sources
+from attention_lab.layers.conv_attention import CONV_ATTENTIONS
+from attention_lab.models.seq2seq import ATTENTIONS as SEQ2SEQ_ATTENTIONS
+from attention_lab.train import tasks as tasks_lib
+from attention_lab.viz import report
+
+# optim.make_optimizer builds these (it raises on any other name).
+OPTIMIZERS = ("adamw",)
+
+# Fields that count things: a zero or negative value has no meaning.
+POSITIVE_INTS = ("total_steps", "batch_size", "eval_batch_size", "log_every", "eval_every",
+                 "checkpoint_every", "keep_checkpoints")
+# Model fields (whichever models have them) that count or size things.
+MODEL_POSITIVE_INTS = ("num_classes", "vocab_size", "target_length", "hidden_dim",
+                       "num_layers", "num_heads", "mlp_dim", "embed_dim", "attention_units",
+                       "patch_size", "levels", "blocks_per_stage", "reduction",
+                       "spatial_kernel", "num_mels", "conv_kernel_size",
+                       "subsample_channels", "max_distance")
+MODEL_NON_NEGATIVE_INTS = ("time_masks", "time_width", "freq_masks", "freq_width")
+MODEL_RATES = ("dropout_rate", "attention_dropout_rate")     # probabilities in [0, 1)
+
+
+class ConfigError(ValueError):
+  """A config with values the loop cannot run; ``lines`` has one per problem."""
+
+  def __init__(self, lines: Sequence[str]):
+    self.lines = list(lines)
+    super().__init__("\n".join(self.lines))
+
+
+def validate(config) -> None:
+  """Raises ``ConfigError`` (a ValueError) listing every problem of ``config``."""
+  lines = problems(config)
+  if lines:
+    raise ConfigError(lines)
+
+
+def problems(config) -> List[str]:
+  """One line per problem: ``config.FIELD=VALUE: what is allowed``.
+
+  Only fields are read; nothing is built, traced or written.
+  """
+  found: List[str] = []
+  check = _Checker(config, found)
+
+  for field in POSITIVE_INTS:
+    check.integer(field, minimum=1)
+  check.integer("seed", minimum=None)
+  check.number("label_smoothing", low=0.0, high=1.0, high_open=True)
+  check.one_of("task", sorted(tasks_lib.TASKS))
+  for field in ("debug_nans", "distributed"):
+    check.boolean(field)
+
+  _optimizer(check)
+  _data(check)
+  _mesh(check)
+  _model(check)
+  check.one_of("viz.kind", sorted(report.DRAWERS))
+  check.integer("viz.num_examples", minimum=1)
+  return found
+
+
+def _optimizer(check: "_Checker") -> None:
+  check.one_of("optimizer.name", OPTIMIZERS)
+  check.number("optimizer.learning_rate", low=0.0, low_open=True)
+  # A warm-up longer than the run ends it before the learning rate reaches
+  # optimizer.learning_rate. Equal is allowed on purpose: the whole run is
+  # warm-up, which short smoke runs (total_steps=2) rely on.
+  total = check.value("total_steps")
+  check.integer("optimizer.warmup_steps", minimum=0,
+                maximum=total if _is_int(total) and total >= 1 else None,
+                maximum_says=f"total_steps ({total}): a longer warm-up ends the run "
+                             "before the learning rate reaches optimizer.learning_rate")
+  check.number("optimizer.end_factor", low=0.0)
+  check.number("optimizer.weight_decay", low=0.0)
+  check.number("optimizer.b1", low=0.0, high=1.0, high_open=True)
+  check.number("optimizer.b2", low=0.0, high=1.0, high_open=True)
+  check.number("optimizer.grad_clip", low=0.0, low_open=True)
+
+
+def _data(check: "_Checker") -> None:
+  name = check.value("data.name")
+  if not isinstance(name, str) or not name:
+    check.problem("data.name", f"must name a dataset: {_known(data_lib.DATASETS)}")
+  else:
+    base, _, builder_config = name.partition("/")
+    if base not in data_lib.DATASETS:
+      check.problem("data.name", f"unknown dataset; {_known(data_lib.DATASETS)}"
+                    f"{_did_you_mean(base, data_lib.DATASETS)}")
+    elif builder_config and base in sources.LOCAL_BUILDERS:
+      configs = [c.name for c in sources.LOCAL_BUILDERS[base].BUILDER_CONFIGS or []]
+      if builder_config not in configs:
+        check.problem("data.name", f"{base} has no builder config {builder_config!r}; "
+                      f"known: {', '.join(configs) if configs else '(none)'}")
+  for split in ("data.train_split", "data.eval_split"):
+    value = check.value(split)
+    if not isinstance(value, str) or not value.strip():
+      check.problem(split, "must be a TFDS split such as 'train' or 'test[:50]'")
+  check.integer("data.augment_shift", minimum=0)
+  check.integer("data.max_length", minimum=0)
+  for field in ("data.augment_flip", "data.grayscale"):
+    check.boolean(field)
+
+
+def _mesh(check: "_Checker") -> None:
+  data = check.value("mesh.data")
+  if not (_is_int(data) and (data == -1 or data >= 1)):
+    check.problem("mesh.data", "must be a device count >= 1, or -1 for every device "
+                  "the sequence axis leaves")
+  check.integer("mesh.sequence", minimum=1)
+  check.boolean("mesh.shard_params")
+  batch = check.value("batch_size")
+  # The device count itself is known only once JAX starts (sharding.make_mesh
+  # checks it); a fixed data axis must divide the batch already.
+  if _is_int(data) and data >= 1 and _is_int(batch) and batch >= 1 and batch % data:
+    check.problem("batch_size", f"must divide by mesh.data ({data}): each device of the "
+                  "data axis takes an equal share")
+
+
+def _model(check: "_Checker") -> None:
+  name = check.value("model.name")
+  if name not in models.MODELS:
+    check.problem("model.name", f"unknown model; {_known(models.MODELS)}"
+                  f"{_did_you_mean(name, models.MODELS)}")
+    return
+  fields = {f.name: f for f in dataclasses.fields(models.MODELS[name])
+            if f.name not in ("parent", "name")}
+  given = check.keys("model")
+  for key in sorted(set(given) - set(fields) - {"name"}):
+    check.problem(f"model.{key}", f"model {name!r} has no such field; its fields: "
+                  f"{', '.join(sorted(fields))}{_did_you_mean(key, fields)}")
+  for key, field in sorted(fields.items()):
+    required = (field.default is dataclasses.MISSING
+                and field.default_factory is dataclasses.MISSING)
+    if required and key not in given:
+      check.missing(f"model.{key}", f"model {name!r} needs it")
+
+  present = lambda key: key in given and key in fields
+  if present("kernel"):
+    kernel = check.value("model.kernel")
+    if kernel is not None and kernel not in kernels.names():
+      # ml_collections reads --config.model.kernel=None as the string "None".
+      hint = ("; 'None' on the command line is a string: leave the flag out instead"
+              if kernel == "None" else _did_you_mean(kernel, kernels.names()))
+      check.problem("model.kernel", f"unknown attention kernel; known kernels: "
+                    f"{', '.join(kernels.names())}, or None (unset) for the backend's "
+                    f"default{hint}")
+  if present("attention") and name == "seq2seq":
+    check.one_of("model.attention", SEQ2SEQ_ATTENTIONS)
+  if present("conv_attention"):
+    check.one_of("model.conv_attention", CONV_ATTENTIONS)
+  dtypes = getattr(models, "COMPUTE_DTYPES", None)   # names models.build accepts
+  if present("dtype") and dtypes is not None:
+    check.one_of("model.dtype", sorted(dtypes))
+  for key in MODEL_POSITIVE_INTS:
+    if present(key):
+      check.integer(f"model.{key}", minimum=1)
+  for key in MODEL_NON_NEGATIVE_INTS:
+    if present(key):
+      check.integer(f"model.{key}", minimum=0)
+  for key in MODEL_RATES:
+    if present(key):
+      check.number(f"model.{key}", low=0.0, high=1.0, high_open=True)
+  if present("widths"):
+    widths = check.value("model.widths")
+    if not (isinstance(widths, (tuple, list)) and widths
+            and all(_is_int(w) and w >= 1 for w in widths)):
+      check.problem("model.widths", "must be a non-empty tuple of positive integers")
+  hidden, heads = check.value("model.hidden_dim"), check.value("model.num_heads")
+  if (present("hidden_dim") and present("num_heads") and _is_int(hidden) and _is_int(heads)
+      and hidden >= 1 and heads >= 1 and hidden % heads):
+    check.problem("model.num_heads", f"must divide model.hidden_dim ({hidden}): each head "
+                  "takes an equal slice of it")
+
+
+def dotted_keys(config, prefix: str = "", sections: bool = False) -> List[str]:
+  """Every field of a ConfigDict as a dotted path (``optimizer.learning_rate``);
+  with ``sections``, the nested dicts' own paths (``optimizer``) too."""
+  keys = []
+  for key in config.keys():
+    path = f"{prefix}{key}"
+    child = config[key]
+    if _is_section(child):
+      keys.extend(([path] if sections else []) + dotted_keys(child, f"{path}.", sections))
+    else:
+      keys.append(path)
+  return sorted(keys)
+
+
+def has_key(config, path: str) -> bool:
+  """Whether dotted ``path`` names a field of ``config`` (``[i]`` indices ignored)."""
+  node = config
+  for part in path.split("."):
+    part = part.split("[", 1)[0]
+    if not (_is_section(node) and part in node.keys()):
+      return False
+    node = node[part]
+  return True
+
+
+def unknown_key(path: str, value: Optional[str], config) -> str:
+  """The line for an override of a field ``config`` lacks: the closest fields
+  of the whole config, else the fields of the section it names."""
+  shown = f"config.{path}" + (f"={value}" if value is not None else "")
+  experiment = config.get("experiment") or "this experiment"
+  line = f"{shown}: {experiment}'s config has no field {path!r}"
+  suggestion = _did_you_mean(path, dotted_keys(config), n=2, prefix="config.")
+  if suggestion:
+    return line + suggestion
+  parent = path.rpartition(".")[0]
+  if parent and has_key(config, parent):
+    node = config
+    for part in parent.split("."):
+      node = node[part]
+    return line + f"; config.{parent} has: {', '.join(sorted(node.keys()))}"
+  return line + f"; its sections: {', '.join(k for k in sorted(config.keys()) if _is_section(config[k]))}"
+
+
+def _is_section(node) -> bool:
+  return hasattr(node, "keys") and callable(node.keys)
+
+
+def _did_you_mean(value: Any, choices: Iterable[str], n: int = 1, prefix: str = "") -> str:
+  """``; did you mean X?`` for the ``n`` closest choices to ``value``, or "".
+
+  Dotted paths are matched by their last part, so ``learning_rate`` finds
+  ``optimizer.learning_rate`` and ``mdel.kernel`` finds ``model.kernel``.
+  """
+  if not isinstance(value, str) or not value:
+    return ""
+  parent, _, leaf = value.rpartition(".")
+  scored = []
+  for choice in choices:
+    choice_parent, _, choice_leaf = choice.rpartition(".")
+    # By the last part alone: the whole path would rate any two fields of one
+    # section as close ("model.depthh" and "model.dtype").
+    score = difflib.SequenceMatcher(None, leaf.lower(), choice_leaf.lower()).ratio()
+    if choice != value and score >= 0.6:
+      scored.append((choice_parent != parent, -score, choice))   # same section first
+  unique = [choice for *_, choice in sorted(scored)[:n]]
+  if not unique:
+    return ""
+  return "; did you mean " + " or ".join(f"{prefix}{c}" for c in unique) + "?"
+
+
+def _known(names: Iterable[str]) -> str:
+  return f"known: {', '.join(sorted(names))}"
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+class _Checker:
+  """Reads fields by dotted path and words the problems alike."""
+
+  def __init__(self, config, found: List[str]):
+    self.config = config
+    self.found = found
+
+  def keys(self, path: str) -> List[str]:
+    node = self._node(path)
+    return list(node.keys()) if node is not None and hasattr(node, "keys") else []
+
+  def _node(self, path: str):
+    node = self.config
+    for part in path.split("."):
+      if not (hasattr(node, "keys") and part in node.keys()):
+        return None
+      node = node[part]
+    return node
+
+  def value(self, path: str):
+    return self._node(path)
+
+  def problem(self, path: str, allowed: str) -> None:
+    self.found.append(f"config.{path}={self.value(path)!r}: {allowed}")
+
+  def missing(self, path: str, why: str) -> None:
+    self.found.append(f"config.{path} is missing: {why}")
+
+  def one_of(self, path: str, allowed: Sequence[str]) -> None:
+    value = self.value(path)
+    if value not in allowed:
+      self.problem(path, f"must be one of {', '.join(allowed)}{_did_you_mean(value, allowed)}")
+
+  def integer(self, path: str, minimum: Optional[int], maximum: Optional[int] = None,
+              maximum_says: str = "") -> None:
+    value = self.value(path)
+    if not _is_int(value):
+      self.problem(path, "must be an integer" + (f" >= {minimum}" if minimum is not None else ""))
+    elif minimum is not None and value < minimum:
+      self.problem(path, "must be a positive integer" if minimum == 1 else
+                   f"must be an integer >= {minimum}")
+    elif maximum is not None and value > maximum:
+      self.problem(path, f"must be at most {maximum_says or maximum}")
+
+  def number(self, path: str, low: Optional[float] = None, high: Optional[float] = None,
+             low_open: bool = False, high_open: bool = False) -> None:
+    value = self.value(path)
+    too_low = low is not None and _is_number(value) and (
+        value <= low if low_open else value < low)
+    too_high = high is not None and _is_number(value) and (
+        value >= high if high_open else value > high)
+    if not _is_number(value) or too_low or too_high:
+      bounds = []
+      if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low:g}")
+      if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high:g}")
+      self.problem(path, "must be a finite number" + (f" {' and '.join(bounds)}"
+                                                      if bounds else ""))
+
+  def boolean(self, path: str) -> None:
+    if not isinstance(self.value(path), bool):
+      self.problem(path, "must be True or False")
+
+
+__all__ = ["ConfigError", "dotted_keys", "has_key", "problems", "unknown_key", "validate"]
