@@ -2,11 +2,15 @@
 
 Any config field can be overridden: ``--config.total_steps=100``,
 ``--config.model.kernel=reference``. The experiment's config is loaded before
-flags are parsed, so overrides are checked against its real fields: an
-unknown key exits non-zero naming it.
+flags are parsed, so overrides are checked against its real fields, and the
+whole config is validated (``attention_lab/train/validation.py``) before
+TensorFlow or JAX start and before anything is written to the workdir. Each
+problem is one line (the field, its value, what is allowed, and "did you
+mean" for a mistyped key); the exit status is then 2.
 """
 
 import os
+import re
 import sys
 
 # TensorFlow only feeds data here: keep it off accelerators so JAX owns their memory.
@@ -20,6 +24,13 @@ from ml_collections import config_flags  # noqa: E402
 import experiments  # noqa: E402
 
 MODES = ("train", "eval", "visualize")
+CONFIG_ERROR_STATUS = 2   # a usage error, as for flags absl rejects
+
+
+def _exit_config_errors(lines):
+  """Ends the program with one ``error:`` line per problem: no traceback."""
+  sys.stderr.write("".join(f"error: {line}\n" for line in lines))
+  sys.exit(CONFIG_ERROR_STATUS)
 
 
 def _experiment_from_argv(argv):
@@ -32,6 +43,36 @@ def _experiment_from_argv(argv):
   return None
 
 
+def _config_overrides(argv):
+  """``[(dotted path, value or None)]`` of the ``--config.a.b=value`` flags in
+  ``argv``, read as ml_collections reads them (``--noconfig.a`` sets False)."""
+  overrides = []
+  for i, arg in enumerate(argv):
+    match = re.match(r"^--?(no)?config\.([^=]+)(?:=(.*))?$", arg)
+    if not match:
+      continue
+    negated, path, value = match.groups()
+    if value is None and not negated and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+      value = argv[i + 1]
+    overrides.append((path, "False" if negated else value))
+  return overrides
+
+
+def _check_override_keys(argv, config):
+  """Exits with one line per override of a field the config lacks.
+
+  ml_collections would raise a KeyError deep in flag definition; this names
+  the field and the closest real ones instead.
+  """
+  from attention_lab.train import validation
+  argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)   # --flagfile too
+  unknown = [validation.unknown_key(path, value, config)
+             for path, value in _config_overrides(argv)
+             if not validation.has_key(config, path)]
+  if unknown:
+    _exit_config_errors(unknown)
+
+
 def _define_flags(argv):
   name = _experiment_from_argv(argv)
   if name is None:
@@ -41,23 +82,33 @@ def _define_flags(argv):
     config = experiments.get_config(name)
   except ValueError as e:
     sys.exit(f"error: {e}")
+  _check_override_keys(argv, config)
   config.lock()  # an override of a field that does not exist is an error
   flags.DEFINE_string("experiment", None, "experiment name (experiments/NAME.py)")
   flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, pictures")
   flags.DEFINE_enum("mode", "train", MODES, "train (resumes), eval (latest checkpoint) or visualize "
                     "(latest checkpoint's attention pictures into WORKDIR/attention)")
-  config_flags.DEFINE_config_dict("config", config, "experiment config; override fields with --config.a.b=value")
+  try:
+    config_flags.DEFINE_config_dict("config", config,
+                                    "experiment config; override fields with --config.a.b=value")
+  except (AttributeError, KeyError) as e:   # an unknown key _check_override_keys missed
+    _exit_config_errors([f"a --config override names no field of {name}'s config: {e}"])
   flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from attention_lab.train import validation
+  config = flags.FLAGS.config
+  # Before TensorFlow, JAX devices or the workdir: a bad value costs nothing.
+  problems = validation.problems(config)
+  if problems:
+    _exit_config_errors(problems)
   import tensorflow as tf  # imported late: flag errors should not wait for it
   tf.config.set_visible_devices([], "GPU")
   from attention_lab import train
 
-  config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
   if config.distributed:
     import jax

@@ -10,6 +10,8 @@ import pytest
 
 import experiments
 from attention_lab import models
+from attention_lab import train
+from attention_lab.train import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,18 +48,114 @@ def test_missing_experiment_flag(tmp_path):
   assert proc.returncode != 0 and "--experiment is required" in proc.stderr
 
 
-def test_unknown_config_key_exits_naming_it(tmp_path):
-  proc = _run("--experiment=mnist_vit", f"--workdir={tmp_path}", "--config.model.depthh=3")
-  assert proc.returncode != 0
-  assert "depthh" in proc.stderr
+def _config_error_lines(proc):
+  """The ``error:`` lines of a run rejected by config validation, checked to be
+  all it printed (no traceback) and to have exited with run.py's status 2."""
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert lines and all(line.startswith("error: config.") for line in lines), proc.stderr[-3000:]
+  return lines
+
+
+# (overrides, the one line's start: field and value, what it says is allowed)
+BAD_CONFIGS = {
+    "negative_steps": (["--config.total_steps=-5"], "error: config.total_steps=-5:",
+                       "must be a positive integer"),
+    "zero_batch": (["--config.batch_size=0"], "error: config.batch_size=0:",
+                   "must be a positive integer"),
+    "unknown_key": (["--config.learning_rate=0.1"], "error: config.learning_rate=0.1:",
+                    "did you mean config.optimizer.learning_rate?"),
+    "unknown_model_key": (["--config.model.depthh", "3"], "error: config.model.depthh=3:",
+                          "config.model has: attention_dropout_rate"),
+    "unknown_kernel": (["--config.model.kernel=nope"], "error: config.model.kernel='nope':",
+                       "known kernels: blockwise"),
+    "kernel_typo": (["--config.model.kernel=blockwize"],
+                    "error: config.model.kernel='blockwize':", "did you mean blockwise?"),
+    "zero_learning_rate": (["--config.optimizer.learning_rate=0.0"],
+                           "error: config.optimizer.learning_rate=0.0:", "> 0"),
+    "warmup_past_the_end": (["--config.total_steps=100"],
+                            "error: config.optimizer.warmup_steps=200:",
+                            "at most total_steps (100)"),
+    "unknown_optimizer": (["--config.optimizer.name=sgd"], "error: config.optimizer.name='sgd':",
+                          "must be one of adamw"),
+    "unknown_model": (["--config.model.name=vitt"], "error: config.model.name='vitt':",
+                      "did you mean vit?"),
+    "unknown_dataset": (["--config.data.name=mnist_ofline"], "error: config.data.name='mnist_ofline':",
+                        "did you mean mnist_offline?"),
+    "mesh": (["--config.mesh.sequence=0"], "error: config.mesh.sequence=0:",
+             "must be a positive integer"),
+    "viz_kind": (["--config.viz.kind=picture"], "error: config.viz.kind='picture':",
+                 "must be one of alignment, cnn, image, speech, text"),
+    "task": (["--config.task=regression"], "error: config.task='regression':",
+             "must be one of classification, seq2seq"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_is_one_line_and_writes_nothing(tmp_path, case):
+  overrides, start, allowed = BAD_CONFIGS[case]
+  workdir = tmp_path / "run"
+  proc = _run("--experiment=mnist_vit", f"--workdir={workdir}", *overrides)
+  lines = _config_error_lines(proc)
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith(start) and allowed in lines[0], lines[0]
+  assert not workdir.exists()
+
+
+def test_every_problem_gets_its_own_line_in_every_mode(tmp_path):
+  workdir = tmp_path / "run"
+  for mode in ("train", "eval", "visualize"):
+    proc = _run("--experiment=mnist_vit", f"--workdir={workdir}", f"--mode={mode}",
+                "--config.total_steps=0", "--config.keep_checkpoints=0",
+                "--config.model.kernel=nope")
+    lines = _config_error_lines(proc)
+    assert [line.split(": ")[1] for line in lines] == [
+        "config.total_steps=0", "config.keep_checkpoints=0", "config.model.kernel='nope'"], mode
+    assert not workdir.exists()
+
+
+def test_existing_empty_workdir_is_left_empty(tmp_path):
+  proc = _run("--experiment=mnist_vit", f"--workdir={tmp_path}", "--config.eval_every=0")
+  assert _config_error_lines(proc) == ["error: config.eval_every=0: must be a positive integer"]
   assert not os.listdir(tmp_path)
 
 
-def test_unknown_kernel_exits_naming_it(tmp_path, data_dir):
-  proc = _run("--experiment=mnist_vit", f"--workdir={tmp_path}",
-              "--config.model.kernel=flashy", f"--config.data.data_dir={data_dir}")
-  assert proc.returncode != 0
-  assert "unknown attention kernel 'flashy'" in proc.stderr
+def test_library_callers_get_the_same_lines_as_a_value_error(tmp_path, tiny_config):
+  config = tiny_config(total_steps=-5, batch_size=0, **{"model.kernel": "nope"})
+  workdir = tmp_path / "run"
+  for run_mode in (train.train_and_evaluate, train.evaluate_checkpoint,
+                   train.visualize_checkpoint):
+    with pytest.raises(ValueError) as error:
+      run_mode(config, str(workdir))
+    assert str(error.value).splitlines() == validation.problems(config)
+    assert [line.split(": ")[0] for line in error.value.lines] == [
+        "config.total_steps=-5", "config.batch_size=0", "config.model.kernel='nope'"]
+    assert not workdir.exists()
+
+
+def test_every_experiment_config_is_valid():
+  for name in experiments.names():
+    assert validation.problems(experiments.get_config(name)) == [], name
+
+
+def test_validation_lists_match_what_the_loop_builds():
+  from attention_lab.train import optim
+  config = experiments.get_config("mnist_vit")
+  for name in validation.OPTIMIZERS:
+    config.optimizer.name = name
+    optim.make_optimizer(config)
+  config.optimizer.name = "sgd"
+  with pytest.raises(ValueError, match="unknown optimizer"):
+    optim.make_optimizer(config)
+
+
+def test_validation_does_not_import_tensorflow():
+  proc = subprocess.run(
+      [sys.executable, "-c", "import sys; from attention_lab.train import validation; "
+       "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == "[]"
 
 
 def test_eval_mode_without_checkpoint_exits_non_zero(tmp_path, data_dir):
@@ -78,7 +176,8 @@ def test_overrides_reach_the_run(tmp_path, data_dir):
   """A two-step run through the command line, kernel chosen by flag."""
   proc = _run("--experiment=mnist_vit", f"--workdir={tmp_path}",
               f"--config.data.data_dir={data_dir}", "--config.data.eval_split=test[:20]",
-              "--config.total_steps=2", "--config.batch_size=8", "--config.log_every=1",
+              "--config.total_steps=2", "--config.optimizer.warmup_steps=1",
+              "--config.batch_size=8", "--config.log_every=1",
               "--config.model.num_layers=1", "--config.model.hidden_dim=16",
               "--config.model.patch_size=7", "--config.model.stem=patch",
               "--config.model.kernel=reference",
