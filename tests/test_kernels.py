@@ -259,7 +259,8 @@ def test_missing_feature_names_kernel_and_feature():
     kernels.dot_product_attention(q, k, v, implementation="jax_nn", return_weights=True)
 
 
-def test_default_dispatch_per_backend():
+def test_default_dispatch_per_backend(monkeypatch):
+  monkeypatch.setattr(kernels, "cudnn_available", lambda: True)   # as on a GPU machine
   assert kernels.preference("cpu")[0] == "blockwise"
   assert kernels.preference("gpu")[:2] == ["cudnn", "pallas"]
   assert kernels.preference("tpu")[:2] == ["splash", "pallas"]
@@ -276,6 +277,14 @@ def test_default_dispatch_per_backend():
   long = shape._replace(q_length=4096, kv_length=4096)
   assert kernels.select(frozenset({"mask"}), "cpu", "float32", long).name == "blockwise"
   assert kernels.select(frozenset({"mask"}), "cpu", "float32", shape).name == "jax_nn"
+  # Where jaxlib has no cuDNN, the GPU branch must not name it (jax.nn checks
+  # for cuDNN while tracing): half precision goes to the Pallas kernel.
+  monkeypatch.setattr(kernels, "cudnn_available", lambda: False)
+  assert kernels.select(frozenset({"causal"}), "gpu", "bfloat16", shape).name == "pallas"
+  # TPU: splash, then our Pallas kernel where splash's layout does not fit.
+  assert kernels.select(frozenset({"causal"}), "tpu", "bfloat16", shape).name == "splash"
+  assert kernels.select(frozenset(), "tpu", "float32",
+                        shape._replace(value_dim=32)).name == "pallas"
 
 
 def test_dispatch_logs_the_choice_and_what_it_skipped(caplog):

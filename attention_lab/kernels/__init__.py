@@ -58,6 +58,20 @@ def preference(platform=None):
 
 
 _CUDNN_HEAD_DIMS = frozenset(range(8, 257, 8))  # cuDNN's fused attention limits
+
+
+@functools.cache
+def cudnn_available() -> bool:
+  """Whether this jaxlib can reach cuDNN. jax.nn checks it while *tracing* a
+  cuDNN call, and dispatch traces every platform's branch, so without cuDNN
+  (any machine with no CUDA plugin) the GPU branch must not name it."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo
+    fused_attention_stablehlo.check_cudnn_version()
+    return True
+  except Exception:   # no CUDA plugin, or jax moved the check: no cuDNN choice
+    return False
+
 # Below this many keys the materialised jax.nn formulation is faster on CPU
 # (benchmarks/README.md: at 512 tokens jax.nn runs 1.4x blockwise's speed, at
 # 1,024 blockwise runs 2.4x jax.nn's).
@@ -89,7 +103,8 @@ register(KernelSpec(
     name="cudnn", fn=functools.partial(jax_nn_attention, jax_implementation="cudnn"),
     features=frozenset({"mask", "bias", "causal", "window"}),
     platforms=("gpu",), dtypes=("bfloat16", "float16"),
-    applies=lambda s: s.head_dim == s.value_dim and s.head_dim in _CUDNN_HEAD_DIMS,
+    applies=lambda s: (s.head_dim == s.value_dim and s.head_dim in _CUDNN_HEAD_DIMS
+                       and cudnn_available()),
     description="cuDNN fused attention through jax.nn (GPU, half precision)"))
 register(KernelSpec(
     name="blockwise", fn=blockwise_attention,
@@ -112,7 +127,7 @@ set_preference("tpu", ["splash", "pallas", "jax_nn", "reference"])
 
 __all__ = [
     "FEATURES", "KernelSpec", "PLATFORMS", "attention_fn", "attention_weights",
-    "blockwise_attention", "capabilities", "check_supported", "checks",
+    "blockwise_attention", "capabilities", "check_supported", "checks", "cudnn_available",
     "dot_product_attention", "get", "jax_nn_attention", "masks", "names",
     "pallas_attention", "preference", "reference_attention", "register",
     "requested_features", "ring_attention", "scores", "select", "set_preference",

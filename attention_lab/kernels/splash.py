@@ -27,7 +27,6 @@ those calls to another kernel and logs why.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -62,10 +61,11 @@ def _static_mask(q_len: int, kv_len: int, is_causal: bool, window):
   return splash.LocalMask(shape, window_size=(left, right), offset=0)
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(q_padded, kv_padded, heads, is_causal, window, is_mqa, interpret):
-  """A splash kernel for one static setting (built once per shape: the block
-  metadata is computed in NumPy from the mask functions)."""
+  """A splash kernel for one static setting. Its block metadata is computed
+  in NumPy from the mask functions while tracing (splash caches that work per
+  mask); the kernel object is not kept, since it holds arrays made during one
+  trace."""
   head_mask = _static_mask(q_padded, kv_padded, is_causal, window)
   mask = splash.MultiHeadMask([head_mask] * heads)
   block_q, block_kv = _block(q_padded), _block(kv_padded)

@@ -1,0 +1,62 @@
+"""Cross-lowering: compile a function for TPU or GPU from a machine without one.
+
+``jax.export`` lowers for any platform JAX knows. Pallas reads the TPU
+generation from the abstract mesh's device (``AbstractDevice``), so lowering
+under ``use_abstract_mesh`` runs Mosaic's TPU checks (8 x 128 tiles, SMEM for
+scalars, ...) as a real TPU would at its first step. Tests use this to assert
+that the fused kernel, not a fallback, is in the module.
+
+Usage::
+
+    text = lower_for(jax.jit(step), args, "tpu")       # StableHLO text
+    assert "tpu_custom_call" in custom_calls(text)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence, Set
+
+import jax
+from jax import export
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+# Colab's TPU runtimes today (v5e, and v6e on paid tiers) and an older pod chip.
+TPU_KINDS = ("TPU v5 lite", "TPU v6 lite", "TPU v4")
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def tpu_mesh(device_kind: str = TPU_KINDS[0], devices: int = 1,
+             axis_names: Sequence[str] = ("data",)) -> AbstractMesh:
+  """An abstract mesh of ``devices`` TPU chips of ``device_kind``."""
+  device = AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")
+  sizes = (devices,) + (1,) * (len(axis_names) - 1)
+  return AbstractMesh(sizes, tuple(axis_names), (AxisType.Explicit,) * len(axis_names),
+                      abstract_device=device)
+
+
+def lower_for(fn, args, platform: str, device_kind: str = TPU_KINDS[0]) -> str:
+  """StableHLO text of ``jax.jit(fn)`` exported for ``platform`` ("tpu", "cuda").
+
+  ``args`` may be arrays or ``jax.ShapeDtypeStruct``s (pytrees allowed).
+  Triton calls carry no serialisation guarantee; they are allowed here since
+  the module is only inspected, never stored.
+  """
+  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+  if platform == "tpu":
+    with jax.sharding.use_abstract_mesh(tpu_mesh(device_kind)):
+      return export.export(jitted, platforms=["tpu"])(*args).mlir_module()
+  checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+  return export.export(jitted, platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+
+
+def custom_calls(text: str) -> Set[str]:
+  """Custom-call targets in a lowered module (``tpu_custom_call``, Triton, cuDNN...)."""
+  return set(re.findall(r"custom_call @([\w$.]+)", text))
+
+
+def kernel_names(text: str) -> Set[str]:
+  """Names of the Pallas / splash kernels in a lowered module."""
+  found = set(re.findall(r"(attention_lab_flash_\w+)", text))
+  found |= {"splash"} if "splash" in text else set()
+  return found
