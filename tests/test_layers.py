@@ -64,18 +64,71 @@ def test_our_multi_head_attention_equals_flax_with_the_same_parameters():
                                flax_mha.apply(params, X, mask=mask), rtol=1e-5, atol=1e-5)
 
 
-def test_sown_weights_do_not_depend_on_the_kernel():
-  params = layers.SelfAttention(num_heads=4).init(jax.random.key(3), X)
-  mask = nn.make_attention_mask(VALID, VALID).astype(bool)
-  sown = {}
-  for name in MASKABLE:
-    _, state = layers.SelfAttention(num_heads=4, kernel=name).apply(
-        params, X, mask=mask, mutable=["intermediates"])
-    sown[name] = state["intermediates"]["attention_weights"][0]
-  first = sown[MASKABLE[0]]
-  for w in sown.values():
-    np.testing.assert_allclose(w, first, rtol=1e-6, atol=1e-6)
-  assert np.all(np.asarray(first[0, :, 3:]) == 0.0)   # padded queries attend nowhere
+# The kernels that run on CPU, each with the call forms it declares (pallas
+# takes neither dense masks nor bias; on CPU it runs interpreted).
+RUNNABLE = ["reference", "jax_nn", "blockwise", "pallas"]
+BIAS = jnp.asarray(np.random.default_rng(7).normal(size=(2, 4, 5, 5)), jnp.float32)
+FORMS = {
+    "plain": ({}, set()),
+    "padding_mask": ({"mask": nn.make_attention_mask(VALID, VALID).astype(bool)}, {"mask"}),
+    "bias": ({"bias": BIAS}, {"bias"}),
+    "mask_and_bias": ({"mask": nn.make_attention_mask(jnp.ones_like(VALID), VALID).astype(bool),
+                       "bias": BIAS}, {"mask", "bias"}),
+    "causal": ({}, {"causal"}),
+}
+
+
+def _numpy_attention(params, x, *, mask=None, bias=None, is_causal=False):
+  """The layer in float64 numpy from its own parameters, written out:
+  ``softmax(q k^T / sqrt(head_dim) + bias)`` over the allowed keys (a row with
+  none is all zeros), then ``weights @ v`` and the output projection.
+
+  Returns:
+    ``(out [batch, length, features], weights [batch, heads, length, length])``.
+  """
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params["params"])
+  x = np.asarray(x, np.float64)
+  project = lambda name: np.einsum("btf,fnh->btnh", x, p[name]["kernel"]) + p[name]["bias"]
+  q, k, v = project("query"), project("key"), project("value")
+  logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  if bias is not None:
+    logits = logits + np.asarray(bias, np.float64)
+  length = x.shape[1]
+  allowed = np.ones(logits.shape, bool)
+  if mask is not None:
+    allowed &= np.broadcast_to(np.asarray(mask, bool), logits.shape)
+  if is_causal:
+    allowed &= np.tril(np.ones((length, length), bool))
+  logits = np.where(allowed, logits, -np.inf)
+  row_max = logits.max(-1, keepdims=True)
+  exp = np.where(allowed, np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0)), 0.0)
+  total = exp.sum(-1, keepdims=True)
+  weights = np.where(total > 0, exp / np.where(total > 0, total, 1.0), 0.0)
+  out = np.einsum("bnts,bsnh->btnh", weights, v)
+  out = np.einsum("btnh,nhf->btf", out, p["out"]["kernel"]) + p["out"]["bias"]
+  return out, weights
+
+
+@pytest.mark.parametrize("name,form", [
+    (name, form) for name in RUNNABLE for form in sorted(FORMS)
+    if FORMS[form][1] <= kernels.get(name).features])
+def test_layer_output_equals_float64_numpy_with_every_kernel(name, form):
+  """Every kernel, through the layer, gives the float64 layer's output; the
+  weights sown for pictures are that softmax too, whichever kernel ran."""
+  kwargs, needs = FORMS[form]
+  is_causal = "causal" in needs
+  module = layers.SelfAttention(num_heads=4, kernel=name, is_causal=is_causal)
+  params = module.init(jax.random.key(3), X)
+  want_out, want_weights = _numpy_attention(params, X, is_causal=is_causal, **kwargs)
+  out, state = module.apply(params, X, mutable=["intermediates"], **kwargs)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  (weights,) = state["intermediates"]["attention_weights"]
+  assert weights.shape == (2, 4, 5, 5)
+  np.testing.assert_allclose(weights, want_weights, rtol=1e-5, atol=1e-6)
+  if form == "padding_mask":
+    assert np.all(np.asarray(weights[0, :, 3:]) == 0.0)   # padded queries attend nowhere
+    np.testing.assert_allclose(out[0, 3:], np.broadcast_to(params["params"]["out"]["bias"], (2, 16)),
+                               rtol=1e-6, atol=1e-6)      # zero context: the output bias alone
 
 
 def test_cross_attention_shapes_and_heads_check():
