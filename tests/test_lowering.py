@@ -1,0 +1,157 @@
+"""The accelerator paths, checked from a CPU by cross-lowering.
+
+``jax.export`` lowers for TPU (under an abstract mesh whose device is a TPU
+generation, so Mosaic runs its TPU checks) and for CUDA. Each test asserts
+that the intended fused kernel is what got lowered, not a silent fallback;
+the numerics of the TPU programs are checked in Pallas's TPU interpreter.
+What this cannot check without hardware: Mosaic's and Triton's compilation
+after lowering, speed, and cuDNN (jax.nn needs a real cuDNN to trace it).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_lab import kernels
+from attention_lab.kernels import lowering
+from attention_lab.kernels import masks
+from attention_lab.kernels.pallas import pallas_attention
+from attention_lab.kernels.splash import splash_attention
+
+FORMS = {
+    "plain": {},
+    "causal": {"is_causal": True},
+    "window": {"local_window_size": (64, 16)},
+    "kv_lengths": {"kv_lengths": "lengths"},
+    "causal_kv_lengths": {"is_causal": True, "kv_lengths": "lengths"},
+}
+
+
+def _abstract(dtype, batch=2, length=256, heads=4, kv_heads=4, dim=64):
+  q = jax.ShapeDtypeStruct((batch, length, heads, dim), dtype)
+  kv = jax.ShapeDtypeStruct((batch, length, kv_heads, dim), dtype)
+  return q, kv, kv
+
+
+def _attention(form, **extra):
+  form = dict(form, **extra)
+  lengths = form.pop("kv_lengths", None)
+
+  def fn(q, k, v):
+    kv_lengths = None if lengths is None else jnp.array([q.shape[1], 37])
+    return kernels.dot_product_attention(q, k, v, kv_lengths=kv_lengths, **form)
+  return fn
+
+
+def _grad(fn):
+  return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("form", FORMS.values(), ids=FORMS.keys())
+def test_default_dispatch_lowers_splash_on_tpu(form, dtype):
+  fn = _attention(form)
+  text = lowering.lower_for(fn, _abstract(dtype), "tpu")
+  assert "tpu_custom_call" in lowering.custom_calls(text)
+  assert "splash" in lowering.kernel_names(text)
+  grad_text = lowering.lower_for(_grad(fn), _abstract(dtype), "tpu")
+  # Forward (with residuals), dq and dkv: three TPU kernels.
+  assert grad_text.count("stablehlo.custom_call @tpu_custom_call") >= 3
+  assert "splash" in lowering.kernel_names(grad_text)
+
+
+@pytest.mark.parametrize("kind", lowering.TPU_KINDS)
+def test_tpu_generations_and_grouped_heads(kind):
+  fn = _attention({"is_causal": True})
+  args = _abstract(jnp.bfloat16, heads=8, kv_heads=2)
+  for f in (fn, _grad(fn)):
+    text = lowering.lower_for(f, args, "tpu", device_kind=kind)
+    assert "splash" in lowering.kernel_names(text), kind
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("form", FORMS.values(), ids=FORMS.keys())
+def test_our_pallas_kernel_lowers_on_tpu(form, dtype):
+  """Odd head and value sizes (padded to the 128 lanes) and odd lengths."""
+  fn = _attention(form, implementation="pallas")
+  args = (jax.ShapeDtypeStruct((2, 200, 2, 40), dtype),
+          jax.ShapeDtypeStruct((2, 200, 2, 40), dtype),
+          jax.ShapeDtypeStruct((2, 200, 2, 24), dtype))
+  text = lowering.lower_for(fn, args, "tpu")
+  assert lowering.kernel_names(text) == {"attention_lab_flash_forward"}
+  grad_text = lowering.lower_for(_grad(fn), args, "tpu")
+  assert {"attention_lab_flash_dkdv", "attention_lab_flash_dq"} <= lowering.kernel_names(grad_text)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("form", FORMS.values(), ids=FORMS.keys())
+def test_default_dispatch_lowers_triton_on_gpu(form, dtype):
+  fn = _attention(form)
+  text = lowering.lower_for(fn, _abstract(dtype), "cuda")
+  assert lowering.TRITON_CALL in lowering.custom_calls(text)
+  assert "attention_lab_flash_forward" in lowering.kernel_names(text)
+  grad_text = lowering.lower_for(_grad(fn), _abstract(dtype), "cuda")
+  assert {"attention_lab_flash_dkdv", "attention_lab_flash_dq"} <= lowering.kernel_names(grad_text)
+
+
+def test_what_no_fused_kernel_expresses_lowers_through_xla():
+  """A dense bias goes to jax.nn's XLA formulation on both accelerators."""
+  bias = jnp.zeros((4, 256, 256))
+  fn = lambda q, k, v: kernels.dot_product_attention(q, k, v, bias=bias)
+  for platform in ("tpu", "cuda"):
+    text = lowering.lower_for(fn, _abstract(jnp.float32), platform)
+    assert not lowering.custom_calls(text), platform
+
+
+def test_one_jitted_function_carries_each_platforms_kernel():
+  """The choice follows the platform being lowered, not the default backend."""
+  step = jax.jit(_grad(_attention({"is_causal": True})))
+  args = _abstract(jnp.float32)
+  cpu_text = step.trace(*args).lower().as_text()
+  assert "tpu_custom_call" not in cpu_text and "triton" not in cpu_text
+  assert "splash" in lowering.kernel_names(lowering.lower_for(step, args, "tpu"))
+  assert lowering.TRITON_CALL in lowering.custom_calls(lowering.lower_for(step, args, "cuda"))
+
+
+def test_named_kernel_is_checked_against_the_lowering_platform():
+  q, k, v = _abstract(jnp.float32)
+  with pytest.raises(ValueError, match=r"'splash' does not run on 'cpu'"):
+    jax.eval_shape(lambda q, k, v: kernels.dot_product_attention(
+        q, k, v, implementation="splash"), q, k, v)
+  fn = lambda q, k, v: kernels.dot_product_attention(q, k, v, implementation="splash")
+  assert "splash" in lowering.kernel_names(lowering.lower_for(fn, (q, k, v), "tpu"))
+
+
+def _reference64(q, k, v, mask, **form):
+  with jax.enable_x64(True):
+    as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    return np.asarray(kernels.reference_attention(as64(q), as64(k), as64(v), mask=mask, **form))
+
+
+@pytest.mark.parametrize("name", ["splash", "pallas_tpu_layout"])
+@pytest.mark.parametrize("form", [{"is_causal": True}, {"local_window_size": (20, 8)}],
+                         ids=["causal", "window"])
+def test_tpu_programs_match_float64_in_the_tpu_interpreter(name, form):
+  """Grouped heads, padded keys, rows left with no key by the window."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(2, 150, 4, 32)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 150, 2, 32)), jnp.float32) for _ in range(2))
+  lengths = jnp.array([150, 37])
+  cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  if name == "splash":
+    fn = lambda q, k, v: splash_attention(q, k, v, kv_lengths=lengths, interpret=True, **form)
+  else:
+    fn = lambda q, k, v: pallas_attention(q, k, v, kv_lengths=lengths, target="tpu_interpret",
+                                          **form)
+  dense = masks.key_padding_mask(lengths, 150)
+  np.testing.assert_allclose(fn(q, k, v), _reference64(q, k, v, dense, **form),
+                             rtol=2e-5, atol=2e-5)
+  grads = jax.grad(lambda *a: jnp.sum(fn(*a) * cot), (0, 1, 2))(q, k, v)
+  with jax.enable_x64(True):
+    as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    want = jax.grad(lambda *a: jnp.sum(kernels.reference_attention(*a, mask=dense, **form)
+                                       * as64(cot)), (0, 1, 2))(as64(q), as64(k), as64(v))
+    want = [np.asarray(w) for w in want]
+  for got, w in zip(grads, want):
+    np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4)
