@@ -1,0 +1,37 @@
+"""The benchmark scripts run as documented (``--quick`` sizes): a machine line,
+the tables, the kernels skipped with their reasons, no crash."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernels_benchmark_default_command_in_quick_mode():
+  proc = subprocess.run([sys.executable, os.path.join("benchmarks", "kernels.py"), "--quick"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  machine = next(line for line in lines if line.startswith("machine: "))
+  assert "avx512f " in machine and "amx " in machine and "jax " in machine
+  assert " torch " in machine                     # a version, or why there is no column
+  assert any(line.startswith("threads: XLA ") and "torch" in line for line in lines)
+  skipped = next(line for line in lines if line.startswith("skipped: "))
+  assert "cudnn (gpu only)" in skipped and "ring (needs a device mesh" in skipped
+  assert "pallas (Pallas' interpreter on CPU" in skipped
+  assert any(line.startswith("XLA float32 matmul peak: 256x256") for line in lines)
+
+  header = "| length | kernel | fwd ms | fwd GFLOP/s | fwd of peak | fwd vs torch |"
+  table = lines[lines.index(next(line for line in lines if line.startswith(header))):]
+  rows = {line.split(" | ")[1]: line for line in table if line.startswith("| 256 | ")}
+  assert {"blockwise", "jax_nn", "reference", "jax.nn"} <= set(rows)
+  cells = rows["blockwise"].strip("| ").split(" | ")
+  assert "(" in cells[2] and "-" in cells[2]       # median (min-max)
+  assert 0.0 < float(cells[4]) < 10.0             # fraction of the matmul peak
+  assert not any("failed" in line for line in table)
+
+  memory = [line for line in lines if line.startswith("| 1024 | ")]
+  assert {line.split(" | ")[1] for line in memory} >= {"blockwise", "reference"}
+  assert all(float(line.split(" | ")[2]) > 0 for line in memory)   # temp GiB
