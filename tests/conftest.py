@@ -79,6 +79,43 @@ def train_stop_and_resume(config, workdir):
   return results
 
 
+def numpy_self_attention(params, x, *, mask=None, bias=None, is_causal=False):
+  """A ``MultiHeadAttention`` layer in float64 numpy from its parameters
+  (``{"query", "key", "value", "out"}``, Flax's layout), written out:
+  ``softmax(q k^T / sqrt(head_dim) + bias)`` over the allowed keys (a row with
+  none is all zeros), then ``weights @ v`` and the output projection.
+
+  Args:
+    x: ``[batch, length, features]``; mask bool and bias float, broadcastable
+      to ``[batch, heads, length, length]``.
+
+  Returns:
+    ``(out [batch, length, out_features], weights [batch, heads, length, length])``.
+  """
+  import jax
+  import numpy as np
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(x, np.float64)
+  project = lambda name: np.einsum("btf,fnh->btnh", x, p[name]["kernel"]) + p[name]["bias"]
+  q, k, v = project("query"), project("key"), project("value")
+  logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  if bias is not None:
+    logits = logits + np.asarray(bias, np.float64)
+  length = x.shape[1]
+  allowed = np.ones(logits.shape, bool)
+  if mask is not None:
+    allowed &= np.broadcast_to(np.asarray(mask, bool), logits.shape)
+  if is_causal:
+    allowed &= np.tril(np.ones((length, length), bool))
+  row_max = np.where(allowed, logits, -np.inf).max(-1, keepdims=True)
+  exp = np.where(allowed, np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0)), 0.0)
+  total = exp.sum(-1, keepdims=True)
+  weights = exp / np.where(total > 0, total, 1.0)          # all-masked rows stay 0
+  out = np.einsum("bnts,bsnh->btnh", weights, v)
+  out = np.einsum("btnh,nhf->btf", out, p["out"]["kernel"]) + p["out"]["bias"]
+  return out, weights
+
+
 def assert_picture(path):
   """``path`` is a picture of some size with something drawn on it."""
   import numpy as np

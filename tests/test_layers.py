@@ -10,6 +10,7 @@ from attention_lab import kernels
 from attention_lab import layers
 from attention_lab import models
 from attention_lab.kernels import scores
+from conftest import numpy_self_attention
 
 X = jax.random.normal(jax.random.key(0), (2, 5, 16))
 # Kernels that run on this backend and take dense masks (what Flax passes).
@@ -78,37 +79,6 @@ FORMS = {
 }
 
 
-def _numpy_attention(params, x, *, mask=None, bias=None, is_causal=False):
-  """The layer in float64 numpy from its own parameters, written out:
-  ``softmax(q k^T / sqrt(head_dim) + bias)`` over the allowed keys (a row with
-  none is all zeros), then ``weights @ v`` and the output projection.
-
-  Returns:
-    ``(out [batch, length, features], weights [batch, heads, length, length])``.
-  """
-  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params["params"])
-  x = np.asarray(x, np.float64)
-  project = lambda name: np.einsum("btf,fnh->btnh", x, p[name]["kernel"]) + p[name]["bias"]
-  q, k, v = project("query"), project("key"), project("value")
-  logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
-  if bias is not None:
-    logits = logits + np.asarray(bias, np.float64)
-  length = x.shape[1]
-  allowed = np.ones(logits.shape, bool)
-  if mask is not None:
-    allowed &= np.broadcast_to(np.asarray(mask, bool), logits.shape)
-  if is_causal:
-    allowed &= np.tril(np.ones((length, length), bool))
-  logits = np.where(allowed, logits, -np.inf)
-  row_max = logits.max(-1, keepdims=True)
-  exp = np.where(allowed, np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0)), 0.0)
-  total = exp.sum(-1, keepdims=True)
-  weights = np.where(total > 0, exp / np.where(total > 0, total, 1.0), 0.0)
-  out = np.einsum("bnts,bsnh->btnh", weights, v)
-  out = np.einsum("btnh,nhf->btf", out, p["out"]["kernel"]) + p["out"]["bias"]
-  return out, weights
-
-
 @pytest.mark.parametrize("name,form", [
     (name, form) for name in RUNNABLE for form in sorted(FORMS)
     if FORMS[form][1] <= kernels.get(name).features])
@@ -119,7 +89,8 @@ def test_layer_output_equals_float64_numpy_with_every_kernel(name, form):
   is_causal = "causal" in needs
   module = layers.SelfAttention(num_heads=4, kernel=name, is_causal=is_causal)
   params = module.init(jax.random.key(3), X)
-  want_out, want_weights = _numpy_attention(params, X, is_causal=is_causal, **kwargs)
+  want_out, want_weights = numpy_self_attention(params["params"], X, is_causal=is_causal,
+                                                **kwargs)
   out, state = module.apply(params, X, mutable=["intermediates"], **kwargs)
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
   (weights,) = state["intermediates"]["attention_weights"]
