@@ -116,6 +116,59 @@ def numpy_self_attention(params, x, *, mask=None, bias=None, is_causal=False):
   return out, weights
 
 
+def htk_mel_filterbank(num_mels, fft_size, sample_rate, low_hz=20.0, high_hz=None, warp=1.0):
+  """Triangular mel filters written out from the HTK formulas, in float64.
+
+  ``mel(f) = 2595 log10(1 + f / 700)``; ``num_mels + 2`` edges equally spaced
+  in mel from ``low_hz`` to ``high_hz`` (default Nyquist); filter ``k`` rises
+  linearly in Hz from edge ``k`` to 1 at edge ``k + 1`` and falls to 0 at edge
+  ``k + 2``. ``warp`` reads every filter at ``f * warp`` (vocal tract length
+  perturbation).
+
+  Returns:
+    ``[fft_size // 2 + 1, num_mels]``.
+  """
+  import math
+  import numpy as np
+  high_hz = sample_rate / 2 if high_hz is None else high_hz
+  mel = lambda hz: 2595.0 * math.log10(1.0 + hz / 700.0)
+  hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+  step = (mel(high_hz) - mel(low_hz)) / (num_mels + 1)
+  edges = [hz(mel(low_hz) + i * step) for i in range(num_mels + 2)]
+  filters = np.zeros((fft_size // 2 + 1, num_mels))
+  for j in range(fft_size // 2 + 1):
+    f = j * sample_rate / fft_size * warp
+    for k in range(num_mels):
+      left, centre, right = edges[k], edges[k + 1], edges[k + 2]
+      if left < f <= centre:
+        filters[j, k] = (f - left) / (centre - left)
+      elif centre < f < right:
+        filters[j, k] = (right - f) / (right - centre)
+  return filters
+
+
+def numpy_log_mel(wave, *, sample_rate=16000, window=400, hop=160, fft_size=512,
+                  num_mels=40, floor=1e-6, warp=1.0):
+  """Log mel power spectrogram in float64, frame by frame: periodic Hann
+  window, numpy's FFT, ``htk_mel_filterbank``, ``log(max(mel, floor))``.
+
+  Args:
+    wave: ``[samples]``.
+
+  Returns:
+    ``[1 + (samples - window) // hop, num_mels]``.
+  """
+  import numpy as np
+  hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(window) / window)
+  filters = htk_mel_filterbank(num_mels, fft_size, sample_rate, warp=warp)
+  rows = []
+  for start in range(0, len(wave) - window + 1, hop):
+    power = np.abs(np.fft.rfft(np.asarray(wave[start:start + window], np.float64) * hann,
+                               n=fft_size)) ** 2
+    rows.append(np.log(np.maximum(power @ filters, floor)))
+  return np.stack(rows)
+
+
 def assert_picture(path):
   """``path`` is a picture of some size with something drawn on it."""
   import numpy as np

@@ -1,5 +1,8 @@
-"""The JAX speech front end against a loop-written numpy reference: frames,
-mel filters, log-mel values, a pure tone in the right band, SpecAugment."""
+"""The JAX speech front end against an independent float64 numpy reference:
+mel filters written out from the HTK formulas, frames, log-mel values, a pure
+tone in the right band, SpecAugment."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -7,24 +10,35 @@ import numpy as np
 import pytest
 
 from attention_lab.layers import spectrogram
+from conftest import htk_mel_filterbank
+from conftest import numpy_log_mel
 
 
-def _numpy_log_mel(wave, sample_rate=16000, window=400, hop=160, fft=512, mels=40):
-  """Frame by frame with numpy's FFT and the filterbank built from its formula."""
-  hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(window) / window)
-  filters = spectrogram.mel_filterbank(mels, fft, sample_rate).astype(np.float64)
-  rows = []
-  for start in range(0, len(wave) - window + 1, hop):
-    power = np.abs(np.fft.rfft(wave[start:start + window] * hann, n=fft)) ** 2
-    rows.append(np.log(np.maximum(power @ filters, 1e-6)))
-  return np.stack(rows)
+def test_mel_scale_is_htk():
+  # HTK's scale is built so that 1 kHz is 1,000 mel, and 700 Hz is 2595 log10(2).
+  assert spectrogram.hz_to_mel(1000.0) == pytest.approx(1000.0, abs=0.1)
+  assert spectrogram.hz_to_mel(700.0) == pytest.approx(2595.0 * math.log10(2.0), rel=1e-12)
+  hz = np.array([0.0, 20.0, 440.0, 4000.0, 8000.0])
+  np.testing.assert_allclose(spectrogram.mel_to_hz(spectrogram.hz_to_mel(hz)), hz,
+                             rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("num_mels,fft_size", [(40, 512), (20, 512), (80, 1024)])
+def test_filterbank_matches_the_htk_formulas(num_mels, fft_size):
+  np.testing.assert_allclose(spectrogram.mel_filterbank(num_mels, fft_size, 16000),
+                             htk_mel_filterbank(num_mels, fft_size, 16000), rtol=0, atol=1e-6)
+  # A narrower band moves every edge: the formulas, not a fixed table.
+  np.testing.assert_allclose(
+      spectrogram.mel_filterbank(num_mels, fft_size, 16000, low_hz=300.0, high_hz=6000.0),
+      htk_mel_filterbank(num_mels, fft_size, 16000, low_hz=300.0, high_hz=6000.0),
+      rtol=0, atol=1e-6)
 
 
 def test_log_mel_matches_numpy_reference():
   rng = np.random.default_rng(0)
   wave = rng.normal(size=16000) * 0.1
   got = np.asarray(jax.jit(spectrogram.log_mel_spectrogram)(wave[None]))[0]
-  want = _numpy_log_mel(wave)
+  want = numpy_log_mel(wave)
   assert got.shape == (98, 40)                      # 1 + (16000 - 400) // 160 frames
   np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-4)
 
@@ -33,8 +47,10 @@ def test_pure_tone_peaks_in_its_mel_band():
   t = np.arange(16000) / 16000.0
   tone = np.sin(2 * np.pi * 1000.0 * t)
   log_mel = np.asarray(spectrogram.log_mel_spectrogram(tone[None], num_mels=64))[0]
-  filters = spectrogram.mel_filterbank(64, 512, 16000)
-  band = int(np.argmax(filters[int(round(1000.0 / 16000 * 512))]))
+  # The band whose HTK centre is nearest 1 kHz (centres equally spaced in mel).
+  centres = [700.0 * (10.0 ** (m / 2595.0) - 1.0) for m in np.linspace(
+      2595.0 * math.log10(1 + 20 / 700), 2595.0 * math.log10(1 + 8000 / 700), 66)[1:-1]]
+  band = int(np.argmin(np.abs(np.array(centres) - 1000.0)))
   assert np.all(np.argmax(log_mel, axis=-1) == band)
 
 
