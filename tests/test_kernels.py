@@ -381,3 +381,158 @@ def test_window_and_causal_masks_match_jax_nn(q_len, kv_len, window):
   got = kernels.reference_attention(q, k, v, mask=explicit)
   want = kernels.reference_attention(q, k, v, is_causal=True, local_window_size=(window, 0))
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+# Lengths that span several blocks, with the blockwise kernel's blocks made
+# small (32 x 64) so the test stays fast: 256 is an exact multiple of both
+# (the paths that skip masking), 200 is ragged (a padded last block).
+MULTI_BLOCK_TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 4e-2, jnp.float16: 1e-2}
+
+
+def _bias(kind, heads, q_len, kv_len, rng):
+  if kind == "normal":
+    return rng.normal(size=(heads, q_len, kv_len))
+  if kind == "neg_inf_half":        # padding written as a -inf bias on half the keys
+    return np.where(np.arange(kv_len) < kv_len // 2, -np.inf, 0.0)[None, None, :] + 0 * rng.normal(
+        size=(heads, q_len, 1))
+  if kind == "finfo_min_half":
+    return np.where(np.arange(kv_len) < kv_len // 2, np.finfo(np.float32).min, 0.0)[None, None, :]
+  if kind == "neg_inf_rows":        # some queries see no key at all
+    b = rng.normal(size=(heads, q_len, kv_len))
+    b[:, ::7, :] = -np.inf
+    return b
+  raise ValueError(kind)
+
+
+MULTI_BLOCK_CASES = {
+    "plain": {},
+    "neg_inf_bias": {"bias": "neg_inf_half"},
+    "neg_inf_bias_causal": {"bias": "neg_inf_half", "is_causal": True},
+    "finfo_min_bias": {"bias": "finfo_min_half"},
+    "neg_inf_rows": {"bias": "neg_inf_rows"},
+    "bias_mask": {"bias": "normal", "mask": "padding"},
+    "causal": {"is_causal": True},
+    "window": {"local_window_size": (40, 3)},
+    "grouped_causal_kv_lengths": {"kv_heads": 1, "is_causal": True, "kv_lengths": True},
+}
+
+
+HALF_PRECISION_CASES = ("neg_inf_bias_causal", "bias_mask", "grouped_causal_kv_lengths")
+MULTI_BLOCK_PARAMS = (
+    [(c, n, jnp.float32) for c in sorted(MULTI_BLOCK_CASES) for n in (256, 200)]
+    + [(c, 256, d) for c in HALF_PRECISION_CASES for d in (jnp.bfloat16, jnp.float16)])
+
+
+@pytest.mark.parametrize(
+    "case,length,dtype", MULTI_BLOCK_PARAMS,
+    ids=[f"{c}-{n}-{jnp.dtype(d).name}" for c, n, d in MULTI_BLOCK_PARAMS])
+def test_blockwise_across_blocks_matches_float64(case, length, dtype):
+  spec = dict(MULTI_BLOCK_CASES[case])
+  rng = np.random.default_rng(3)
+  heads, kv_heads = 2, spec.pop("kv_heads", 2)
+  q, k, v = _inputs(4, batch=(2,), q_len=length, kv_len=length, heads=heads,
+                    kv_heads=kv_heads, head_dim=16, value_dim=16, dtype=dtype)
+  kwargs = {}
+  bias_kind = spec.pop("bias", None)
+  if bias_kind:
+    kwargs["bias"] = jnp.asarray(_bias(bias_kind, heads, length, length, rng), jnp.float32)
+  if spec.pop("mask", None):
+    kwargs["mask"] = _padding((2,), length, length, 5)
+  if spec.pop("kv_lengths", False):
+    lengths = jnp.array([length, 77])
+    kwargs["mask"] = masks.key_padding_mask(lengths, length)   # the reference's view
+    kernel_lengths = {"kv_lengths": lengths}
+  else:
+    kernel_lengths = {}
+  kwargs.update(spec)
+  kernel_kwargs = {x: y for x, y in kwargs.items() if not (kernel_lengths and x == "mask")}
+  kernel_kwargs.update(kernel_lengths)
+  cotangent = np.random.default_rng(9).normal(size=q.shape[:-1] + (v.shape[-1],))
+
+  def run(q, k, v, bias=None, **kw):
+    return kernels.dot_product_attention(q, k, v, bias=bias, implementation="blockwise",
+                                         block_q=32, block_k=64, **kw)
+  bias = kernel_kwargs.pop("bias", None)
+  out = jax.jit(lambda q, k, v, b: run(q, k, v, b, **kernel_kwargs))(q, k, v, bias)
+  grads = jax.jit(lambda q, k, v, b: _loss_grads(run, q, k, v, b, jnp.asarray(cotangent, dtype),
+                                                 **kernel_kwargs))(q, k, v, bias)
+  want, want_grads = _reference64(q, k, v, kwargs, cotangent)
+  tol = MULTI_BLOCK_TOLERANCE[dtype]
+  _assert_close(out, want, tol, f"{case} forward")
+  scale = max(1.0, float(np.abs(want_grads[0]).max()))
+  for name, g, w in zip(("dq", "dk", "dv", "dbias"), grads, want_grads):
+    _assert_close(g, w, tol * scale, f"{case} {name}")
+
+
+def test_neg_inf_bias_at_default_blocks_regression():
+  """2,048 keys, the first half behind a -inf bias, default dispatch (the
+  blockwise kernel at its default blocks): once all zeros."""
+  q, k, v = _inputs(0, batch=(1,), q_len=2048, kv_len=2048, heads=2, kv_heads=2,
+                    head_dim=16, value_dim=16)
+  bias = jnp.where(jnp.arange(2048) < 1024, -jnp.inf, 0.0)[None, None, None, :]
+  assert kernels.select(frozenset({"bias"}), "cpu", "float32",
+                        kernels.checks.AttentionShape((1,), 2048, 2048, 2, 2, 16, 16)
+                        ).name == "blockwise"
+  out = kernels.dot_product_attention(q, k, v, bias=bias)
+  want = np.einsum("btnk,bknd->btnd",
+                   _softmax64(np.einsum("btnd,bknd->btnk", np.float64(q)[..., :, :, :],
+                                        np.float64(k)[:, 1024:]) / 4.0),
+                   np.float64(v)[:, 1024:])
+  np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
+
+
+def _softmax64(x):
+  x = x - x.max(-1, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("name", ["reference", "jax_nn", "blockwise"])
+def test_rows_hidden_by_neg_inf_bias_give_zeros_and_finite_gradients(name):
+  q, k, v = _inputs(1, q_len=9, kv_len=11)
+  bias = jnp.zeros((4, 9, 11)).at[:, 3, :].set(-jnp.inf)
+  f = lambda q, k, v: kernels.dot_product_attention(q, k, v, bias=bias, implementation=name)
+  out = f(q, k, v)
+  np.testing.assert_array_equal(out[:, 3], 0.0)
+  assert np.all(np.isfinite(out))
+  grads = jax.grad(lambda *a: jnp.sum(f(*a)), (0, 1, 2))(q, k, v)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_flax_attention_fn_contract_precision_dtype_and_decode():
+  """Our dot_product_attention as Flax's attention_fn: every keyword Flax
+  passes is honoured, as Flax's own attention honours it."""
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  for precision in (None, jax.lax.Precision.HIGHEST):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      make = lambda fn: nn.MultiHeadDotProductAttention(
+          num_heads=4, dtype=dtype, precision=precision, attention_fn=fn)
+      ours, flax_own = make(kernels.dot_product_attention), make(nn.dot_product_attention)
+      params = flax_own.init(jax.random.key(1), x)
+      got, want = ours.apply(params, x), flax_own.apply(params, x)
+      assert got.dtype == want.dtype == dtype
+      np.testing.assert_allclose(np.float32(got), np.float32(want),
+                                 atol=2e-5 if dtype == jnp.float32 else 3e-2)
+  # Flax's own incremental decoding (it passes precision to attention_fn).
+  make = lambda fn: nn.MultiHeadDotProductAttention(
+      num_heads=4, decode=True, precision=jax.lax.Precision.HIGHEST, attention_fn=fn)
+  ours, flax_own = make(kernels.dot_product_attention), make(nn.dot_product_attention)
+  variables = flax_own.init(jax.random.key(1), x)
+  got_cache, want_cache = variables["cache"], variables["cache"]
+  for t in range(x.shape[1]):
+    step = x[:, t:t + 1]
+    got, got_state = ours.apply({**variables, "cache": got_cache}, step, mutable=["cache"])
+    want, want_state = flax_own.apply({**variables, "cache": want_cache}, step,
+                                      mutable=["cache"])
+    got_cache, want_cache = got_state["cache"], want_state["cache"]
+    np.testing.assert_allclose(got, want, atol=2e-5)
+  # The keyword's dtype casts the inputs and the output, as Flax's does.
+  q, k, v = _inputs(0)
+  assert kernels.dot_product_attention(q, k, v, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_complex_inputs_are_refused_by_name():
+  q, k, v = _inputs(0)
+  with pytest.raises(ValueError, match="complex query"):
+    kernels.dot_product_attention(q.astype(jnp.complex64), k, v)
