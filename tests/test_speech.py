@@ -24,6 +24,8 @@ from attention_lab.layers import conformer
 from attention_lab.layers.spectrogram import LogMelFrontEnd
 from attention_lab.viz import report
 from conftest import assert_picture
+from conftest import htk_mel_filterbank
+from conftest import numpy_log_mel
 from conftest import override
 from conftest import prepare_stand_in
 from conftest import train_stop_and_resume
@@ -352,23 +354,64 @@ def test_fixed_lengths_names_a_missing_feature(speech_dir):
                        fixed_lengths={"waveform": 16000})
 
 
-def test_warped_filterbank_is_the_filterbank_at_one_and_moves_a_tone():
+def test_warped_filterbank_is_the_htk_filterbank_read_at_warped_frequencies():
   from attention_lab.layers import spectrogram
-  plain = spectrogram.mel_filterbank(40, 512, 16000)
-  warped = np.asarray(spectrogram.warped_mel_filterbank(np.array([1.0, 1.2]), 40, 512, 16000))
-  np.testing.assert_allclose(warped[0], plain, atol=1e-5)
+  warps = np.array([1.0, 1.2, 0.85])
+  warped = np.asarray(spectrogram.warped_mel_filterbank(warps, 40, 512, 16000))
+  for filters, w in zip(warped, warps):
+    np.testing.assert_allclose(filters, htk_mel_filterbank(40, 512, 16000, warp=w), atol=1e-5)
   t = np.arange(16000) / 16000
   tone = np.sin(2 * np.pi * 1000 * t)[None].repeat(2, 0)
   bands = spectrogram.log_mel_spectrogram(tone, warp=np.array([1.0, 1.2])).mean(1).argmax(-1)
   # Warped by 1.2, the 1 kHz tone lands in the band of 1.2 kHz (a shorter vocal tract).
-  plain_band = int(np.argmax(plain[int(round(1200 * 512 / 16000))]))
+  plain_band = int(np.argmax(htk_mel_filterbank(40, 512, 16000)[int(round(1200 * 512 / 16000))]))
   assert bands[1] > bands[0] and abs(int(bands[1]) - plain_band) <= 1
+
+
+def _normalised_log_mel(clip, num_mels, warp=1.0):
+  """The front end's output written out: float64 log-mel of the int16 clip at
+  full scale 32768, scaled to zero mean and unit variance over the clip."""
+  log_mel = numpy_log_mel(clip / 32768.0, num_mels=num_mels, warp=warp)
+  return (log_mel - log_mel.mean()) / log_mel.std()
+
+
+def test_front_end_is_the_log_mel_in_evaluation_and_warps_per_example_in_training(
+    monkeypatch):
+  from attention_lab.layers import spectrogram
   front = LogMelFrontEnd(num_mels=20, max_warp=0.2, time_masks=0, freq_masks=0)
   clips = (np.random.default_rng(0).standard_normal((2, 4000)) * 3000).astype(np.int16)
   variables = front.init(jax.random.key(0), clips)
-  np.testing.assert_array_equal(front.apply(variables, clips), front.apply(variables, clips))
-  a = front.apply(variables, clips, train=True, rngs={"dropout": jax.random.key(1)})
-  assert not np.allclose(a, front.apply(variables, clips))
+  want = np.stack([_normalised_log_mel(c, 20) for c in clips])
+  evaluated = np.asarray(front.apply(variables, clips))
+  assert evaluated.shape == (2, 23, 20)                     # 1 + (4000 - 400) // 160 frames
+  np.testing.assert_allclose(evaluated, want, atol=1e-5)      # measured 1.1e-6
+  # Evaluation draws nothing: an rng, if given, changes nothing.
+  np.testing.assert_array_equal(
+      front.apply(variables, clips, rngs={"dropout": jax.random.key(1)}), evaluated)
+
+  # Training warps each example by its own factor from the dropout stream. The
+  # factors are read where the front end passes them on, and the output is
+  # checked against the written-out filterbank read at those frequencies.
+  drawn = []
+  log_mel = spectrogram.log_mel_spectrogram
+
+  def recording(waveform, **kwargs):
+    drawn.append(np.asarray(kwargs["warp"]))
+    return log_mel(waveform, **kwargs)
+
+  monkeypatch.setattr(spectrogram, "log_mel_spectrogram", recording)
+  train = lambda seed: np.asarray(front.apply(
+      variables, clips, train=True, rngs={"dropout": jax.random.key(seed)}))
+  a, again, b = train(1), train(1), train(2)
+  warps_a, warps_again, warps_b = drawn
+  assert np.all((0.8 <= warps_a) & (warps_a <= 1.2)) and warps_a[0] != warps_a[1]
+  np.testing.assert_array_equal(warps_again, warps_a)      # same key, same draw
+  assert np.all(warps_b != warps_a)
+  np.testing.assert_array_equal(again, a)
+  for out, warps in ((a, warps_a), (b, warps_b)):
+    for i in range(2):
+      np.testing.assert_allclose(out[i], _normalised_log_mel(clips[i], 20, warps[i]), atol=1e-5)
+  assert np.abs(a - evaluated).max() > 0.1 and np.abs(a - b).max() > 0.1
 
 
 @pytest.mark.slow
