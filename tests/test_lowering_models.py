@@ -1,0 +1,330 @@
+"""Every experiment's real train and eval step, cross-lowered for TPU and GPU.
+
+The steps are ``train/loop.py``'s own ``train_step`` / ``eval_step`` over a
+state from ``jax.eval_shape`` (nothing is initialised or run) and a batch of
+``jax.ShapeDtypeStruct``s shaped as the experiment's data pipeline makes it.
+A change that breaks a step on an accelerator, or that silently swaps a fused
+attention kernel for a materialised one, fails here on a CPU-only machine.
+
+What each experiment gets is the table ``KERNELS`` below; the test asserts it
+exactly, in both directions, so the table stays true.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import experiments
+from attention_lab import models
+from attention_lab.data import dates
+from attention_lab.data.speech_commands import CLIP_SAMPLES
+from attention_lab.kernels import dispatch
+from attention_lab.kernels import lowering
+from attention_lab.train import loop
+from attention_lab.train import optim
+from attention_lab.train import tasks
+from conftest import override
+
+# Even, so the batch splits over the 2-device mesh of the last tests.
+BATCH = 4
+
+# Widths and depths shrunk so each lowering takes seconds; heads, lengths,
+# dropout rates, pooling and kernel pins stay as the experiment sets them,
+# since those decide which kernel runs. One layer still has a backward pass.
+TINY_MODEL = {"hidden_dim": 16, "num_layers": 1, "mlp_dim": 16, "embed_dim": 8,
+              "attention_units": 8, "subsample_channels": 4, "widths": (4, 8),
+              "blocks_per_stage": 1}
+MAX_HEADS = 2
+
+# What each step's attention runs on, per experiment: FUSED = a fused kernel
+# (splash, or our Pallas kernel, through Mosaic on TPU; our Pallas kernel
+# through Triton on GPU, where cuDNN would need half precision and a real
+# cuDNN), a registry name = that materialised XLA kernel on both platforms,
+# NONE = no dot-product attention at all. ``why`` says why a step is not fused.
+FUSED, NONE = "fused", "none"
+KERNELS = {
+    # experiment: (train step, eval step, why)
+    "cifar10_cnn_cbam": (NONE, NONE, "CNN: CBAM gates channels and positions with convolutions"),
+    "cifar10_pixel_transformer": (
+        "reference", FUSED,
+        "training applies attention dropout 0.2 (LRA's config), which only the "
+        "reference kernel has; evaluation has no dropout"),
+    "cifar10_vit": (FUSED, FUSED, ""),
+    "dates_bahdanau": (NONE, NONE, "RNN decoder, additive scores (kernels.scores), no kernel"),
+    "dates_luong": (NONE, NONE, "RNN decoder, Luong general score (kernels.scores), no kernel"),
+    # Goal: eval fused. Today: train reference, eval jax_nn (see XFAIL).
+    "imdb_bytes_transformer": (
+        "reference", FUSED,
+        "training applies attention dropout 0.1, which only the reference kernel has"),
+    "listops_attention_pooling": (NONE, NONE, "GRU encoder, additive attention pooling"),
+    # Goal: fused. Today: jax_nn in both steps (see XFAIL).
+    "listops_lra_transformer": (FUSED, FUSED, ""),
+    # Goal: fused. Today: reference in both steps (see XFAIL).
+    "listops_transformer": (FUSED, FUSED, ""),
+    "mnist_cnn": (NONE, NONE, "CNN: CBAM gates channels and positions with convolutions"),
+    # Goal: fused. Today: blockwise in both steps (see XFAIL).
+    "mnist_pixel_transformer": (FUSED, FUSED, ""),
+    "mnist_vit": (FUSED, FUSED, ""),
+    "speech_commands_kwt": (FUSED, FUSED, ""),
+    "speech_conformer": (
+        "jax_nn", "jax_nn",
+        "the learned relative-position bias is a dense [1, heads, T, T] bias, which "
+        "no fused kernel takes"),
+    "speech_kwt": (FUSED, FUSED, ""),
+}
+
+_PADDING_AS_DENSE_MASK = (
+    "TokenClassifier._classify passes the token padding to attention as a dense "
+    "mask valid[:, None, None, :], and neither splash nor pallas takes a mask, so "
+    "dispatch falls back to jax_nn on TPU and GPU. Both fused kernels take "
+    "kv_lengths; padding here is always trailing (id 0 only after the tokens, CLS "
+    "in front), so Encoder/EncoderBlock/MultiHeadAttention need a kv_lengths "
+    "argument and TokenClassifier should pass valid.sum(-1) instead of the mask")
+# Steps that should get a fused kernel and do not, with what to change. Strict:
+# once fixed the test passes, fails as XPASS, and the mark must go.
+XFAIL = {
+    "listops_lra_transformer": _PADDING_AS_DENSE_MASK + (
+        " (its config comment promises 'the backend's fast kernel at 2,000 "
+        "tokens'; today train and eval run jax_nn)"),
+    "imdb_bytes_transformer": _PADDING_AS_DENSE_MASK + " (today the eval step runs jax_nn)",
+    "listops_transformer": (
+        "experiments/listops_transformer.py pins model.kernel='reference' (a CPU "
+        "timing), and a pinned kernel is used on every platform, so TPU and GPU run "
+        "reference; the kernel choice needs to be per platform (or None). Behind the "
+        "pin: " + _PADDING_AS_DENSE_MASK),
+    "mnist_pixel_transformer": (
+        "experiments/mnist_pixel_transformer.py pins model.kernel='blockwise' (a CPU "
+        "timing at 785 keys, below kernels.BLOCKWISE_MIN_KV_LENGTH), and a pinned "
+        "kernel is used on every platform, so TPU and GPU run blockwise's XLA scan; "
+        "the kernel choice needs to be per platform (or None plus a CPU threshold "
+        "that picks blockwise here). Unpinned, the model gets splash / Triton"),
+}
+
+# The fused kernels' names in a lowered module: forward, and backward pieces.
+FORWARD = {"splash": r"splash_\w+_fwd", "pallas": r"attention_lab_flash_forward"}
+BACKWARD = {"splash": (r"splash_\w+_dkv", r"splash_\w+_dq"),
+            "pallas": (r"attention_lab_flash_dkdv", r"attention_lab_flash_dq")}
+FUSED_KERNELS = {"tpu": ("splash", "pallas"), "gpu": ("pallas",)}
+FUSED_CALLS = {"tpu": "tpu_custom_call", "gpu": lowering.TRITON_CALL}
+PLATFORMS = {"tpu": "tpu", "gpu": "cuda"}    # ours -> lower_for's
+
+
+class MissingFusedKernel(AssertionError):
+  """A step lowered, but without the kernel ``KERNELS`` says it gets."""
+
+
+def tiny_config(name):
+  config = experiments.get_config(name)
+  model = config.model
+  overrides = {f"model.{k}": v for k, v in TINY_MODEL.items() if k in model}
+  if "num_heads" in model:
+    overrides["model.num_heads"] = min(model.num_heads, MAX_HEADS)
+  return override(config, **overrides)
+
+
+def batch_spec(config, batch=BATCH):
+  """The batch the experiment's pipeline makes (``attention_lab/data``), as
+  shapes: ``inputs``, ``label``, and the eval step's ``weight``."""
+  data = config.data.name.partition("/")[0]
+  label = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  if data in ("mnist", "mnist_offline", "cifar10"):
+    side, channels = (28, 1) if data.startswith("mnist") else (32, 3)
+    channels = 1 if config.data.grayscale else channels
+    inputs = jax.ShapeDtypeStruct((batch, side, side, channels), jnp.float32)
+  elif data in ("listops_offline", "imdb_reviews"):
+    inputs = jax.ShapeDtypeStruct((batch, config.data.max_length), jnp.int32)
+  elif data == "dates_offline":
+    source = config.data.max_length or dates.MAX_SOURCE_LENGTH
+    inputs = {"source": jax.ShapeDtypeStruct((batch, source), jnp.int32),
+              "target": jax.ShapeDtypeStruct((batch, dates.TARGET_LENGTH), jnp.int32)}
+    label = inputs["target"]
+  elif data in ("speech_commands", "speech_commands_offline"):
+    inputs = jax.ShapeDtypeStruct((batch, CLIP_SAMPLES), jnp.int16)
+  else:
+    raise AssertionError(f"batch_spec does not know dataset {data!r}: add its batch shapes")
+  return {"inputs": inputs, "label": label,
+          "weight": jax.ShapeDtypeStruct((batch,), jnp.float32)}
+
+
+def steps(config, batch):
+  """``(train_step, eval_step, state shapes)`` as ``loop.Experiment`` builds them."""
+  model = models.build(config.model)
+  task = tasks.get(config.task)
+  tx, schedule = optim.make_optimizer(config)
+  init_key, dropout_key = loop._keys(config.seed)
+  one = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((1,) + s.shape[1:], s.dtype),
+                               batch["inputs"])
+
+  def initial_state(example):
+    initial = model.init({"params": init_key}, example, train=False)
+    return loop.TrainState.create(
+        apply_fn=model.apply, params=initial["params"], tx=tx,
+        model_state={k: v for k, v in initial.items() if k not in loop._OUTPUT_COLLECTIONS})
+
+  state = jax.eval_shape(initial_state, one)
+  train = functools.partial(loop.train_step, model=model, task=task, config=config,
+                            schedule=schedule, dropout_key=dropout_key)
+  evaluate = functools.partial(loop.eval_step, model=model, task=task)
+  return train, evaluate, state
+
+
+@pytest.fixture
+def chosen(monkeypatch):
+  """``{platform: kernel names}`` dispatch picks while tracing: automatic
+  choices (``select``) and pinned kernels (``check_supported``)."""
+  record = {p: set() for p in ("cpu", "gpu", "tpu")}
+  select, check = dispatch.select, dispatch.check_supported
+
+  def spy_select(features, platform=None, *args, **kwargs):
+    spec = select(features, platform, *args, **kwargs)
+    record[platform].add(spec.name)
+    return spec
+
+  def spy_check(spec, *args, **kwargs):
+    for names in record.values():
+      names.add(spec.name)
+    return check(spec, *args, **kwargs)
+
+  monkeypatch.setattr(dispatch, "select", spy_select)
+  monkeypatch.setattr(dispatch, "check_supported", spy_check)
+  return record
+
+
+def fused_calls(text):
+  """Names of the Mosaic / Triton kernels called in a lowered module (their
+  ``kernel_name`` / ``name`` attribute; source locations would also match a
+  bare 'splash')."""
+  names = []
+  for line in text.splitlines():
+    if "custom_call @tpu_custom_call" in line:
+      names += re.findall(r'kernel_name = "([^"]+)"', line)
+    elif f"custom_call @{lowering.TRITON_CALL}" in line:
+      names += re.findall(r'\bname = "([^"]+)"', line)
+  return names
+
+
+def check_step(text, platform, step, expected, kernels):
+  """Problems (strings) of one lowered step against ``KERNELS``; empty if none.
+
+  ``kernels`` is what dispatch chose on ``platform`` while tracing it.
+  """
+  calls = fused_calls(text)
+  where = f"{step} step on {platform}"
+  if expected == NONE:
+    return [f"{where}: expected no attention kernel, dispatch chose {sorted(kernels)}"
+            ] if kernels else []
+  if expected != FUSED:
+    problems = []
+    if kernels != {expected}:
+      problems.append(f"{where}: expected {expected}, dispatch chose {sorted(kernels)}")
+    if calls:
+      problems.append(f"{where}: expected no fused kernel, module calls {calls}")
+    return problems
+  fused = [k for k in kernels if k in FUSED_KERNELS[platform]]
+  if len(kernels) != 1 or not fused:
+    return [f"{where}: expected a fused kernel ({'/'.join(FUSED_KERNELS[platform])}), "
+            f"dispatch chose {sorted(kernels) or 'none'}; module calls {calls or 'none'}"]
+  wanted = [FORWARD[fused[0]]] + (list(BACKWARD[fused[0]]) if step == "train" else [])
+  missing = [w for w in wanted if not any(re.fullmatch(w + r"\w*", c) for c in calls)]
+  if FUSED_CALLS[platform] not in lowering.custom_calls(text) or missing:
+    return [f"{where}: {fused[0]} chosen but the module lacks {missing or FUSED_CALLS[platform]}"
+            f"; it calls {calls or 'none'}"]
+  return []
+
+
+def lower_steps(name, chosen, platforms=("tpu", "gpu"), device_kind=lowering.TPU_KINDS[0]):
+  """Lowers ``name``'s train and eval steps for ``platforms``; returns problems.
+
+  Raises whatever lowering raises: a step that does not lower is an error, not
+  a missing kernel.
+  """
+  config = tiny_config(name)
+  batch = batch_spec(config)
+  train, evaluate, state = steps(config, batch)
+  train_batch = {k: v for k, v in batch.items() if k != "weight"}
+  model_variables = loop.variables(state)
+  expected = dict(zip(("train", "eval"), KERNELS[name][:2]))
+  problems = []
+  for step, fn, args in (("train", train, (state, train_batch)),
+                         ("eval", evaluate, (model_variables, batch))):
+    for names in chosen.values():
+      names.clear()
+    for platform in platforms:
+      text = lowering.lower_for(fn, args, PLATFORMS[platform], device_kind)
+      problems += check_step(text, platform, step, expected[step], set(chosen[platform]))
+  return problems
+
+
+def test_every_experiment_is_in_the_table():
+  assert sorted(KERNELS) == experiments.names(), "classify the new experiment in KERNELS"
+  assert set(XFAIL) <= set(KERNELS)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=MissingFusedKernel,
+                                            reason=XFAIL[n])) if n in XFAIL else n
+    for n in sorted(KERNELS)])
+def test_train_and_eval_steps_lower_with_their_kernel(name, chosen):
+  problems = lower_steps(name, chosen)
+  if problems:
+    raise MissingFusedKernel("\n".join(problems))
+
+
+# The first kind is covered by every experiment above; one model family on the others.
+@pytest.mark.parametrize("device_kind", lowering.TPU_KINDS[1:])
+def test_vit_steps_lower_on_other_tpu_generations(device_kind, chosen):
+  problems = lower_steps("mnist_vit", chosen, platforms=("tpu",), device_kind=device_kind)
+  if problems:
+    raise MissingFusedKernel("\n".join(problems))
+
+
+def _lower_train_on_data_mesh(mesh):
+  """mnist_vit's train step exported for TPU with the batch split over
+  ``mesh``'s ``data`` axis, as ``loop.Experiment`` places it."""
+  config = tiny_config("mnist_vit")
+  batch = batch_spec(config)
+  batch.pop("weight")
+  train, _, state = steps(config, batch)
+  with jax.sharding.use_abstract_mesh(mesh):
+    rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    place = lambda tree, sharding: jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+    exported = export.export(jax.jit(train), platforms=["tpu"])(
+        place(state, replicated), place(batch, rows))
+  assert exported.nr_devices == mesh.size
+  return exported.mlir_module()
+
+
+def _assert_splash_per_device(text):
+  # dispatch wraps the kernel in a shard_map over the data axis (GSPMD cannot
+  # split a Mosaic call); the manual computation is that shard_map.
+  assert "sdy.manual_computation" in text
+  calls = fused_calls(text)
+  for pattern in (FORWARD["splash"],) + BACKWARD["splash"]:
+    assert any(re.fullmatch(pattern + r"\w*", c) for c in calls), (pattern, calls)
+
+
+def test_vit_train_step_on_a_two_device_data_mesh():
+  mesh = lowering.tpu_mesh(devices=2).update(axis_types=(AxisType.Auto,))
+  _assert_splash_per_device(_lower_train_on_data_mesh(mesh))
+
+
+@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
+    "loop.Experiment's mesh has axes (data, sequence) (train/sharding.make_mesh, "
+    "sequence=1 by default); dispatch._run's shard_map is manual over "
+    "axis_names={DATA_AXIS} only, and Mosaic refuses a kernel under a partly "
+    "automatic shard_map: 'Mosaic kernels cannot be automatically partitioned. "
+    "Please wrap the call in a shard_map.' (jax/_src/tpu_custom_call.py). Making "
+    "the shard_map manual over every mesh axis (specs P(DATA_AXIS) leave the "
+    "others replicated) would let it lower"))
+def test_vit_train_step_on_the_training_loops_two_device_mesh():
+  mesh = lowering.tpu_mesh(devices=2, axis_names=("data", "sequence")).update(
+      axis_types=(AxisType.Auto,) * 2)
+  _assert_splash_per_device(_lower_train_on_data_mesh(mesh))
