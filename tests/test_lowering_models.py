@@ -316,14 +316,9 @@ def test_vit_train_step_on_a_two_device_data_mesh():
   _assert_splash_per_device(_lower_train_on_data_mesh(mesh))
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "loop.Experiment's mesh has axes (data, sequence) (train/sharding.make_mesh, "
-    "sequence=1 by default); dispatch._run's shard_map is manual over "
-    "axis_names={DATA_AXIS} only, and Mosaic refuses a kernel under a partly "
-    "automatic shard_map: 'Mosaic kernels cannot be automatically partitioned. "
-    "Please wrap the call in a shard_map.' (jax/_src/tpu_custom_call.py). Making "
-    "the shard_map manual over every mesh axis (specs P(DATA_AXIS) leave the "
-    "others replicated) would let it lower"))
+# The training loop's own mesh: axes (data, sequence), both automatic. Mosaic
+# refuses a kernel under a shard_map that leaves any axis automatic, so
+# dispatch's shard_map is manual over every axis.
 def test_vit_train_step_on_the_training_loops_two_device_mesh():
   mesh = lowering.tpu_mesh(devices=2, axis_names=("data", "sequence")).update(
       axis_types=(AxisType.Auto,) * 2)

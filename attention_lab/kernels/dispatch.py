@@ -161,9 +161,13 @@ def _run(spec: registry.KernelSpec, query, key, value, bias, mask, q_lengths, kv
     if kv is None:
       kv = jnp.full(shape.batch, shape.kv_length, jnp.int32)
     rows = P(DATA_AXIS)
+    # Manual over every mesh axis: Mosaic refuses a kernel while any axis is
+    # still left to the automatic partitioner (rows are replicated over the
+    # others, so each device attends over its own rows in full).
     per_device = jax.shard_map(
         lambda q, k, v, kv: call(q, k, v, None, None, kv), in_specs=(rows,) * 4,
-        out_specs=rows, axis_names={DATA_AXIS}, check_vma=False)
+        out_specs=rows, axis_names=set(jax.sharding.get_abstract_mesh().axis_names),
+        check_vma=False)
     run = lambda: per_device(query, key, value, kv)
   else:
     run = lambda: call(query, key, value, bias, mask, kv)
