@@ -52,8 +52,11 @@ def _config_error_lines(proc):
   """The ``error:`` lines of a run rejected by config validation, checked to be
   all it printed (no traceback) and to have exited with run.py's status 2."""
   lines = proc.stderr.strip().splitlines()
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert lines and all(line.startswith("error: config.") for line in lines), proc.stderr[-3000:]
+  # The message leads with the exit status and the last line (a traceback's
+  # error), then the tail of what the run printed.
+  said = f"exit {proc.returncode}, last line {lines[-1:]}; stderr ends:\n{proc.stderr[-3000:]}"
+  assert proc.returncode == 2, said
+  assert lines and all(line.startswith("error: config.") for line in lines), said
   return lines
 
 
