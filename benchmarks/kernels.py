@@ -93,6 +93,7 @@ QUICK = {"lengths": ["256"], "memory_lengths": ["1024"], "heads": 2, "head_dim":
          "repeats": 3, "peak_size": 256}
 MATERIALISING = {"reference", "jax_nn", "jax.nn"}
 PLAIN_JAX = "jax.nn"       # jax.nn.dot_product_attention itself, for comparison
+TORCH_DEVICE = "cpu"       # set by import_torch to the device the JAX kernels use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,27 +158,39 @@ def cpu_description() -> str:
   return f"cpu {model or 'unknown'} ({flags_text})"
 
 
-def import_torch(threads: int):
-  """torch with ``threads`` intra-op threads, or None when not importable."""
+def import_torch(threads: int, backend: str):
+  """``(torch or None, why there is no torch column)``.
+
+  torch runs on the device the JAX kernels run on (CPU, or CUDA on a GPU);
+  a CPU torch against GPU kernels would compare machines, not kernels.
+  """
+  global TORCH_DEVICE
   if not FLAGS.torch:
-    return None
+    return None, "--notorch"
   try:
     import torch
   except ImportError:
-    return None
+    return None, "not importable"
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  return torch
+  if backend == "cpu":
+    TORCH_DEVICE = "cpu"
+  elif backend == "gpu" and torch.cuda.is_available():
+    TORCH_DEVICE = "cuda"
+  else:
+    return None, f"{torch.__version__} has no device for {backend}"
+  return torch, ""
 
 
-def print_machine(threads: int, cpus: Sequence[int], torch) -> None:
+def print_machine(threads: int, cpus: Sequence[int], torch, no_torch: str) -> None:
   import jax
   import jaxlib
   device = jax.devices()[0]
   print(f"machine: {cpu_description()}; {len(cpus)} of {os.cpu_count()} CPUs used; "
         f"jax {jax.__version__} (jaxlib {jaxlib.__version__}) on {jax.default_backend()} "
         f"({device.device_kind}); torch "
-        f"{torch.__version__ if torch is not None else 'not importable: no torch column'}")
+        + (f"{torch.__version__} on {TORCH_DEVICE}" if torch is not None
+           else f"{no_torch}: no torch column"))
   eigen = "off" if "xla_cpu_multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", "") else "on"
   print(f"threads: XLA {threads} (runs on CPUs {','.join(map(str, cpus))}, Eigen "
         f"multi-threading {eigen}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); torch "
@@ -287,14 +300,19 @@ def _jax_inputs(length):
 def _torch_fns(causal):
   import torch
   import torch.nn.functional as F
+  # CUDA calls return before the work is done, like JAX's without block_until_ready.
+  wait = torch.cuda.synchronize if TORCH_DEVICE == "cuda" else (lambda: None)
 
   def fwd(args):
     with torch.no_grad():
-      return F.scaled_dot_product_attention(*args, is_causal=causal)
+      out = F.scaled_dot_product_attention(*args, is_causal=causal)
+    wait()
+    return out
 
   def bwd(args):
     q, k, v = (a.detach().requires_grad_() for a in args)
     F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
+    wait()
     return q.grad
 
   return fwd, bwd
@@ -305,7 +323,7 @@ def _torch_inputs(length):
   g = torch.Generator().manual_seed(0)
   shape = (FLAGS.batch, FLAGS.heads, length, FLAGS.head_dim)   # torch is heads-major
   dtype = getattr(torch, FLAGS.dtype)
-  return tuple(torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+  return tuple(torch.randn(shape, generator=g).to(TORCH_DEVICE, dtype) for _ in range(3))
 
 
 def time_rotating(candidates: Dict[str, Callable], args_for: Dict[str, tuple],
@@ -504,16 +522,15 @@ def main(argv):
   if FLAGS.quick:
     apply_quick()
   threads, cpus = pin_threads(FLAGS.threads)   # before JAX and torch start their pools
+  import jax
+  backend = jax.default_backend()
+  torch, no_torch = import_torch(threads, backend)
   if FLAGS._memory_child:
-    import_torch(threads)
     _memory_child(FLAGS._memory_child)
     return
-  import jax
-  torch = import_torch(threads)
-  print_machine(threads, cpus, torch)
+  print_machine(threads, cpus, torch, no_torch)
   if FLAGS.quick:
     print("(--quick: tiny sizes and rounds; these numbers only show that the script runs)")
-  backend = jax.default_backend()
   names, skipped = choose_candidates(backend)
   print(f"kernels timed: {', '.join(names)}" + (", torch" if torch is not None else ""))
   print(f"skipped: {'; '.join(skipped) if skipped else 'none'}")
