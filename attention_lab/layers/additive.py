@@ -3,6 +3,10 @@
 These attend from one query vector per step (an RNN decoder state, or a learned
 pooling query) over a sequence of encoder states. The score math is in
 ``attention_lab.kernels.scores``; these modules hold the parameters.
+
+Mixed precision: with ``dtype`` set, parameters (float32) and inputs are cast
+to it for the scores and the weighted sum; the softmax runs in float32 and the
+weights come out (and are sown) in float32.
 """
 
 from __future__ import annotations
@@ -24,15 +28,22 @@ def _attend(module, scores, values, mask):
     mask = jnp.asarray(mask, bool)[..., None, :]
   weights = scores_lib.masked_softmax(scores, mask)         # float32
   module.sow("intermediates", "attention_weights", weights)
-  context = jnp.einsum("...qk,...kd->...qd", weights, values.astype(weights.dtype))
+  # Products in the values' dtype, the sum over keys accumulated in float32
+  # (the same numbers as before for float32 values).
+  context = jnp.einsum("...qk,...kd->...qd", weights.astype(values.dtype), values,
+                       preferred_element_type=jnp.float32)
   return context.astype(values.dtype), weights
 
 
 def masked_mean(x, valid):
   """Mean of ``x [batch, length, features]`` over the positions where
-  ``valid [batch, length]`` is True; zeros for a row with none."""
-  weights = valid.astype(x.dtype)[..., None]
-  return (x * weights).sum(axis=-2) / jnp.maximum(weights.sum(axis=-2), 1.0)
+  ``valid [batch, length]`` is True; zeros for a row with none. Summed in
+  float32 (a bfloat16 sum of thousands of positions loses digits), returned in
+  ``x``'s dtype."""
+  total = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  weights = valid.astype(total.dtype)[..., None]
+  mean = (total * weights).sum(axis=-2) / jnp.maximum(weights.sum(axis=-2), 1.0)
+  return mean.astype(x.dtype)
 
 
 def _as_queries(query):
@@ -46,6 +57,7 @@ class AdditiveAttention(nn.Module):
 
   Attributes:
     units: width of the hidden layer inside the score.
+    dtype: compute dtype of the scores and the context (None: the inputs').
   """
   units: int
   dtype: Any = None
@@ -72,29 +84,41 @@ class AdditiveAttention(nn.Module):
     b = self.param("bias", nn.initializers.zeros, (self.units,))
     v = self.param("energy_weight", nn.initializers.normal(self.units ** -0.5),
                    (self.units,))
+    queries, keys, values, w, u, v, b = nn.dtypes.promote_dtype(
+        queries, keys, values, w, u, v, b, dtype=self.dtype)
     scores = scores_lib.additive_scores(queries, keys, w, u, v, b)
     context, weights = _attend(self, scores, values, mask)
     return (context[:, 0], weights[:, 0]) if single else (context, weights)
 
 
 class LuongAttention(nn.Module):
-  """Luong attention with ``dot`` (``q . k``) or ``general`` (``q W k``) scores."""
+  """Luong attention with ``dot`` (``q . k``) or ``general`` (``q W k``) scores.
+
+  Attributes:
+    score: ``dot`` or ``general``.
+    dtype: compute dtype of the scores and the context (None: the inputs').
+  """
   score: str = "general"
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, query, keys, values=None, mask=None):
     """Same arguments and returns as ``AdditiveAttention``."""
     values = keys if values is None else values
     queries, single = _as_queries(query)
-    if self.score == "dot":
-      scores = scores_lib.dot_scores(queries, keys)
-    elif self.score == "general":
-      w = self.param("weight", nn.initializers.lecun_normal(),
-                     (queries.shape[-1], keys.shape[-1]))
-      scores = scores_lib.general_scores(queries, keys, w)
-    else:
+    if self.score not in ("dot", "general"):
       raise ValueError(
           f"LuongAttention: unknown score {self.score!r}; use 'dot' or 'general'")
+    w = None
+    if self.score == "general":
+      w = self.param("weight", nn.initializers.lecun_normal(),
+                     (queries.shape[-1], keys.shape[-1]))
+    queries, keys, values, w = nn.dtypes.promote_dtype(queries, keys, values, w,
+                                                       dtype=self.dtype)
+    if self.score == "dot":
+      scores = scores_lib.dot_scores(queries, keys)
+    else:
+      scores = scores_lib.general_scores(queries, keys, w)
     context, weights = _attend(self, scores, values, mask)
     return (context[:, 0], weights[:, 0]) if single else (context, weights)
 
@@ -105,8 +129,13 @@ class AttentionPooling(nn.Module):
   The query is a learned vector in the score's hidden space, so the score is
   ``v^T tanh(q + U h_i)``: the attention-pooling classifier of Bahdanau-style
   sequence models.
+
+  Attributes:
+    units: width of the hidden layer inside the score.
+    dtype: compute dtype of the scores and the pooled vector (None: the inputs').
   """
   units: int
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, inputs, mask=None):
@@ -120,6 +149,7 @@ class AttentionPooling(nn.Module):
                    (inputs.shape[-1], self.units))
     v = self.param("energy_weight", nn.initializers.normal(self.units ** -0.5),
                    (self.units,))
+    inputs, query, u, v = nn.dtypes.promote_dtype(inputs, query, u, v, dtype=self.dtype)
     queries = jnp.broadcast_to(query, inputs.shape[:-2] + (1, self.units))
     scores = scores_lib.additive_scores(queries, inputs, None, u, v)
     context, weights = _attend(self, scores, inputs, mask)

@@ -7,13 +7,17 @@ width]``, both in (0, 1). The pooling and gating math are pure functions; the
 modules only hold the small weights that turn pooled descriptors into gates.
 
 Every module sows its gates into ``intermediates`` (``channel_weights``,
-``spatial_map``) so pictures can show what each block emphasised.
+``spatial_map``, float32) so pictures can show what each block emphasised.
+
+Mixed precision: the pooled descriptors are averaged in float32 (a mean over
+every position); the modules' ``dtype`` sets where their small MLPs and
+convolutions compute, and the gated map keeps the input's dtype.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -70,11 +74,13 @@ class _ChannelMLP(nn.Module):
   """``Dense(C/r) -> ReLU -> Dense(C)``: the excitation MLP of SE and CBAM."""
   channels: int
   reduction: int
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, descriptor):
-    h = nn.Dense(hidden_units(self.channels, self.reduction), name="reduce")(descriptor)
-    return nn.Dense(self.channels, name="expand")(nn.relu(h))
+    h = nn.Dense(hidden_units(self.channels, self.reduction), dtype=self.dtype,
+                 name="reduce")(descriptor)
+    return nn.Dense(self.channels, dtype=self.dtype, name="expand")(nn.relu(h))
 
 
 class SqueezeExcite(nn.Module):
@@ -84,15 +90,18 @@ class SqueezeExcite(nn.Module):
 
   Attributes:
     reduction: the ratio ``r`` (16 in the paper).
+    dtype: compute dtype of the MLP (None: float32, the pooled descriptor's).
   """
   reduction: int = 16
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
     _check_feature_map("SqueezeExcite", x)
     avg, _ = channel_pool(x)
-    weights = nn.sigmoid(_ChannelMLP(x.shape[-1], self.reduction, name="mlp")(avg))
-    self.sow("intermediates", "channel_weights", weights)
+    weights = nn.sigmoid(_ChannelMLP(x.shape[-1], self.reduction, self.dtype,
+                                     name="mlp")(avg))
+    self.sow("intermediates", "channel_weights", weights.astype(jnp.float32))
     return gate(x, channel_weights=weights)
 
 
@@ -104,8 +113,10 @@ class ECA(nn.Module):
 
   Attributes:
     kernel_size: override of the adaptive size (None: from the channel count).
+    dtype: compute dtype of the convolution (None: float32).
   """
   kernel_size: Optional[int] = None
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
@@ -114,9 +125,10 @@ class ECA(nn.Module):
     k = self.kernel_size or eca_kernel_size(channels)
     avg, _ = channel_pool(x)
     # Channels become the "length" axis of a one-feature 1-D convolution.
-    scores = nn.Conv(1, (k,), padding="SAME", use_bias=False, name="conv")(avg[..., None])
+    scores = nn.Conv(1, (k,), padding="SAME", use_bias=False, dtype=self.dtype,
+                     name="conv")(avg[..., None])
     weights = nn.sigmoid(scores[..., 0])
-    self.sow("intermediates", "channel_weights", weights)
+    self.sow("intermediates", "channel_weights", weights.astype(jnp.float32))
     return gate(x, channel_weights=weights)
 
 
@@ -132,30 +144,32 @@ class CBAM(nn.Module):
   Attributes:
     reduction: channel MLP ratio ``r``.
     spatial_kernel: ``k`` (7 in the paper).
+    dtype: compute dtype of the MLP and the convolution (None: float32).
   """
   reduction: int = 16
   spatial_kernel: int = 7
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
     _check_feature_map("CBAM", x)
-    mlp = _ChannelMLP(x.shape[-1], self.reduction, name="mlp")
+    mlp = _ChannelMLP(x.shape[-1], self.reduction, self.dtype, name="mlp")
     avg, mx = channel_pool(x)
     channel_weights = nn.sigmoid(mlp(avg) + mlp(mx))
-    self.sow("intermediates", "channel_weights", channel_weights)
+    self.sow("intermediates", "channel_weights", channel_weights.astype(jnp.float32))
     x = gate(x, channel_weights=channel_weights)
     k = self.spatial_kernel
-    logits = nn.Conv(1, (k, k), padding="SAME", use_bias=False,
+    logits = nn.Conv(1, (k, k), padding="SAME", use_bias=False, dtype=self.dtype,
                      name="spatial_conv")(spatial_pool(x))
     spatial_map = nn.sigmoid(logits[..., 0])
-    self.sow("intermediates", "spatial_map", spatial_map)
+    self.sow("intermediates", "spatial_map", spatial_map.astype(jnp.float32))
     return gate(x, spatial_map=spatial_map)
 
 
 CONV_ATTENTIONS = ("none", "se", "eca", "cbam")
 
 
-def make(kind: str, *, reduction: int = 16, spatial_kernel: int = 7,
+def make(kind: str, *, reduction: int = 16, spatial_kernel: int = 7, dtype: Any = None,
          name: Optional[str] = None) -> Optional[nn.Module]:
   """The convolutional attention named by a config string, or None for ``none``.
 
@@ -165,11 +179,11 @@ def make(kind: str, *, reduction: int = 16, spatial_kernel: int = 7,
   if kind == "none":
     return None
   if kind == "se":
-    return SqueezeExcite(reduction=reduction, name=name)
+    return SqueezeExcite(reduction=reduction, dtype=dtype, name=name)
   if kind == "eca":
-    return ECA(name=name)
+    return ECA(dtype=dtype, name=name)
   if kind == "cbam":
-    return CBAM(reduction=reduction, spatial_kernel=spatial_kernel, name=name)
+    return CBAM(reduction=reduction, spatial_kernel=spatial_kernel, dtype=dtype, name=name)
   raise ValueError(f"unknown conv_attention {kind!r}; known: {', '.join(CONV_ATTENTIONS)}")
 
 

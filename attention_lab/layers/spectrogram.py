@@ -10,6 +10,8 @@ real audio).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -184,6 +186,11 @@ class LogMelFrontEnd(nn.Module):
     max_warp: in training, each example's frequency axis is warped by a
       factor drawn from ``[1 - max_warp, 1 + max_warp]`` (0: off), which
       imitates other vocal tracts.
+    dtype: dtype of the frames it returns (None: float32). The front end
+      itself always computes in float32: it is numerically sensitive (power
+      spectra span many orders of magnitude before the log, and bfloat16's
+      8-bit mantissa in the FFT's and mel filters' sums would blur the quiet
+      bands), and it is a small part of the model's work.
 
   Training draws both from the ``dropout`` rng stream.
   """
@@ -194,11 +201,13 @@ class LogMelFrontEnd(nn.Module):
   time_width: int = 10
   freq_masks: int = 2
   freq_width: int = 5
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, audio, *, train: bool = False):
     """audio int16 (full scale 32768) or float ``[batch, samples]`` ->
-    float32 ``[batch, frames, num_mels]``."""
+    ``[batch, frames, num_mels]`` in ``dtype`` (float32 by default); the sown
+    spectrogram is float32."""
     if audio.ndim != 2:
       raise ValueError(f"LogMelFrontEnd expects clips [batch, samples], got {tuple(audio.shape)}")
     waveform = audio.astype(jnp.float32)
@@ -218,4 +227,4 @@ class LogMelFrontEnd(nn.Module):
       x = spec_augment(self.make_rng("dropout"), x, time_masks=self.time_masks,
                        time_width=self.time_width, freq_masks=self.freq_masks,
                        freq_width=self.freq_width)
-    return x
+    return x.astype(self.dtype or jnp.float32)

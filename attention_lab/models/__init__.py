@@ -6,6 +6,7 @@ import dataclasses
 from typing import Dict, Type
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from attention_lab.models.image import PixelTransformer
 from attention_lab.models.image import ResNet
@@ -27,12 +28,32 @@ MODELS: Dict[str, Type[nn.Module]] = {
     "vit": ViT,
 }
 
+# ``config.model.dtype``: the dtype activations are computed in. Parameters stay
+# float32 whatever it is (each layer's ``param_dtype``), and so do the loss and
+# metrics (``train/tasks.py``).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name):
+  """``config.model.dtype`` (a string) -> the jnp dtype.
+
+  Raises:
+    ValueError: a name outside ``COMPUTE_DTYPES``, naming the field.
+  """
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"config.model.dtype must be one of {', '.join(map(repr, COMPUTE_DTYPES))}; "
+                     f"got {name!r}")
+  return COMPUTE_DTYPES[name]
+
 
 def build(model_config) -> nn.Module:
   """Instantiates ``MODELS[model_config.name]`` with the other config fields.
 
+  ``dtype`` is given as a name (``"bfloat16"``) and passed on as the jnp dtype.
+
   Raises:
-    ValueError: unknown model name, or a config field the model does not have.
+    ValueError: unknown model name, a config field the model does not have, or
+      an unknown ``dtype``.
   """
   fields = dict(model_config)
   name = fields.pop("name", None)
@@ -44,4 +65,6 @@ def build(model_config) -> nn.Module:
   if unknown:
     raise ValueError(
         f"model {name!r} has no field(s) {unknown}; its fields: {', '.join(sorted(known))}")
+  if "dtype" in fields:
+    fields["dtype"] = compute_dtype(fields["dtype"])
   return cls(**fields)

@@ -117,7 +117,8 @@ class ResidualBlock(nn.Module):
     y = nn.relu(norm(name="norm1")(conv(self.width, (3, 3), strides=s, name="conv1")(x)))
     y = norm(name="norm2")(conv(self.width, (3, 3), name="conv2")(y))
     attention = conv_attention.make(self.conv_attention, reduction=self.reduction,
-                                    spatial_kernel=self.spatial_kernel, name="attention")
+                                    spatial_kernel=self.spatial_kernel, dtype=self.dtype,
+                                    name="attention")
     if attention is not None:
       y = attention(y)
     shortcut = x
@@ -170,4 +171,6 @@ class ResNet(nn.Module):
             spatial_kernel=self.spatial_kernel, dtype=self.dtype,
             name=f"stage{stage}_block{block}")(x, train=train)
     x = x.mean(axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    # Logits in float32, as in every model here: they feed the softmax, and
+    # the head is one small matrix.
+    return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)

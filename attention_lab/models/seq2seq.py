@@ -63,20 +63,22 @@ class DecoderStep(nn.Module):
     cell = rnn_cell(self.cell, self.dim, self.dtype, name="cell")
     if self.attention == "bahdanau":
       # Attend with the state that has not yet seen this token, then update.
-      context, weights = AdditiveAttention(self.attention_units, name="attention")(
+      context, weights = AdditiveAttention(self.attention_units, dtype=self.dtype,
+                                           name="attention")(
           _hidden(state, self.cell), memory, mask=memory_valid)
       state, output = cell(state, jnp.concatenate([embedded, context], -1))
-      hidden = nn.tanh(nn.Dense(self.dim, name="output_hidden")(
+      hidden = nn.tanh(nn.Dense(self.dim, dtype=self.dtype, name="output_hidden")(
           jnp.concatenate([output, context, embedded], -1)))
     else:
       state, output = cell(state, jnp.concatenate([embedded, feed], -1))
       score = self.attention.split("_", 1)[1]
-      context, weights = LuongAttention(score, name="attention")(
+      context, weights = LuongAttention(score, dtype=self.dtype, name="attention")(
           output, memory, mask=memory_valid)
-      hidden = nn.tanh(nn.Dense(self.dim, use_bias=False, name="attentional")(
-          jnp.concatenate([context, output], -1)))
-      feed = hidden
-    logits = nn.Dense(self.vocab_size, name="output")(hidden).astype(jnp.float32)
+      hidden = nn.tanh(nn.Dense(self.dim, use_bias=False, dtype=self.dtype,
+                                name="attentional")(jnp.concatenate([context, output], -1)))
+      feed = hidden.astype(feed.dtype)
+    # Logits in float32 whatever ``dtype``: they feed the softmax and the argmax.
+    logits = nn.Dense(self.vocab_size, dtype=jnp.float32, name="output")(hidden)
     # After <eos> the decoder writes only padding: its output stops there.
     greedy = jnp.where(finished, PAD_ID, jnp.argmax(logits, -1)).astype(jnp.int32)
     finished = finished | (greedy == EOS_ID)
@@ -101,6 +103,9 @@ class Seq2Seq(nn.Module):
     attention_units: hidden width of the additive score.
     cell: ``gru`` or ``lstm``.
     dropout_rate: on the encoder states.
+    dtype: compute dtype of embeddings, attention and projections (None:
+      float32). The RNN states stay float32 (see ``text.rnn_cell``) and so do
+      the logits.
   """
   vocab_size: int
   target_length: int
@@ -145,11 +150,13 @@ class Seq2Seq(nn.Module):
     memory = nn.Dropout(self.dropout_rate)(memory, deterministic=not train)
     dim = 2 * self.hidden_dim
 
-    # The decoder starts from a summary of the whole source (masked mean).
-    start = nn.tanh(nn.Dense(dim, name="bridge")(masked_mean(memory, valid)))
+    # The decoder starts from a summary of the whole source (masked mean); its
+    # state is float32 like the encoder's, its input feed in the compute dtype.
+    start = nn.tanh(nn.Dense(dim, dtype=self.dtype, name="bridge")(masked_mean(memory, valid)))
+    start = start.astype(jnp.float32)
     batch, steps = source.shape[0], self.target_length
     state = (jnp.zeros_like(start), start) if self.cell == "lstm" else start
-    carry = (state, jnp.zeros((batch, dim), start.dtype),
+    carry = (state, jnp.zeros((batch, dim), self.dtype or jnp.float32),
              jnp.full((batch,), BOS_ID, jnp.int32), jnp.zeros((batch,), bool))
     # Teacher forcing reads <bos> then the target shifted right by one.
     teacher = jnp.concatenate([jnp.full((batch, 1), BOS_ID, target.dtype), target[:, :-1]], 1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from attention_lab.layers import AttentionPooling
 from attention_lab.layers.conformer import ConformerBlock
@@ -27,14 +28,16 @@ from attention_lab.models.token_classifier import TokenClassifier
 
 def _log_mel(module, audio, train: bool):
   """The front end a speech model's fields describe: clips ``[batch, samples]``
-  -> normalised log-mel ``[batch, frames, num_mels]``."""
+  -> normalised log-mel ``[batch, frames, num_mels]`` in the model's dtype
+  (computed in float32)."""
   if audio.ndim != 2:
     raise ValueError(f"{type(module).__name__} expects audio clips [batch, samples], "
                      f"got shape {tuple(audio.shape)}")
   return LogMelFrontEnd(module.num_mels, max_warp=module.max_warp,
                         time_masks=module.time_masks,
                         time_width=module.time_width, freq_masks=module.freq_masks,
-                        freq_width=module.freq_width, name="front_end")(audio, train=train)
+                        freq_width=module.freq_width, dtype=module.dtype,
+                        name="front_end")(audio, train=train)
 
 
 class KeywordTransformer(TokenClassifier):
@@ -77,6 +80,8 @@ class ConformerClassifier(nn.Module):
     num_mels, max_warp, time_masks, time_width, freq_masks, freq_width: front
       end (``LogMelFrontEnd``).
     kernel: attention kernel name (None: the backend's default).
+    dtype: compute dtype after the front end (None: float32); the front end,
+      parameters and logits are float32.
   """
   num_classes: int
   hidden_dim: int = 96
@@ -117,6 +122,6 @@ class ConformerClassifier(nn.Module):
       x = ConformerBlock(self.num_heads, self.mlp_dim, self.conv_kernel_size,
                          self.dropout_rate, self.attention_dropout_rate, self.kernel,
                          self.dtype, name=f"block{i}")(x, bias=bias, train=train)
-    pooled, _ = AttentionPooling(self.attention_units, name="pooling")(x)
+    pooled, _ = AttentionPooling(self.attention_units, dtype=self.dtype, name="pooling")(x)
     pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=not train)
-    return nn.Dense(self.num_classes, name="head")(pooled)
+    return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(pooled)   # float32 logits

@@ -55,6 +55,7 @@ class RnnAttentionClassifier(nn.Module):
     attention_units: hidden width of the additive score.
     cell: ``gru`` or ``lstm``.
     dropout_rate: on embeddings and on the pooled vector.
+    dtype: compute dtype (None: float32); the RNN carries its state in float32.
   """
   num_classes: int
   vocab_size: int = 257
@@ -79,13 +80,16 @@ class RnnAttentionClassifier(nn.Module):
                  name="token_embedding")(tokens)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     states = bidirectional_rnn(self.cell, self.hidden_dim, self.dtype)(x, seq_lengths=lengths)
-    pooled, _ = AttentionPooling(self.attention_units, name="pooling")(states, mask=valid)
+    pooled, _ = AttentionPooling(self.attention_units, dtype=self.dtype,
+                                 name="pooling")(states, mask=valid)
     pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=not train)
-    return nn.Dense(self.num_classes, name="head")(pooled)
+    return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(pooled)   # float32 logits
 
 
 def rnn_cell(kind: str, features: int, dtype=None, name=None) -> nn.RNNCellBase:
-  """A GRU or LSTM cell by name."""
+  """A GRU or LSTM cell by name. Its gates' matrix products run in ``dtype``;
+  its state stays float32 (Flax starts the carry in ``param_dtype``), so
+  rounding does not build up over the steps."""
   cells = {"gru": nn.GRUCell, "lstm": nn.OptimizedLSTMCell}
   if kind not in cells:
     raise ValueError(f"unknown RNN cell {kind!r}; use one of {sorted(cells)}")

@@ -27,6 +27,8 @@ class TokenClassifier(nn.Module):
     kernel: attention kernel name (None: backend default).
     pool: ``cls`` (a learned class token) or ``mean`` (average of the valid
       tokens).
+    dtype: compute dtype of the embedding and the encoder (None: float32);
+      parameters and logits are float32.
   """
   num_classes: int
   hidden_dim: int = 64
@@ -71,5 +73,7 @@ class TokenClassifier(nn.Module):
       x = x.mean(axis=1)
     else:
       x = masked_mean(x, valid)
+    # Logits in float32 whatever ``dtype``: they feed the softmax, and the head
+    # is one small matrix.
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                    name="head")(x)
+                    dtype=jnp.float32, name="head")(x)

@@ -1,0 +1,239 @@
+"""Mixed precision (``config.model.dtype``): every model computes in the chosen
+dtype while its parameters, the logits, the loss and the metrics stay float32.
+
+"Computes in" is checked on the traced program, not on a flag: every matrix
+product and convolution of the forward pass (``dot_general``,
+``conv_general_dilated`` in the jaxpr, scanned RNN steps and kernels
+included) must take bfloat16 operands, except the two that are float32 on
+purpose: the logits and the speech front end's mel filterbank.
+"""
+
+import functools
+import json
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_lab import models
+from conftest import train_stop_and_resume
+
+_PRODUCTS = ("dot_general", "conv_general_dilated")
+
+
+def _products(jaxpr, found=None):
+  """``(primitive, operand dtypes, operand shapes)`` of every matrix product
+  and convolution in ``jaxpr`` and the jaxprs nested in it (jit, scan, while,
+  custom_vjp, cond)."""
+  found = [] if found is None else found
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in _PRODUCTS:
+      found.append((eqn.primitive.name, tuple(str(v.aval.dtype) for v in eqn.invars),
+                    tuple(tuple(v.aval.shape) for v in eqn.invars)))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          _products(sub.jaxpr, found)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          _products(sub, found)
+  return found
+
+
+def _float32_on_purpose(shapes, num_outputs, num_mels=None):
+  """A product with the logits (an operand whose last axis is the
+  ``num_outputs`` classes or tokens: the head, forward or backward) or the
+  mel filterbank (``[..., 257 FFT bins] x [257, num_mels]``)."""
+  return (any(shape[-1:] == (num_outputs,) for shape in shapes)
+          or (num_mels is not None and shapes[-1] == (257, num_mels)))
+
+
+def _assert_computes_in_bfloat16(products, num_outputs, num_mels=None, mixed_ok=False):
+  """Every product takes bfloat16 operands, or is float32 on purpose.
+
+  ``mixed_ok``: float32 x bfloat16 products are allowed too (a backward
+  pass: the softmax runs in float32, so its cotangent meets bfloat16 values
+  inside the attention kernel's gradient).
+  """
+  assert products, "no matrix product traced"
+  wrong = [p for p in products if p[1] != ("bfloat16", "bfloat16")
+           and not (p[1] == ("float32", "float32")
+                    and _float32_on_purpose(p[2], num_outputs, num_mels))
+           and not (mixed_ok and set(p[1]) == {"float32", "bfloat16"})]
+  assert not wrong, f"products not in bfloat16: {wrong}"
+  in_bf16 = [p for p in products if p[1] == ("bfloat16", "bfloat16")]
+  assert len(in_bf16) >= len(products) // 2, products
+
+
+_TOKENS = np.array([[3, 4, 5, 6, 0, 0], [7, 8, 9, 10, 11, 12]], np.int32)
+_RNG = np.random.default_rng(0)
+_IMAGES = _RNG.random((2, 28, 28, 1), np.float32)
+_CLIPS = (_RNG.standard_normal((2, 16000)) * 2000).astype(np.int16)
+_ENCODER = dict(hidden_dim=16, num_layers=2, num_heads=2, mlp_dim=32)
+# name -> (model fields, inputs, logits width); small, but every kind of layer
+# each family has (conv stem, CBAM, LSTM + Luong, Conformer convolution...).
+FAMILIES = {
+    "vit": (dict(num_classes=10, patch_size=4, stem="conv", **_ENCODER), _IMAGES, 10),
+    "pixel_transformer": (dict(num_classes=10, **_ENCODER), _IMAGES[:, :8, :8], 10),
+    "resnet_cbam": (dict(name="resnet", num_classes=10, widths=(8, 16), conv_attention="cbam",
+                         reduction=4), _IMAGES[:, :16, :16], 10),
+    "resnet_se": (dict(name="resnet", num_classes=10, widths=(8, 16), conv_attention="se",
+                       reduction=4), _IMAGES[:, :16, :16], 10),
+    "resnet_eca": (dict(name="resnet", num_classes=10, widths=(8, 16), conv_attention="eca"),
+                   _IMAGES[:, :16, :16], 10),
+    "text_transformer": (dict(num_classes=10, vocab_size=20, pool="mean", **_ENCODER),
+                         _TOKENS, 10),
+    "rnn_attention": (dict(num_classes=10, vocab_size=20, embed_dim=8, hidden_dim=16,
+                           attention_units=8, cell="lstm"), _TOKENS, 10),
+    "seq2seq_bahdanau": (dict(name="seq2seq", vocab_size=20, target_length=5, embed_dim=8,
+                              hidden_dim=16, attention_units=8, attention="bahdanau"),
+                         {"source": _TOKENS, "target": _TOKENS[:, :5]}, 20),
+    "seq2seq_luong": (dict(name="seq2seq", vocab_size=20, target_length=5, embed_dim=8,
+                           hidden_dim=16, attention="luong_general", cell="lstm"),
+                      {"source": _TOKENS, "target": _TOKENS[:, :5]}, 20),
+    "kwt": (dict(num_classes=12, num_mels=20, **_ENCODER), _CLIPS, 12),
+    "conformer": (dict(num_classes=12, num_mels=20, subsample_channels=4, attention_units=8,
+                       **_ENCODER), _CLIPS, 12),
+}
+
+
+def _build(family, dtype):
+  fields, _, _ = FAMILIES[family]
+  fields = dict(fields)
+  name = fields.pop("name", family)
+  return models.build({"name": name, **fields, "dtype": dtype})
+
+
+def _logits(outputs):
+  return outputs["logits"] if isinstance(outputs, dict) else outputs
+
+
+def _random_variables(shapes, seed=0):
+  """Variables of the given shapes, drawn with numpy (no jitted init to
+  compile): random weights everywhere, so no logit is trivially zero (the
+  heads start at zero), LayerNorm scales near 1, BatchNorm's running mean 0
+  and variance 1."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "mean":
+      return np.zeros(leaf.shape, np.float32)
+    if name == "var":
+      return np.ones(leaf.shape, np.float32)
+    noise = rng.standard_normal(leaf.shape).astype(np.float32)
+    if name == "scale":
+      return 1.0 + 0.1 * noise
+    if leaf.ndim >= 2:                     # weights: unit variance out of each
+      return noise / np.sqrt(np.prod(leaf.shape[:-1]))
+    return 0.1 * noise
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_bfloat16_forward_pass_computes_in_bfloat16_and_stays_close(family):
+  _, inputs, num_outputs = FAMILIES[family]
+  model32, model16 = _build(family, "float32"), _build(family, "bfloat16")
+  # Parameters are float32 whatever the compute dtype.
+  shapes = jax.eval_shape(model16.init, jax.random.key(0), inputs)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(shapes)} == {jnp.dtype(jnp.float32)}
+  variables = _random_variables(shapes)
+
+  def apply(model):
+    return jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))
+
+  out32, sown32 = apply(model32)(variables, inputs)
+  out16, sown16 = apply(model16)(variables, inputs)
+  logits32, logits16 = _logits(out32), _logits(out16)
+  assert logits16.dtype == jnp.float32 and logits16.shape == logits32.shape
+  # bfloat16 keeps 8 significant bits (relative rounding 2^-9 per operation);
+  # through a few layers the logits stay within 1% of their range (measured
+  # 0.2% to 0.9% over these families).
+  scale = float(jnp.abs(logits32).max())
+  assert scale > 0.1, "the comparison needs non-trivial logits"
+  error = float(jnp.abs(logits16 - logits32).max())
+  assert error <= 0.03 * scale, (error, scale)
+
+  products = _products(jax.make_jaxpr(lambda v, x: model16.apply(v, x))(variables, inputs).jaxpr)
+  num_mels = FAMILIES[family][0].get("num_mels")
+  _assert_computes_in_bfloat16(products, num_outputs, num_mels)
+
+  # Pictures read float32 maps; the speech front end computes in float32
+  # whatever the model's dtype, so its spectrogram is the float32 model's.
+  for path, value in flax.traverse_util.flatten_dict(sown16["intermediates"]).items():
+    for leaf in jax.tree_util.tree_leaves(value):
+      assert leaf.dtype == jnp.float32, path
+  if "num_mels" in FAMILIES[family][0]:
+    np.testing.assert_allclose(sown16["intermediates"]["front_end"]["spectrogram"],
+                               sown32["intermediates"]["front_end"]["spectrogram"], rtol=1e-6)
+
+
+def test_unknown_dtype_is_a_value_error_naming_the_field():
+  with pytest.raises(ValueError, match=r"config.model.dtype must be one of 'float32', "
+                                       r"'bfloat16', 'float16'; got 'bf16'"):
+    models.build({"name": "vit", "num_classes": 10, "dtype": "bf16"})
+
+
+def test_every_experiment_has_a_model_dtype():
+  import experiments
+  for name in experiments.names():
+    config = experiments.get_config(name)
+    assert config.model.dtype == "float32", name
+    assert models.build(config.model).dtype == jnp.float32, name
+
+
+def test_float16_forward_pass_runs():
+  # The reference kernel: XLA's CPU dot_general has no float16 product with
+  # float32 accumulation, which jax.nn's attention asks for under jit.
+  model = _build("vit", "float16").clone(kernel="reference")
+  _, images, _ = FAMILIES["vit"]
+  variables = jax.jit(model.init)(jax.random.key(0), images)
+  logits = jax.jit(model.apply)(variables, images)
+  assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+
+
+def test_bfloat16_mnist_vit_trains_resumes_evaluates_in_bfloat16(tmp_path, tiny_config):
+  """The tiny mnist_vit, end to end with ``model.dtype=bfloat16``: no product
+  of the train step (forward and backward) is float32 but at the head, the
+  attention's queries, keys and values are bfloat16, and the checkpoint holds
+  float32 parameters and optimiser state."""
+  import orbax.checkpoint as ocp
+  from attention_lab import train
+  from attention_lab.train import loop
+
+  config = tiny_config(**{"model.dtype": "bfloat16"})
+  workdir = str(tmp_path / "run")
+  results = train_stop_and_resume(config, workdir)       # trains, stops at 2, resumes
+  assert np.isfinite(results["eval_loss"])
+  evaluated = train.evaluate_checkpoint(config, workdir)
+  assert evaluated["accuracy"] == pytest.approx(results["eval_accuracy"], abs=1e-6)
+
+  # What orbax wrote: every float array float32.
+  step_dir = os.path.join(workdir, "checkpoints", str(config.total_steps), "state")
+  metadata = ocp.StandardCheckpointer().metadata(step_dir)
+  metadata = getattr(metadata, "item_metadata", metadata)
+  dtypes = {str(m.dtype) for m in jax.tree_util.tree_leaves(metadata)
+            if hasattr(m, "dtype") and jnp.issubdtype(m.dtype, jnp.floating)}
+  assert dtypes == {"float32"}, dtypes
+
+  exp, state = loop._restore_latest(config, workdir)
+  assert exp.model.dtype == jnp.bfloat16
+  assert {x.dtype for x in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype(jnp.float32)}
+  batch = exp.batch(exp.data.train(0))
+  step = functools.partial(loop.train_step, model=exp.model, task=exp.task, config=config,
+                           schedule=exp.schedule, dropout_key=exp.dropout_key)
+  with jax.set_mesh(exp.mesh):
+    products = _products(jax.make_jaxpr(step)(state, batch).jaxpr)
+  _assert_computes_in_bfloat16(products, config.model.num_classes, mixed_ok=True)
+
+  images = batch["inputs"][:2]
+  _, captured = exp.model.apply(loop.variables(state), images, capture_intermediates=True,
+                                mutable=["intermediates"])
+  attention = captured["intermediates"]["encoder"]["block_0"]["attention"]
+  for projection in ("query", "key", "value", "out"):
+    assert attention[projection]["__call__"][0].dtype == jnp.bfloat16, projection
+  assert attention["attention_weights"][0].dtype == jnp.float32     # softmax in float32
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["dtype"] == "bfloat16"
