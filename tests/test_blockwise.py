@@ -61,8 +61,13 @@ def test_bad_options():
     blockwise_attention(q, k, v, kv_lengths=jnp.array([1, 2, 3]))
   with pytest.raises(ValueError, match="block sizes must be positive"):
     blockwise_attention(q, k, v, block_q=0)
-  with pytest.raises(ValueError, match=r"'jax_nn' does not take option\(s\) \['kv_lengths'\]"):
-    kernels.dot_product_attention(q, k, v, implementation="jax_nn", kv_lengths=jnp.array([1, 2]))
+  with pytest.raises(ValueError, match=r"'jax_nn' does not take option\(s\) \['block_q'\]"):
+    kernels.dot_product_attention(q, k, v, implementation="jax_nn", block_q=4)
+  # Lengths reach every kernel: natively, or as a padding mask.
+  lengths = jnp.array([1, 5])
+  np.testing.assert_allclose(
+      kernels.dot_product_attention(q, k, v, implementation="jax_nn", kv_lengths=lengths),
+      blockwise_attention(q, k, v, kv_lengths=lengths), atol=1e-5)
 
 
 def _temp_bytes(fn, *args):
