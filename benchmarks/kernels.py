@@ -76,7 +76,8 @@ flags.DEFINE_integer("head_dim", 64, "head width")
 flags.DEFINE_integer("repeats", 7, "timed rounds per measurement (min / median / max reported)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                   "inputs and matmul peak (cudnn needs bfloat16 or float16)")
-flags.DEFINE_integer("threads", 0, "CPU threads for XLA and torch; 0: every CPU this process may use")
+flags.DEFINE_integer("threads", 0,
+                     "CPU threads for XLA and torch; 0: every CPU this process may use")
 flags.DEFINE_integer("peak_size", 2048, "side of the square matmul that measures the peak")
 flags.DEFINE_bool("causal", False, "causal attention in the speed table")
 flags.DEFINE_bool("backward", True, "also time forward+backward")

@@ -239,7 +239,8 @@ def unknown_key(path: str, value: Optional[str], config) -> str:
     for part in parent.split("."):
       node = node[part]
     return line + f"; config.{parent} has: {', '.join(sorted(node.keys()))}"
-  return line + f"; its sections: {', '.join(k for k in sorted(config.keys()) if _is_section(config[k]))}"
+  sections = [k for k in sorted(config.keys()) if _is_section(config[k])]
+  return line + f"; its sections: {', '.join(sections)}"
 
 
 def _is_section(node) -> bool:
