@@ -9,10 +9,12 @@ First the machine: CPU model and the flags that decide matmul speed
 threads each library may use (``--threads``, default every CPU this process
 may run on: the process is pinned to that many CPUs, which is what XLA sizes
 its intra-op pool from, ``--xla_cpu_multi_thread_eigen=false`` when 1, and
-``torch.set_num_threads``). Then XLA's matmul peak on this machine, in this
-process: GFLOP/s of a ``--peak_size`` square matmul in ``--dtype``, median of
-the rounds, measured before and after the tables (a drift between the two
-means the machine's load changed: rerun).
+``torch.set_num_threads``; torch's OpenMP workers wait passively, not
+spinning on the CPUs XLA needs next, unless ``OMP_WAIT_POLICY`` is set).
+Then XLA's matmul peak on this machine, in this process: GFLOP/s of a
+``--peak_size`` square matmul in ``--dtype``, median of the rounds, measured
+before and after the tables (a drift between the two means the machine's load
+changed: rerun).
 
 Speed: for each length, every kernel that can run here, plain
 ``jax.nn.dot_product_attention`` and (if importable) PyTorch's
@@ -123,7 +125,8 @@ def pin_threads(requested: int) -> Tuple[int, List[int]]:
   XLA's CPU client sizes its intra-op pool from the CPUs the process may run
   on (the affinity mask), and has no thread-count flag of its own;
   ``--xla_cpu_multi_thread_eigen=false`` makes its Eigen work single-threaded
-  when one thread is asked for. Returns ``(threads, cpus)``.
+  when one thread is asked for. torch's OpenMP workers wait passively unless
+  ``OMP_WAIT_POLICY`` is set. Returns ``(threads, cpus)``.
   """
   cpus = sorted(os.sched_getaffinity(0))
   threads = len(cpus) if requested <= 0 else min(requested, len(cpus))
@@ -135,6 +138,12 @@ def pin_threads(requested: int) -> Tuple[int, List[int]]:
   if threads == 1 and "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false").strip()
+  # torch's OpenMP workers otherwise spin after each call, on the same CPUs the
+  # XLA candidate timed next needs; on a busy machine spinning also stalls torch
+  # itself (measured on the shared 2-core machine: a 256-token SDPA took 10-16
+  # ms with the default policy, 0.24 ms passive). Set it in the environment to
+  # measure another policy; the threads line prints it.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   return threads, cpus
 
 
@@ -195,8 +204,8 @@ def print_machine(threads: int, cpus: Sequence[int], torch, no_torch: str) -> No
   eigen = "off" if "xla_cpu_multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", "") else "on"
   print(f"threads: XLA {threads} (runs on CPUs {','.join(map(str, cpus))}, Eigen "
         f"multi-threading {eigen}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); torch "
-        + (f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"
-           if torch is not None else "-"))
+        + (f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op, "
+           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}" if torch is not None else "-"))
 
 
 def matmul_peak(size: int, repeats: int) -> Spread:
