@@ -1,9 +1,9 @@
 """Mixed precision (``config.model.dtype``): every model computes in the chosen
 dtype while its parameters, the logits, the loss and the metrics stay float32.
 
-"Computes in" is checked on the traced program, not on a flag: every matrix
-product and convolution of the forward pass (``dot_general``,
-``conv_general_dilated`` in the jaxpr, scanned RNN steps and kernels
+"Computes in" is checked on the lowered program, not on a flag: every matrix
+product and convolution of the forward pass (``dot_general`` and
+``convolution`` in the StableHLO, scanned RNN steps and the attention kernel
 included) must take bfloat16 operands, except the two that are float32 on
 purpose: the logits and the speech front end's mel filterbank.
 """
@@ -11,6 +11,7 @@ purpose: the logits and the speech front end's mel filterbank.
 import functools
 import json
 import os
+import re
 
 import flax
 import jax
@@ -21,24 +22,25 @@ import pytest
 from attention_lab import models
 from conftest import train_stop_and_resume
 
-_PRODUCTS = ("dot_general", "conv_general_dilated")
+_PRODUCT = re.compile(r"stablehlo\.(dot_general|convolution)\b.*?: \(tensor<([^>]*)>, tensor<([^>]*)>\)")
+_DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": "float64"}
 
 
-def _products(jaxpr, found=None):
-  """``(primitive, operand dtypes, operand shapes)`` of every matrix product
-  and convolution in ``jaxpr`` and the jaxprs nested in it (jit, scan, while,
-  custom_vjp, cond)."""
-  found = [] if found is None else found
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in _PRODUCTS:
-      found.append((eqn.primitive.name, tuple(str(v.aval.dtype) for v in eqn.invars),
-                    tuple(tuple(v.aval.shape) for v in eqn.invars)))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          _products(sub.jaxpr, found)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          _products(sub, found)
+def _products(fn, *args):
+  """``(op, operand dtypes, operand shapes)`` of every matrix product and
+  convolution in ``jax.jit(fn)`` lowered for this machine's platform.
+
+  The lowered program, not the jaxpr: kernels dispatch per platform
+  (``lax.platform_dependent``), so the jaxpr also holds the TPU and GPU
+  branches, which lowering drops. Before XLA's optimisation, which on a CPU
+  may widen bfloat16 products to float32 to run them.
+  """
+  found = []
+  for match in _PRODUCT.finditer(jax.jit(fn).lower(*args).as_text()):
+    op, operands = match.group(1), match.group(2, 3)
+    parsed = [t.split("x") for t in operands]
+    found.append((op, tuple(_DTYPES.get(p[-1], p[-1]) for p in parsed),
+                  tuple(tuple(int(d) for d in p[:-1]) for p in parsed)))
   return found
 
 
@@ -156,7 +158,7 @@ def test_bfloat16_forward_pass_computes_in_bfloat16_and_stays_close(family):
   error = float(jnp.abs(logits16 - logits32).max())
   assert error <= 0.03 * scale, (error, scale)
 
-  products = _products(jax.make_jaxpr(lambda v, x: model16.apply(v, x))(variables, inputs).jaxpr)
+  products = _products(lambda v, x: model16.apply(v, x), variables, inputs)
   num_mels = FAMILIES[family][0].get("num_mels")
   _assert_computes_in_bfloat16(products, num_outputs, num_mels)
 
@@ -225,7 +227,7 @@ def test_bfloat16_mnist_vit_trains_resumes_evaluates_in_bfloat16(tmp_path, tiny_
   step = functools.partial(loop.train_step, model=exp.model, task=exp.task, config=config,
                            schedule=exp.schedule, dropout_key=exp.dropout_key)
   with jax.set_mesh(exp.mesh):
-    products = _products(jax.make_jaxpr(step)(state, batch).jaxpr)
+    products = _products(step, state, batch)
   _assert_computes_in_bfloat16(products, config.model.num_classes, mixed_ok=True)
 
   images = batch["inputs"][:2]
