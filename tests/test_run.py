@@ -91,6 +91,8 @@ BAD_CONFIGS = {
                       "did you mean vit?"),
     "unknown_dataset": (["--config.data.name=mnist_ofline"],
                         "error: config.data.name='mnist_ofline':", "did you mean mnist_offline?"),
+    "compute_dtype": (["--config.model.dtype=bf16"], "error: config.model.dtype='bf16':",
+                      "did you mean bfloat16?"),
     "mesh": (["--config.mesh.sequence=0"], "error: config.mesh.sequence=0:",
              "must be a positive integer"),
     "viz_kind": (["--config.viz.kind=picture"], "error: config.viz.kind='picture':",
