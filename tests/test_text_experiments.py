@@ -153,3 +153,23 @@ def test_imdb_bytes_experiment_trains_on_local_stand_in(tmp_path, imdb_dir):
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results["step"] == 4 and np.isfinite(results["eval_loss"])
   assert len(_files(str(tmp_path), "_tokens.html")) == 2
+
+
+@pytest.mark.slow
+def test_listops_transformer_reaches_target(tmp_path):
+  """The README's target: >= 37% on the 2,000 test expressions of ListOps
+  ``short``, data generated afresh (about 45 minutes on 2 CPU cores: README)."""
+  config = experiments.get_config("listops_transformer")
+  config.data.data_dir = str(tmp_path / "tfds")
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["eval_accuracy"] >= 0.37
+
+
+@pytest.mark.slow
+def test_dates_bahdanau_reaches_target(tmp_path):
+  """The README's target: >= 99% exact match on the 2,000 test dates (unseen
+  days), data generated afresh (about 2 minutes: README)."""
+  config = experiments.get_config("dates_bahdanau")
+  config.data.data_dir = str(tmp_path / "tfds")
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["eval_exact_match"] >= 0.99
