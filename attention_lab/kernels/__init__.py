@@ -26,6 +26,8 @@ from __future__ import annotations
 import functools
 
 from attention_lab.kernels import checks
+from attention_lab.kernels import dispatch
+from attention_lab.kernels import registry
 from attention_lab.kernels import masks
 from attention_lab.kernels import scores
 from attention_lab.kernels.blockwise import blockwise_attention
@@ -52,9 +54,7 @@ from attention_lab.kernels.splash import splash_attention
 
 def preference(platform=None):
   """The automatic dispatch order on ``platform`` (default: the lowering target)."""
-  from attention_lab.kernels import registry
-  from attention_lab.kernels.dispatch import target_platform
-  return registry.preference(platform or target_platform())
+  return registry.preference(platform or dispatch.target_platform())
 
 
 _CUDNN_HEAD_DIMS = frozenset(range(8, 257, 8))  # cuDNN's fused attention limits

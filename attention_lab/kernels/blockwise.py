@@ -25,6 +25,7 @@ from jax import lax
 
 from attention_lab.kernels import checks
 from attention_lab.kernels.masks import _window_sides
+from attention_lab.kernels.reference import heads_major
 from attention_lab.kernels.reference import repeat_kv_heads
 
 # Measured on a 2-core CPU (benchmarks/README.md): 256 x 1024 blocks are the
@@ -330,11 +331,8 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
   shape = checks.check_inputs(query, key, value, mask, bias, who="blockwise_attention")
   batch = shape.batch
   flat = math.prod(batch) if batch else 1
-  for name, lengths in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
-    if lengths is not None and tuple(jnp.shape(lengths)) != batch:
-      raise ValueError(
-          f"blockwise_attention: {name} shape {tuple(jnp.shape(lengths))} must equal "
-          f"the batch shape {batch}")
+  checks.check_lengths("blockwise_attention", "q_lengths", q_lengths, batch)
+  checks.check_lengths("blockwise_attention", "kv_lengths", kv_lengths, batch)
   if block_k is None:
     banded = is_causal or local_window_size is not None
     block_k = DEFAULT_BLOCK_K_BANDED if banded else DEFAULT_BLOCK_K
@@ -348,16 +346,12 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
                has_mask=mask is not None,
                has_lengths=q_lengths is not None or kv_lengths is not None)
 
-  def heads_major(x, padded):
-    x = x.reshape((flat,) + x.shape[len(batch):])                 # [b, t, n, d]
-    x = jnp.swapaxes(x, 1, 2)                                      # [b, n, t, d]
-    return jnp.pad(x, [(0, 0), (0, 0), (0, padded - x.shape[2]), (0, 0)])
-
   # The scale goes on q (length x dim) rather than on every score block;
   # autodiff of this multiply scales dq, so the custom backward never does.
-  q = heads_major((query.astype(jnp.float32) * st.scale).astype(query.dtype), st.q_padded)
-  k = heads_major(repeat_kv_heads(key, shape.heads), st.kv_padded)
-  v = heads_major(repeat_kv_heads(value, shape.heads), st.kv_padded)
+  q = heads_major((query.astype(jnp.float32) * st.scale).astype(query.dtype), len(batch),
+                  st.q_padded)
+  k = heads_major(repeat_kv_heads(key, shape.heads), len(batch), st.kv_padded)
+  v = heads_major(repeat_kv_heads(value, shape.heads), len(batch), st.kv_padded)
   q_pad, kv_pad = st.q_padded - shape.q_length, st.kv_padded - shape.kv_length
   mask_c = _compact(mask, batch, flat, False, q_pad, kv_pad)
   bias_c = _compact(bias, batch, flat, 0.0, q_pad, kv_pad)

@@ -97,3 +97,28 @@ def _check_broadcast(who, name, got, target):
     raise ValueError(
         f"{who}: {name} shape {tuple(got)} does not broadcast to the score "
         f"shape {tuple(target)} = [batch..., heads, q_length, kv_length]")
+
+
+def refuse_dense(kernel: str, bias=None, mask=None) -> None:
+  """For kernels that take padding as lengths only: a dense bias or mask is
+  a ValueError naming the kernel."""
+  if bias is not None or mask is not None:
+    raise ValueError(f"attention kernel {kernel!r} does not support "
+                     f"{'bias' if bias is not None else 'mask'}; pass kv_lengths for padding")
+
+
+def check_lengths(who: str, name: str, lengths, batch: Tuple[int, ...]) -> None:
+  """``lengths`` (None, or int ``[batch...]``) must have the batch shape."""
+  if lengths is not None and tuple(jnp.shape(lengths)) != batch:
+    raise ValueError(f"{who}: {name} shape {tuple(jnp.shape(lengths))} must equal "
+                     f"the batch shape {batch}")
+
+
+def kv_lengths_vector(who: str, kv_lengths, shape: AttentionShape):
+  """Key lengths as int32 ``[prod(batch)]`` within ``[0, kv_length]``; all
+  keys valid when ``kv_lengths`` is None."""
+  flat = int(np.prod(shape.batch)) if shape.batch else 1
+  if kv_lengths is None:
+    return jnp.full((flat,), shape.kv_length, jnp.int32)
+  check_lengths(who, "kv_lengths", kv_lengths, shape.batch)
+  return jnp.clip(jnp.asarray(kv_lengths, jnp.int32).reshape(flat), 0, shape.kv_length)

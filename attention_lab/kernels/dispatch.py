@@ -11,7 +11,7 @@ only the CPU branch (no run-time cost). Each choice is logged once.
 from __future__ import annotations
 
 import functools
-from typing import Dict, FrozenSet, Optional
+from typing import FrozenSet, Optional
 
 import jax
 import jax.numpy as jnp
@@ -239,10 +239,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
   kv_lengths = _one_of("kv_lengths", kv_lengths, "key_value_seq_lengths", key_value_seq_lengths)
   mask = checks.as_bool_mask(mask)
   shape = checks.check_inputs(query, key, value, mask, bias, who="dot_product_attention")
-  for name, lengths in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
-    if lengths is not None and tuple(jnp.shape(lengths)) != shape.batch:
-      raise ValueError(f"dot_product_attention: {name} shape {tuple(jnp.shape(lengths))} "
-                       f"must equal the batch shape {shape.batch}")
+  checks.check_lengths("dot_product_attention", "q_lengths", q_lengths, shape.batch)
+  checks.check_lengths("dot_product_attention", "kv_lengths", kv_lengths, shape.batch)
   if local_window_size is not None and not isinstance(local_window_size, int):
     local_window_size = tuple(local_window_size)
   use_dropout = dropout_rate > 0.0 and not deterministic
@@ -293,9 +291,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
     if len(distinct) == 1:
       out = run(next(iter(distinct.values())), *args)
     else:
-      branches = {lowering: (lambda spec: lambda *a: run(spec, *a))(choices[ours])
+      branches = {lowering: functools.partial(run, choices[ours])
                   for lowering, ours in _LOWERING_PLATFORMS.items()}
-      out = _platform_dependent(args, branches)
+      out = jax.lax.platform_dependent(*args, **branches)   # None args are empty pytrees
   if dtype is not None:
     out = (out[0].astype(dtype),) + tuple(out[1:]) if isinstance(out, tuple) else out.astype(dtype)
   if module is not None:
@@ -303,22 +301,6 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
         query, key, bias, _with_lengths(mask, q_lengths, kv_lengths, shape), scale=scale,
         is_causal=is_causal, local_window_size=local_window_size))
   return out
-
-
-def _platform_dependent(args, branches: Dict[str, object]):
-  """``lax.platform_dependent`` over arguments some of which are None."""
-  present = [i for i, a in enumerate(args) if a is not None]
-
-  def adapt(fn):
-    def call(*given):
-      full = [None] * len(args)
-      for i, a in zip(present, given):
-        full[i] = a
-      return fn(*full)
-    return call
-
-  return jax.lax.platform_dependent(
-      *[args[i] for i in present], **{p: adapt(fn) for p, fn in branches.items()})
 
 
 def _with_lengths(mask, q_lengths, kv_lengths, shape):

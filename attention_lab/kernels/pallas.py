@@ -33,7 +33,6 @@ at exactly zero through the explicit ``where`` on the probabilities.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import jax
@@ -45,6 +44,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from attention_lab.kernels import checks
 from attention_lab.kernels.masks import _window_sides
+from attention_lab.kernels.reference import heads_major
 from attention_lab.kernels.reference import repeat_kv_heads
 
 DEFAULT_BLOCK_Q = 64
@@ -298,7 +298,6 @@ def _attend_on(target, query, key, value, lengths, *, shape, scale, is_causal,
   """The whole call for one target: tiles, padding, kernel, unpadding."""
   tpu = target in ("tpu", "tpu_interpret")
   batch = shape.batch
-  flat = math.prod(batch) if batch else 1
   if tpu:
     # Multiples of the 128-wide TPU tile, no longer than the padded sequence.
     block_q = min(_round_up(block_q, TPU_BLOCK), _round_up(shape.q_length, TPU_BLOCK))
@@ -317,14 +316,9 @@ def _attend_on(target, query, key, value, lengths, *, shape, scale, is_causal,
 
   # Zero columns change neither the scores (the scale is fixed from the true
   # head_dim) nor the output (sliced off).
-  def heads_major(x, length, width):
-    x = x.reshape((flat,) + x.shape[len(batch):])
-    x = jnp.swapaxes(x, 1, 2)                                   # [b, n, t, d]
-    return jnp.pad(x, [(0, 0), (0, 0), (0, length - x.shape[2]), (0, width - x.shape[3])])
-
-  q = heads_major(query, st.q_padded, d_pad)
-  k = heads_major(repeat_kv_heads(key, shape.heads), st.kv_padded, d_pad)
-  v = heads_major(repeat_kv_heads(value, shape.heads), st.kv_padded, dv_pad)
+  q = heads_major(query, len(batch), st.q_padded, d_pad)
+  k = heads_major(repeat_kv_heads(key, shape.heads), len(batch), st.kv_padded, d_pad)
+  v = heads_major(repeat_kv_heads(value, shape.heads), len(batch), st.kv_padded, dv_pad)
   out = _make(st, target)(q, k, v, lengths)
   out = jnp.swapaxes(out[:, :, :shape.q_length, :shape.value_dim], 1, 2)
   return out.reshape(batch + out.shape[1:])
@@ -352,12 +346,8 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
   Returns:
     ``[batch..., q_length, heads, value_dim]`` in the query dtype.
   """
-  if bias is not None or mask is not None:
-    raise ValueError("attention kernel 'pallas' does not support "
-                     f"{'bias' if bias is not None else 'mask'}; pass kv_lengths for padding")
+  checks.refuse_dense("pallas", bias, mask)
   shape = checks.check_inputs(query, key, value, who="pallas_attention")
-  batch = shape.batch
-  flat = math.prod(batch) if batch else 1
   if interpret:
     target = "interpret"
   if target is not None and target not in TARGETS:
@@ -366,13 +356,7 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
     if size <= 0 or size & (size - 1):
       raise ValueError(f"pallas_attention: {name} must be a power of two, got {size}")
   window = None if local_window_size is None else _window_sides(local_window_size)
-  if kv_lengths is None:
-    lengths = jnp.full((flat,), shape.kv_length, jnp.int32)
-  else:
-    if tuple(jnp.shape(kv_lengths)) != batch:
-      raise ValueError(f"pallas_attention: kv_lengths shape {tuple(jnp.shape(kv_lengths))} "
-                       f"must equal the batch shape {batch}")
-    lengths = jnp.minimum(jnp.asarray(kv_lengths, jnp.int32).reshape(flat), shape.kv_length)
+  lengths = checks.kv_lengths_vector("pallas_attention", kv_lengths, shape)
 
   run = functools.partial(
       _attend_on, shape=shape, scale=shape.head_dim ** -0.5 if scale is None else scale,

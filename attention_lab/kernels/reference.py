@@ -39,6 +39,18 @@ def repeat_kv_heads(x, heads: int):
   return x if kv_heads == heads else jnp.repeat(x, heads // kv_heads, axis=-2)
 
 
+def heads_major(x, batch_dims: int, length: int, width=None):
+  """``[batch..., t, n, d]`` -> ``[prod(batch), n, length, width]``, zero-padded.
+
+  The layout the fused kernels tile: each (sequence, head) a plain matrix.
+  Zero rows and columns change neither scores nor outputs that are sliced off.
+  """
+  x = x.reshape((-1,) + x.shape[batch_dims:])
+  x = jnp.swapaxes(x, 1, 2)
+  width = x.shape[3] if width is None else width
+  return jnp.pad(x, [(0, 0), (0, 0), (0, length - x.shape[2]), (0, width - x.shape[3])])
+
+
 def attention_weights(query, key, bias=None, mask=None, *, scale=None,
                       is_causal=False, local_window_size=None, precision=None):
   """Softmax weights ``[batch..., heads, q_length, kv_length]``.

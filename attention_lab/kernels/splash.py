@@ -32,11 +32,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from attention_lab.kernels import checks
 from attention_lab.kernels.masks import _window_sides
+from attention_lab.kernels.reference import heads_major
 
 LANES = 128
 BLOCK_CHOICES = (512, 256, 128)   # the largest that divides the padded length
@@ -95,9 +95,7 @@ def splash_attention(query, key, value, bias=None, mask=None, *,
   Returns:
     ``[batch..., q_length, heads, value_dim]`` in the query dtype.
   """
-  if bias is not None or mask is not None:
-    raise ValueError("attention kernel 'splash' does not support "
-                     f"{'bias' if bias is not None else 'mask'}; pass kv_lengths for padding")
+  checks.refuse_dense("splash", bias, mask)
   shape = checks.check_inputs(query, key, value, who="splash_attention")
   if shape.value_dim != shape.head_dim:
     raise ValueError(f"splash_attention: value_dim {shape.value_dim} must equal head_dim "
@@ -114,22 +112,12 @@ def splash_attention(query, key, value, bias=None, mask=None, *,
   kernel = _kernel(q_padded, kv_padded, group if is_mqa else shape.heads,
                    is_causal, window, is_mqa, interpret)
 
-  if kv_lengths is None:
-    lengths = jnp.full((flat,), shape.kv_length, jnp.int32)
-  else:
-    if tuple(jnp.shape(kv_lengths)) != batch:
-      raise ValueError(f"splash_attention: kv_lengths shape {tuple(jnp.shape(kv_lengths))} "
-                       f"must equal the batch shape {batch}")
-    lengths = jnp.clip(jnp.asarray(kv_lengths, jnp.int32).reshape(flat), 0, shape.kv_length)
+  lengths = checks.kv_lengths_vector("splash_attention", kv_lengths, shape)
 
-  def heads_major(x, padded):
-    x = x.reshape((flat,) + x.shape[len(batch):])
-    x = jnp.swapaxes(x, 1, 2)                                    # [b, n, t, d]
-    return jnp.pad(x, [(0, 0), (0, 0), (0, padded - x.shape[2]), (0, dim - x.shape[3])])
-
-  q = heads_major((query.astype(jnp.float32) * scale).astype(query.dtype), q_padded)
-  k = heads_major(key, kv_padded)
-  v = heads_major(value, kv_padded)
+  q = heads_major((query.astype(jnp.float32) * scale).astype(query.dtype), len(batch),
+                  q_padded, dim)
+  k = heads_major(key, len(batch), kv_padded, dim)
+  v = heads_major(value, len(batch), kv_padded, dim)
   # Segment 0: the valid keys and every query; 1: padded keys. A sequence
   # with no valid key attends to all of its keys instead (splash needs a key
   # in every row) and is zeroed below.
