@@ -123,6 +123,32 @@ def test_named_kernel_is_checked_against_the_lowering_platform():
   assert "splash" in lowering.kernel_names(lowering.lower_for(fn, (q, k, v), "tpu"))
 
 
+def test_a_kernel_pinned_on_cpu_leaves_the_accelerators_automatic():
+  """``implementation="cpu=reference"`` (an experiment's CPU tuning) runs the
+  reference kernel on CPU and still lowers the fused kernels elsewhere."""
+  fn = _attention({"is_causal": True}, implementation="cpu=reference")
+  args = _abstract(jnp.float32, batch=1, length=1024)   # automatic on CPU: blockwise
+  cpu_text = jax.jit(fn).trace(*args).lower().as_text()
+  assert "tpu_custom_call" not in cpu_text and "stablehlo.while" not in cpu_text
+  assert "splash" in lowering.kernel_names(lowering.lower_for(fn, args, "tpu"))
+  assert lowering.TRITON_CALL in lowering.custom_calls(lowering.lower_for(fn, args, "cuda"))
+  pinned = _attention({"is_causal": True}, implementation="cpu=reference,tpu=jax_nn")
+  assert not lowering.custom_calls(lowering.lower_for(pinned, args, "tpu"))
+
+
+@pytest.mark.parametrize("choice, message", [
+    ("cpu=nope", r"unknown attention kernel 'nope'"),
+    ("mps=reference", r"unknown platform 'mps'"),
+    ("cpu=splash", r"kernel 'splash' does not run on 'cpu'"),
+    ("cpu=reference,cpu=jax_nn", r"platform 'cpu' named twice"),
+    ("cpu:reference", r"unknown attention kernel 'cpu:reference'"),
+    ("cpu=", r"platform=kernel pairs"),
+])
+def test_bad_kernel_choices_name_the_problem(choice, message):
+  with pytest.raises(ValueError, match=message):
+    kernels.attention_fn(choice)
+
+
 def _reference64(q, k, v, mask, **form):
   with jax.enable_x64(True):
     as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))

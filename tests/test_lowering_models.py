@@ -66,10 +66,9 @@ KERNELS = {
     "listops_attention_pooling": (NONE, NONE, "GRU encoder, additive attention pooling"),
     # Goal: fused. Today: jax_nn in both steps (see XFAIL).
     "listops_lra_transformer": (FUSED, FUSED, ""),
-    # Goal: fused. Today: reference in both steps (see XFAIL).
+    # Goal: fused. Today: jax_nn in both steps (see XFAIL).
     "listops_transformer": (FUSED, FUSED, ""),
     "mnist_cnn": (NONE, NONE, "CNN: CBAM gates channels and positions with convolutions"),
-    # Goal: fused. Today: blockwise in both steps (see XFAIL).
     "mnist_pixel_transformer": (FUSED, FUSED, ""),
     "mnist_vit": (FUSED, FUSED, ""),
     "speech_commands_kwt": (FUSED, FUSED, ""),
@@ -94,17 +93,7 @@ XFAIL = {
         " (its config comment promises 'the backend's fast kernel at 2,000 "
         "tokens'; today train and eval run jax_nn)"),
     "imdb_bytes_transformer": _PADDING_AS_DENSE_MASK + " (today the eval step runs jax_nn)",
-    "listops_transformer": (
-        "experiments/listops_transformer.py pins model.kernel='reference' (a CPU "
-        "timing), and a pinned kernel is used on every platform, so TPU and GPU run "
-        "reference; the kernel choice needs to be per platform (or None). Behind the "
-        "pin: " + _PADDING_AS_DENSE_MASK),
-    "mnist_pixel_transformer": (
-        "experiments/mnist_pixel_transformer.py pins model.kernel='blockwise' (a CPU "
-        "timing at 785 keys, below kernels.BLOCKWISE_MIN_KV_LENGTH), and a pinned "
-        "kernel is used on every platform, so TPU and GPU run blockwise's XLA scan; "
-        "the kernel choice needs to be per platform (or None plus a CPU threshold "
-        "that picks blockwise here). Unpinned, the model gets splash / Triton"),
+    "listops_transformer": _PADDING_AS_DENSE_MASK,
 }
 
 # The fused kernels' names in a lowered module: forward, and backward pieces.
@@ -187,10 +176,12 @@ def chosen(monkeypatch):
     record[platform].add(spec.name)
     return spec
 
-  def spy_check(spec, *args, **kwargs):
-    for names in record.values():
-      names.add(spec.name)
-    return check(spec, *args, **kwargs)
+  def spy_check(spec, *args, platform=None, **kwargs):
+    # A kernel pinned on one platform is checked for that platform only; a
+    # plain name (platform None) runs on all of them.
+    for name in [platform] if platform in record else record:
+      record[name].add(spec.name)
+    return check(spec, *args, platform=platform, **kwargs)
 
   monkeypatch.setattr(dispatch, "select", spy_select)
   monkeypatch.setattr(dispatch, "check_supported", spy_check)

@@ -23,8 +23,7 @@ from attention_lab.kernels import masks
 from attention_lab.kernels import registry
 from attention_lab.kernels.reference import attention_weights
 
-# jax.nn's names for implementations, and ours for them.
-JAX_IMPLEMENTATIONS = {"xla": "jax_nn", "cudnn": "cudnn"}
+JAX_IMPLEMENTATIONS = registry.JAX_IMPLEMENTATIONS
 # platform_dependent's platform names -> the registry's.
 _LOWERING_PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
 DATA_AXIS = "data"
@@ -212,8 +211,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
       ``-inf`` hides a key.
     mask: same broadcasting; True (or nonzero, as Flax's float masks) = attend.
     implementation: a registered kernel name, JAX's ``"xla"`` / ``"cudnn"``,
-      or None: per lowering platform, the first kernel in its preference
-      order that can run the call.
+      a per-platform pin (``"cpu=blockwise"``, ``"cpu=reference,gpu=jax_nn"``
+      or a dict: other platforms choose automatically), or None: per lowering
+      platform, the first kernel in its preference order that can run the call.
     q_lengths / kv_lengths (JAX's ``query_seq_lengths`` /
       ``key_value_seq_lengths``): int ``[batch...]`` valid prefix lengths;
       padded query rows return zeros.
@@ -259,18 +259,26 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
     kwargs.update(dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                   broadcast_dropout=broadcast_dropout)
 
-  if implementation is None:
-    choices = {p: select(features, p, query.dtype, shape, kv_lengths is not None)
-               for p in registry.PLATFORMS}
-  else:
-    name = JAX_IMPLEMENTATIONS.get(implementation, implementation)
-    spec = registry.get(name)
-    needed = features | ({"mask"} if kv_lengths is not None and not spec.takes("kv_lengths")
-                         else frozenset())
+  choice = registry.parse_choice(implementation)
+  lengths_as_mask = lambda spec: ({"mask"} if kv_lengths is not None
+                                  and not spec.takes("kv_lengths") else frozenset())
+  if isinstance(choice, str):
+    spec = registry.get(choice)
     interpreted = bool(options.get("interpret")) or options.get("target") is not None
-    check_supported(spec, needed, platform=None if not interpreted else spec.platforms[0],
+    check_supported(spec, features | lengths_as_mask(spec),
+                    platform=None if not interpreted else spec.platforms[0],
                     dtype=query.dtype)
     choices = {p: spec for p in registry.PLATFORMS}
+  else:
+    choices = {}
+    for p in registry.PLATFORMS:
+      if choice and p in choice:       # pinned on this platform only
+        spec = registry.get(choice[p])
+        check_supported(spec, features | lengths_as_mask(spec), platform=p,
+                        dtype=query.dtype)
+        choices[p] = spec
+      else:
+        choices[p] = select(features, p, query.dtype, shape, kv_lengths is not None)
   for spec in set(choices.values()):
     unknown = [k for k in kwargs if not spec.takes(k)]
     if unknown:
@@ -320,12 +328,12 @@ def _one_of(ours: str, ours_value, jax_name: str, jax_value):
 
 
 def attention_fn(name: Optional[str]):
-  """A Flax ``attention_fn`` bound to kernel ``name`` (None: per platform).
+  """A Flax ``attention_fn`` bound to kernel choice ``name`` (a kernel, a
+  per-platform pin such as ``"cpu=blockwise"``, or None: per platform).
 
   Validates the name now, so a bad config fails before any tracing.
   """
-  if name is not None:
-    registry.get(JAX_IMPLEMENTATIONS.get(name, name))
+  registry.parse_choice(name)
 
   def fn(query, key, value, bias=None, mask=None, *, dropout_rng=None,
          dropout_rate=0.0, broadcast_dropout=True, deterministic=False,
@@ -339,5 +347,5 @@ def attention_fn(name: Optional[str]):
         broadcast_dropout=broadcast_dropout, deterministic=deterministic,
         dtype=dtype, precision=precision, module=module)
 
-  fn.__name__ = f"attention_fn_{name or 'auto'}"
+  fn.__name__ = f"attention_fn_{name or 'auto'}".replace("=", "_").replace(",", "_")
   return fn

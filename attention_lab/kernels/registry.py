@@ -107,3 +107,51 @@ def capabilities(name: str) -> Dict[str, object]:
 def preference(platform: str) -> List[str]:
   """The automatic dispatch order on ``platform``."""
   return list(_PREFERENCE[platform])
+
+
+# jax.nn's names for implementations, and ours for them.
+JAX_IMPLEMENTATIONS = {"xla": "jax_nn", "cudnn": "cudnn"}
+
+
+def parse_choice(choice):
+  """A kernel choice (``implementation=``, ``config.model.kernel``) as data.
+
+  Accepts None (automatic everywhere), a kernel name (that kernel on every
+  platform; jax.nn's ``"xla"`` / ``"cudnn"`` included), or a per-platform pin
+  such as ``"cpu=blockwise"`` or ``"cpu=reference,gpu=jax_nn"`` (also as a
+  dict): the named platforms use their kernel, the others choose
+  automatically. A per-platform pin lets an experiment keep a kernel tuned
+  for one machine without forcing it onto accelerators.
+
+  Returns:
+    None, a registered kernel name, or ``{platform: kernel name}``.
+  """
+  if choice is None:
+    return None
+  if isinstance(choice, str) and "=" not in choice:
+    name = JAX_IMPLEMENTATIONS.get(choice.strip(), choice.strip())
+    get(name)
+    return name
+  if isinstance(choice, str):
+    pairs = []
+    for part in choice.split(","):
+      platform, sep, name = part.partition("=")
+      if not sep or not platform.strip() or not name.strip():
+        raise ValueError(f"kernel choice {choice!r}: write a kernel name or "
+                         f"platform=kernel pairs such as 'cpu=blockwise,tpu=splash'")
+      pairs.append((platform.strip(), name.strip()))
+  else:
+    pairs = list(dict(choice).items())
+  pins = {}
+  for platform, name in pairs:
+    if platform not in PLATFORMS:
+      raise ValueError(f"kernel choice {choice!r}: unknown platform {platform!r}; "
+                       f"platforms: {', '.join(PLATFORMS)}")
+    if platform in pins:
+      raise ValueError(f"kernel choice {choice!r}: platform {platform!r} named twice")
+    name = JAX_IMPLEMENTATIONS.get(name, name)
+    if platform not in get(name).platforms:
+      raise ValueError(f"kernel choice {choice!r}: kernel {name!r} does not run on "
+                       f"{platform!r} (platforms: {', '.join(get(name).platforms)})")
+    pins[platform] = name
+  return pins

@@ -74,7 +74,7 @@ def problems(config) -> List[str]:
   check.integer("seed", minimum=None)
   check.number("label_smoothing", low=0.0, high=1.0, high_open=True)
   check.one_of("task", sorted(tasks_lib.TASKS))
-  for field in ("debug_nans", "distributed"):
+  for field in ("debug_nans", "distributed", "async_checkpoints"):
     check.boolean(field)
 
   _optimizer(check)
@@ -124,6 +124,7 @@ def _data(check: "_Checker") -> None:
       check.problem(split, "must be a TFDS split such as 'train' or 'test[:50]'")
   check.integer("data.augment_shift", minimum=0)
   check.integer("data.max_length", minimum=0)
+  check.integer("data.prefetch", minimum=0)
   for field in ("data.augment_flip", "data.grayscale"):
     check.boolean(field)
 
@@ -164,13 +165,15 @@ def _model(check: "_Checker") -> None:
   present = lambda key: key in given and key in fields
   if present("kernel"):
     kernel = check.value("model.kernel")
-    if kernel is not None and kernel not in kernels.names():
-      # ml_collections reads --config.model.kernel=None as the string "None".
-      hint = ("; 'None' on the command line is a string: leave the flag out instead"
-              if kernel == "None" else _did_you_mean(kernel, kernels.names()))
-      check.problem("model.kernel", f"unknown attention kernel; known kernels: "
-                    f"{', '.join(kernels.names())}, or None (unset) for the backend's "
-                    f"default{hint}")
+    if kernel is not None:
+      try:
+        kernels.registry.parse_choice(kernel)
+      except ValueError as e:
+        # ml_collections reads --config.model.kernel=None as the string "None".
+        hint = ("; 'None' on the command line is a string: leave the flag out instead"
+                if kernel == "None" else _did_you_mean(kernel, kernels.names()))
+        check.problem("model.kernel", f"{e}; or None (unset) for each platform's "
+                      f"automatic choice{hint}")
   if present("attention") and name == "seq2seq":
     check.one_of("model.attention", SEQ2SEQ_ATTENTIONS)
   if present("conv_attention"):
