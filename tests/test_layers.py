@@ -102,6 +102,64 @@ def test_layer_output_equals_float64_numpy_with_every_kernel(name, form):
                                rtol=1e-6, atol=1e-6)      # zero context: the output bias alone
 
 
+LENGTHS = VALID.sum(-1).astype(jnp.int32)                # [3, 5]: trailing padding
+KEY_PADDING = VALID.astype(bool)[:, None, None, :]
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_kv_lengths_equal_the_dense_key_padding_mask(name):
+  """``kv_lengths`` is the key padding mask ``valid[:, None, None, :]`` in
+  another form (one the fused kernels take): same output, padded query rows
+  included, and the same sown weights; ``q_lengths`` then zeroes only the
+  padded rows' attention and their weight rows."""
+  module = layers.SelfAttention(num_heads=4, kernel=name)
+  params = module.init(jax.random.key(3), X)
+  dense = layers.SelfAttention(num_heads=4, kernel="reference")
+  want, want_state = dense.apply(params, X, mask=KEY_PADDING, mutable=["intermediates"])
+  got, state = module.apply(params, X, kv_lengths=LENGTHS, mutable=["intermediates"])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  (weights,), (want_weights,) = (s["intermediates"]["attention_weights"]
+                                 for s in (state, want_state))
+  np.testing.assert_allclose(weights, want_weights, rtol=1e-6, atol=1e-7)
+  assert np.all(np.asarray(weights[0, :, :, 3:]) == 0.0)   # padded keys get no weight
+  assert np.all(np.asarray(weights[0, :, 3:]).sum(-1) > 0.99)   # padded rows still attend
+
+  rows, state = module.apply(params, X, q_lengths=LENGTHS, kv_lengths=LENGTHS,
+                             mutable=["intermediates"])
+  np.testing.assert_allclose(rows[1], got[1], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(rows[0, :3], got[0, :3], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(rows[0, 3:], np.broadcast_to(params["params"]["out"]["bias"], (2, 16)),
+                             rtol=1e-6, atol=1e-6)    # zero context: the output bias alone
+  (weights,) = state["intermediates"]["attention_weights"]
+  assert np.all(np.asarray(weights[0, :, 3:]) == 0.0)
+
+
+@pytest.mark.parametrize("name", MASKABLE)
+def test_an_explicit_mask_still_works_beside_kv_lengths(name):
+  """A mask that lengths cannot express (a hole mid-sequence) is still taken,
+  and combines with ``kv_lengths`` as the logical AND of the two masks."""
+  hole = jnp.array([True, False, True, True, True])[None, None, None, :]
+  module = layers.SelfAttention(num_heads=4, kernel=name)
+  params = module.init(jax.random.key(3), X)
+  want = layers.SelfAttention(num_heads=4, kernel="reference").apply(
+      params, X, mask=hole & KEY_PADDING)
+  np.testing.assert_allclose(module.apply(params, X, mask=hole, kv_lengths=LENGTHS), want,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_passes_lengths_to_every_block():
+  encoder = layers.Encoder(num_layers=2, num_heads=4, mlp_dim=32)
+  params = encoder.init(jax.random.key(0), X)
+  np.testing.assert_allclose(encoder.apply(params, X, kv_lengths=LENGTHS),
+                             encoder.apply(params, X, mask=KEY_PADDING), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(encoder.apply(params, X)[0], encoder.apply(params, X, mask=KEY_PADDING)[0])
+  # q_lengths reaches the blocks too: padded rows change, valid rows do not.
+  both = encoder.apply(params, X, q_lengths=LENGTHS, kv_lengths=LENGTHS)
+  np.testing.assert_allclose(both[0, :3], encoder.apply(params, X, kv_lengths=LENGTHS)[0, :3],
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(both[0, 3:], encoder.apply(params, X, kv_lengths=LENGTHS)[0, 3:])
+
+
 def test_cross_attention_shapes_and_heads_check():
   ctx = jax.random.normal(jax.random.key(4), (2, 3, 8))
   cross = layers.CrossAttention(num_heads=2, qkv_features=8)

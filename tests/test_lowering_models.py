@@ -59,14 +59,13 @@ KERNELS = {
     "cifar10_vit": (FUSED, FUSED, ""),
     "dates_bahdanau": (NONE, NONE, "RNN decoder, additive scores (kernels.scores), no kernel"),
     "dates_luong": (NONE, NONE, "RNN decoder, Luong general score (kernels.scores), no kernel"),
-    # Goal: eval fused. Today: train reference, eval jax_nn (see XFAIL).
+    # Token padding reaches attention as kv_lengths, which the fused kernels
+    # take (a dense mask would send TPU and GPU to jax_nn).
     "imdb_bytes_transformer": (
         "reference", FUSED,
         "training applies attention dropout 0.1, which only the reference kernel has"),
     "listops_attention_pooling": (NONE, NONE, "GRU encoder, additive attention pooling"),
-    # Goal: fused. Today: jax_nn in both steps (see XFAIL).
     "listops_lra_transformer": (FUSED, FUSED, ""),
-    # Goal: fused. Today: jax_nn in both steps (see XFAIL).
     "listops_transformer": (FUSED, FUSED, ""),
     "mnist_cnn": (NONE, NONE, "CNN: CBAM gates channels and positions with convolutions"),
     "mnist_pixel_transformer": (FUSED, FUSED, ""),
@@ -77,23 +76,6 @@ KERNELS = {
         "the learned relative-position bias is a dense [1, heads, T, T] bias, which "
         "no fused kernel takes"),
     "speech_kwt": (FUSED, FUSED, ""),
-}
-
-_PADDING_AS_DENSE_MASK = (
-    "TokenClassifier._classify passes the token padding to attention as a dense "
-    "mask valid[:, None, None, :], and neither splash nor pallas takes a mask, so "
-    "dispatch falls back to jax_nn on TPU and GPU. Both fused kernels take "
-    "kv_lengths; padding here is always trailing (id 0 only after the tokens, CLS "
-    "in front), so Encoder/EncoderBlock/MultiHeadAttention need a kv_lengths "
-    "argument and TokenClassifier should pass valid.sum(-1) instead of the mask")
-# Steps that should get a fused kernel and do not, with what to change. Strict:
-# once fixed the test passes, fails as XPASS, and the mark must go.
-XFAIL = {
-    "listops_lra_transformer": _PADDING_AS_DENSE_MASK + (
-        " (its config comment promises 'the backend's fast kernel at 2,000 "
-        "tokens'; today train and eval run jax_nn)"),
-    "imdb_bytes_transformer": _PADDING_AS_DENSE_MASK + " (today the eval step runs jax_nn)",
-    "listops_transformer": _PADDING_AS_DENSE_MASK,
 }
 
 # The fused kernels' names in a lowered module: forward, and backward pieces.
@@ -255,13 +237,9 @@ def lower_steps(name, chosen, platforms=("tpu", "gpu"), device_kind=lowering.TPU
 
 def test_every_experiment_is_in_the_table():
   assert sorted(KERNELS) == experiments.names(), "classify the new experiment in KERNELS"
-  assert set(XFAIL) <= set(KERNELS)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=MissingFusedKernel,
-                                            reason=XFAIL[n])) if n in XFAIL else n
-    for n in sorted(KERNELS)])
+@pytest.mark.parametrize("name", sorted(KERNELS))
 def test_train_and_eval_steps_lower_with_their_kernel(name, chosen):
   problems = lower_steps(name, chosen)
   if problems:

@@ -3,12 +3,14 @@ causal under teacher forcing, greedy decoding ignores the target and stops at
 ``<eos>``, and the seq2seq metrics score what they claim."""
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from attention_lab.layers import Encoder
 from attention_lab.models.seq2seq import ATTENTIONS
 from attention_lab.models.seq2seq import BOS_ID
 from attention_lab.models.seq2seq import EOS_ID
@@ -65,6 +67,43 @@ def test_text_transformer_same_logits_with_every_kernel():
   fast = model.clone(kernel="blockwise")
   np.testing.assert_allclose(fast.apply({"params": params}, TOKENS), want, rtol=1e-4,
                              atol=1e-5)
+
+
+def _dense_key_padding(valid):
+  """A Flax interceptor that runs every ``Encoder`` with the dense key padding
+  mask ``valid[:, None, None, :]`` instead of lengths: how the classifier
+  passed padding before it passed ``kv_lengths``."""
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, Encoder) and context.method_name == "__call__":
+      kwargs = dict(kwargs, kv_lengths=None, q_lengths=None, mask=valid[:, None, None, :])
+    return next_fun(*args, **kwargs)
+  return nn.intercept_methods(interceptor)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("kernel", [None, "reference", "cpu=blockwise"])
+def test_text_transformer_padding_as_lengths_equals_the_dense_mask(pool, kernel):
+  """Padding travels to attention as lengths (which the fused kernels take):
+  logits and the sown weights of the pictures equal the dense-mask model's."""
+  model = TextTransformer(num_classes=5, vocab_size=16, hidden_dim=16, num_layers=2,
+                          num_heads=2, mlp_dim=32, pool=pool, kernel=kernel)
+  params = model.init(jax.random.key(0), TOKENS)["params"]
+  params = _perturb(params, ("head", "kernel"),
+                    lambda k: jax.random.normal(jax.random.key(1), k.shape))
+  valid = TOKENS != 0
+  if pool == "cls":
+    valid = jnp.concatenate([jnp.ones((len(TOKENS), 1), bool), valid], axis=1)
+  got, state = model.apply({"params": params}, TOKENS, mutable=["intermediates"])
+  with _dense_key_padding(valid):
+    want, want_state = model.apply({"params": params}, TOKENS, mutable=["intermediates"])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Each block's sown attention_weights: what the pictures draw.
+  weights, want_weights = (jax.tree_util.tree_leaves(s["intermediates"])
+                           for s in (state, want_state))
+  assert len(weights) == 2
+  for w, v in zip(weights, want_weights):
+    np.testing.assert_allclose(w, v, rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(w)[2, :, :, valid[2].sum():] == 0.0)   # padding masked
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from attention_lab import kernels
+from attention_lab.kernels import masks
 
 
 class MultiHeadAttention(nn.Module):
@@ -30,8 +31,12 @@ class MultiHeadAttention(nn.Module):
 
   When the ``intermediates`` collection is mutable, the softmax weights
   ``[batch, heads, q_length, kv_length]`` are sown as ``attention_weights``,
-  recomputed from this layer's queries and keys, so they are the same
-  whichever kernel ran.
+  recomputed from this layer's queries and keys (with ``mask`` and the
+  padding of the lengths applied), so they are the same whichever kernel ran.
+
+  Padding travels as lengths (``kv_lengths``, ``q_lengths``), which the fused
+  kernels (splash, pallas) take; a dense ``mask`` sends dispatch to a
+  materialised kernel, so keep it for patterns lengths cannot express.
   """
   num_heads: int
   qkv_features: Optional[int] = None
@@ -47,7 +52,7 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None, *, mask=None, bias=None,
-               deterministic: bool = True):
+               q_lengths=None, kv_lengths=None, deterministic: bool = True):
     """Attends from ``inputs_q [batch, q_length, features]`` to ``inputs_kv``.
 
     Args:
@@ -55,6 +60,12 @@ class MultiHeadAttention(nn.Module):
       inputs_kv: ``[batch..., kv_length, kv_features]``; None = self-attention.
       mask: bool broadcastable to ``[batch..., heads, q_length, kv_length]``.
       bias: float, same broadcasting.
+      q_lengths: int ``[batch...]``, valid prefix of the queries: attention
+        outputs past it are zeros (and so are their sown weight rows). Without
+        it padded query rows attend as any other row.
+      kv_lengths: int ``[batch...]``, valid prefix of the keys (trailing
+        padding): keys at or past it are hidden, as by the mask
+        ``arange(kv_length) < kv_lengths``, but fused kernels still run.
       deterministic: disables dropout.
 
     Returns:
@@ -80,12 +91,18 @@ class MultiHeadAttention(nn.Module):
     out = kernels.dot_product_attention(
         query, key, value, bias, mask, is_causal=self.is_causal,
         local_window_size=self.local_window_size, implementation=self.kernel,
+        q_lengths=q_lengths, kv_lengths=kv_lengths,
         dropout_rate=self.dropout_rate if use_dropout else 0.0,
         dropout_rng=self.make_rng("dropout") if use_dropout else None,
         deterministic=not use_dropout)
     if self.is_mutable_collection("intermediates"):
+      padding = masks.combine_masks(
+          mask,
+          None if kv_lengths is None else masks.key_padding_mask(kv_lengths, key.shape[-3]),
+          None if q_lengths is None
+          else masks.padding_mask(q_lengths, query.shape[-3])[..., None, :, None])
       self.sow("intermediates", "attention_weights", kernels.attention_weights(
-          query, key, bias, mask, is_causal=self.is_causal,
+          query, key, bias, padding, is_causal=self.is_causal,
           local_window_size=self.local_window_size))
     return nn.DenseGeneral(
         features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
@@ -94,19 +111,26 @@ class MultiHeadAttention(nn.Module):
 
 
 class SelfAttention(MultiHeadAttention):
-  """Self-attention: queries, keys and values all come from ``inputs``."""
+  """Self-attention: queries, keys and values all come from ``inputs``.
+
+  For trailing padding pass ``kv_lengths`` (padded keys hidden, padded query
+  rows still computed, as the mask ``valid[:, None, None, :]`` does); add
+  ``q_lengths`` to zero the padded rows too.
+  """
 
   @nn.compact
-  def __call__(self, inputs, *, mask=None, bias=None, deterministic=True):
-    return super().__call__(inputs, None, mask=mask, bias=bias,
-                            deterministic=deterministic)
+  def __call__(self, inputs, *, mask=None, bias=None, q_lengths=None,
+               kv_lengths=None, deterministic=True):
+    return super().__call__(inputs, None, mask=mask, bias=bias, q_lengths=q_lengths,
+                            kv_lengths=kv_lengths, deterministic=deterministic)
 
 
 class CrossAttention(MultiHeadAttention):
-  """Cross-attention: queries from ``inputs``, keys and values from ``context``."""
+  """Cross-attention: queries from ``inputs``, keys and values from ``context``
+  (``kv_lengths``: the valid prefix of ``context``)."""
 
   @nn.compact
-  def __call__(self, inputs, context, *, mask=None, bias=None,
-               deterministic=True):
-    return super().__call__(inputs, context, mask=mask, bias=bias,
-                            deterministic=deterministic)
+  def __call__(self, inputs, context, *, mask=None, bias=None, q_lengths=None,
+               kv_lengths=None, deterministic=True):
+    return super().__call__(inputs, context, mask=mask, bias=bias, q_lengths=q_lengths,
+                            kv_lengths=kv_lengths, deterministic=deterministic)

@@ -65,15 +65,24 @@ class EncoderBlock(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x, *, mask=None, deterministic: bool = True):
-    """``x [batch, length, features]``, mask broadcastable to
-    ``[batch, heads, length, length]`` -> ``[batch, length, features]``."""
+  def __call__(self, x, *, mask=None, q_lengths=None, kv_lengths=None,
+               deterministic: bool = True):
+    """``x [batch, length, features]`` -> ``[batch, length, features]``.
+
+    Args:
+      mask: bool broadcastable to ``[batch, heads, length, length]``.
+      q_lengths / kv_lengths: int ``[batch]``, the valid prefix (trailing
+        padding) as ``MultiHeadAttention`` takes it: ``kv_lengths`` alone
+        hides padded keys and leaves padded rows computed, as the mask
+        ``valid[:, None, None, :]``, while the fused kernels still run.
+    """
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = SelfAttention(
         num_heads=self.num_heads, kernel=self.kernel,
         dropout_rate=self.attention_dropout_rate, is_causal=self.is_causal,
         local_window_size=self.local_window_size, dtype=self.dtype,
-        name="attention")(y, mask=mask, deterministic=deterministic)
+        name="attention")(y, mask=mask, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                          deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = nn.LayerNorm(dtype=self.dtype)(x)
     return x + MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
@@ -93,7 +102,10 @@ class Encoder(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x, *, mask=None, deterministic: bool = True):
+  def __call__(self, x, *, mask=None, q_lengths=None, kv_lengths=None,
+               deterministic: bool = True):
+    """``x [batch, length, features]`` -> same; ``mask``, ``q_lengths`` and
+    ``kv_lengths`` reach every block's attention (see ``EncoderBlock``)."""
     for i in range(self.num_layers):
       x = EncoderBlock(
           num_heads=self.num_heads, mlp_dim=self.mlp_dim,
@@ -101,5 +113,6 @@ class Encoder(nn.Module):
           attention_dropout_rate=self.attention_dropout_rate,
           kernel=self.kernel, is_causal=self.is_causal,
           local_window_size=self.local_window_size, dtype=self.dtype,
-          name=f"block_{i}")(x, mask=mask, deterministic=deterministic)
+          name=f"block_{i}")(x, mask=mask, q_lengths=q_lengths,
+                             kv_lengths=kv_lengths, deterministic=deterministic)
     return nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)

@@ -45,8 +45,9 @@ class TokenClassifier(nn.Module):
     """tokens ``[batch, tokens, hidden_dim]`` -> logits ``[batch, num_classes]``.
 
     Args:
-      valid: optional bool ``[batch, tokens]``, False at padding; padding is
-        masked out of every attention row and out of mean pooling.
+      valid: optional bool ``[batch, tokens]``, False at padding, which must
+        trail the tokens (True on a prefix, as the text pipelines pad). The
+        padding is hidden from every attention row and from mean pooling.
     """
     name = type(self).__name__
     if self.pool == "cls":
@@ -59,14 +60,16 @@ class TokenClassifier(nn.Module):
       raise ValueError(f"{name}: unknown pool {self.pool!r}; use 'cls' or 'mean'")
     x = LearnedPositionEmbedding(name="position_embedding")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    # Keys at padding are masked; queries at padding still compute (their
-    # outputs are never read), which keeps every row non-empty.
-    mask = None if valid is None else valid[:, None, None, :]
+    # Padding travels as lengths, which the fused kernels take (a dense mask
+    # would send TPU and GPU to a materialised kernel). Keys at padding are
+    # hidden; queries at padding still compute (no q_lengths: their outputs
+    # are never read, and the sown weights keep those rows as they were).
+    lengths = None if valid is None else valid.sum(axis=-1, dtype=jnp.int32)
     x = Encoder(
         num_layers=self.num_layers, num_heads=self.num_heads,
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate, kernel=self.kernel,
-        dtype=self.dtype, name="encoder")(x, mask=mask, deterministic=not train)
+        dtype=self.dtype, name="encoder")(x, kv_lengths=lengths, deterministic=not train)
     if self.pool == "cls":
       x = x[:, 0]
     elif valid is None:
