@@ -19,6 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every = 500
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
+  # True: orbax writes checkpoints on a background thread while training goes
+  # on (a kill mid-write still leaves only complete checkpoints).
+  config.async_checkpoints = False
   config.label_smoothing = 0.0
   config.debug_nans = False          # JAX's NaN checking: stops at the op that made a NaN (slow)
 
@@ -41,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.augment_flip = False   # random left-right mirror (natural images)
   config.data.grayscale = False      # colour images -> one luminance channel
   config.data.max_length = 0         # text: tokens per example (padding / truncation length)
+  config.data.prefetch = 2           # batches built ahead on a background thread; 0: none
 
   # Devices: a (data, sequence) mesh over all of them (train/sharding.py).
   config.mesh = ml_collections.ConfigDict()

@@ -5,6 +5,11 @@ spent so far, for ETA and results) and the config the run was started with.
 
 A save is atomic (orbax writes a temporary folder and renames it when
 complete), so a run killed mid-save leaves the previous checkpoints intact.
+With ``async_save`` the arrays are copied to host memory before ``save``
+returns and written by a background thread while training goes on; the
+rename still comes last, so a run killed while that thread writes leaves only
+a temporary folder, which the next run removes. ``wait`` (and ``close``)
+return once every save is renamed into place.
 ``restore_newest_readable`` goes further for checkpoints damaged afterwards
 (a truncated file, lost metadata): it moves an unreadable step aside into
 ``UNREADABLE_DIR`` (never deleting it) and falls back to the next newest.
@@ -42,45 +47,64 @@ class Checkpoints:
   Args:
     directory: where step folders go (created if absent).
     keep: how many of the newest checkpoints to keep.
+    async_save: write in a background thread (``save`` returns once the
+      arrays are on the host); otherwise ``save`` returns once on disk.
   """
 
-  def __init__(self, directory: str, keep: int):
+  def __init__(self, directory: str, keep: int, async_save: bool = False):
     self.directory = os.path.abspath(directory)
+    self.async_save = async_save
+    self._pending: Optional[int] = None      # the step a background save is writing
     self.manager = ocp.CheckpointManager(
         self.directory,
         # Named handlers let a fresh process read a step's metadata before
         # restoring it (to tell a damaged checkpoint from a changed config).
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "record": ocp.JsonCheckpointHandler()},
-        # Saves are waited for anyway (the loop needs them on disk before it
-        # goes on), so no background thread is kept writing.
         # Temporary folders left by a process killed mid-save are removed
         # when the next run opens the directory.
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False,
+                                             enable_async_checkpointing=async_save,
                                              cleanup_tmp_directories=True))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def save(self, step: int, state, record: Dict[str, Any]) -> None:
-    """Saves step ``step``; returns once the save is complete on disk.
+    """Saves step ``step``; returns once the save is complete on disk, or with
+    ``async_save`` once ``state`` is copied to the host (``state`` may then
+    change, or be donated, while the write goes on).
 
     Raises:
-      CheckpointError: the disk refused the write (full, read-only...); the
-        half-written step stays a temporary folder and earlier steps are kept.
+      CheckpointError: the disk refused the write (full, read-only...) of this
+        step or, with ``async_save``, of the previous one still being written;
+        the half-written step stays a temporary folder and earlier steps are
+        kept.
     """
+    self.wait()            # the previous background save, with its own step number
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
           record=ocp.args.JsonSave(record)), force=True)
-      self.manager.wait_until_finished()
     except Exception as e:  # OSError, or storage errors (TensorStore) wrapping one
-      reason = (e.strerror if isinstance(e, OSError) and e.strerror else
-                f"{type(e).__name__}: {e}")
-      raise CheckpointError(
-          f"cannot write checkpoint step {step} to {self.directory}: {reason}; "
-          "the earlier checkpoints are kept") from e
+      raise _write_error(step, self.directory, e) from e
+    self._pending = step
+    if not self.async_save:
+      self.wait()
+
+  def wait(self) -> None:
+    """Returns once every save started is complete (renamed into place) on disk.
+
+    Raises:
+      CheckpointError: a background write failed (naming its step).
+    """
+    step, self._pending = self._pending, None
+    if step is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise _write_error(step, self.directory, e) from e
 
   def restore(self, template, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
     """Restores ``step`` (default: latest) into the structure of ``template``.
@@ -165,8 +189,18 @@ class Checkpoints:
     return aside
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for a pending save (see ``wait``), then releases orbax's threads."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+def _write_error(step: int, directory: str, e: Exception) -> CheckpointError:
+  reason = (e.strerror if isinstance(e, OSError) and e.strerror else
+            f"{type(e).__name__}: {e}")
+  return CheckpointError(f"cannot write checkpoint step {step} to {directory}: {reason}; "
+                         "the earlier checkpoints are kept")
 
 
 def _check_shapes(expected, got) -> None:

@@ -3,7 +3,12 @@
 Determinism: the batch of step ``s`` is a pure function of ``(config.seed, s)``
 and the dropout key of step ``s`` is ``fold_in(key(seed), s)``, so a run that
 is stopped and resumed from a checkpoint ends with exactly the parameters of an
-uninterrupted run.
+uninterrupted run. Two things run beside the device step without changing
+that: the next ``config.data.prefetch`` batches are built on a thread (the
+same pure function, called early), and with ``config.async_checkpoints`` a
+checkpoint is written by orbax's thread while training goes on (it counts as
+saved only once renamed into place; the loop waits for it before the final
+evaluation and before returning).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from flax.training import train_state
 
 from attention_lab import data as data_lib
 from attention_lab import models
+from attention_lab.data import pipeline
 from attention_lab.train import checkpoint as checkpoint_lib
 from attention_lab.train import optim
 from attention_lab.train import preemption
@@ -166,7 +172,8 @@ class Experiment:
 
 def _checkpoints(config, workdir):
   return checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
-                                    keep=config.keep_checkpoints)
+                                    keep=config.keep_checkpoints,
+                                    async_save=config.async_checkpoints)
 
 
 def train_and_evaluate(config, workdir: str, *,
@@ -252,9 +259,13 @@ def _train(exp, state, record, ckpts, writer, workdir, stop_after):
 
   pending = []  # (step, metrics) since the last log line, still on device
   metrics: Dict[str, float] = {}
-  with preemption.Listener() as stop_signal:
+  # Leaving this block for any reason (the end, a stop, an error,
+  # KeyboardInterrupt) stops the prefetch thread and waits for it.
+  with preemption.Listener() as stop_signal, pipeline.Prefetcher(
+      exp.data.train, start=step, stop=config.total_steps,
+      depth=config.data.prefetch) as batches:
     while step < config.total_steps:
-      state, step_metrics = exp.train_step(state, exp.batch(exp.data.train(step)))
+      state, step_metrics = exp.train_step(state, exp.batch(batches.get(step)))
       step += 1
       pending.append((step, step_metrics))
       logging_now = step % config.log_every == 0 or step == config.total_steps
@@ -281,6 +292,7 @@ def _train(exp, state, record, ckpts, writer, workdir, stop_after):
         if not saving_now:
           _check_finite(pending)
           save(step)
+        ckpts.wait()                       # on disk before the log line says so
         writer.flush()
         why = f"on {stop_signal.name}" if signalled else "as asked"
         logging.info("stopped at step %d %s; checkpoint saved, rerun the same command "
@@ -289,6 +301,8 @@ def _train(exp, state, record, ckpts, writer, workdir, stop_after):
 
   if ckpts.latest_step() != step:
     save(step)
+  # results.json only ever sits beside a final checkpoint that is on disk.
+  ckpts.wait()
   return finish(exp, state, workdir, writer, progress.elapsed())
 
 
