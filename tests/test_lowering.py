@@ -123,6 +123,22 @@ def test_named_kernel_is_checked_against_the_lowering_platform():
   assert "splash" in lowering.kernel_names(lowering.lower_for(fn, (q, k, v), "tpu"))
 
 
+def test_residual_lowers_our_pallas_kernel_on_both_accelerators():
+  """``return_residual`` (splash has no differentiable one) goes to our Pallas
+  kernel: Mosaic on TPU, Triton on GPU, forward and the gradient through it."""
+  def fn(q, k, v):
+    out, lse = kernels.dot_product_attention(q, k, v, is_causal=True, return_residual=True)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+  args = _abstract(jnp.bfloat16)
+  for f in (fn, jax.grad(fn, (0, 1, 2))):
+    text = lowering.lower_for(f, args, "tpu")
+    assert "attention_lab_flash_forward" in lowering.kernel_names(text)
+    assert "splash" not in " ".join(lowering.kernel_names(text))
+    assert lowering.TRITON_CALL in lowering.custom_calls(lowering.lower_for(f, args, "cuda"))
+  assert "attention_lab_flash_dq" in lowering.kernel_names(
+      lowering.lower_for(jax.grad(fn, (0, 1, 2)), args, "tpu"))
+
+
 def test_a_kernel_pinned_on_cpu_leaves_the_accelerators_automatic():
   """``implementation="cpu=reference"`` (an experiment's CPU tuning) runs the
   reference kernel on CPU and still lowers the fused kernels elsewhere."""

@@ -84,11 +84,11 @@ register(KernelSpec(
     description="materialised softmax(q k^T) v; float64-checkable ground truth"))
 register(KernelSpec(
     name="jax_nn", fn=jax_nn_attention,
-    features=frozenset({"mask", "bias", "causal", "window"}),
+    features=frozenset({"mask", "bias", "causal", "window", "residual"}),
     description="jax.nn.dot_product_attention, XLA formulation"))
 register(KernelSpec(
     name="pallas", fn=pallas_attention,
-    features=frozenset({"causal", "window"}),
+    features=frozenset({"causal", "window", "residual"}),
     dtypes=("float32", "bfloat16", "float16"), per_device=True,
     description="our Pallas flash kernel: Triton on GPU, Mosaic on TPU, interpreted on CPU; "
                 "kv_lengths for padding"))
@@ -108,7 +108,7 @@ register(KernelSpec(
     description="cuDNN fused attention through jax.nn (GPU, half precision)"))
 register(KernelSpec(
     name="blockwise", fn=blockwise_attention,
-    features=frozenset({"mask", "bias", "causal", "window"}),
+    features=frozenset({"mask", "bias", "causal", "window", "residual"}),
     applies=lambda s: s.kv_length >= BLOCKWISE_MIN_KV_LENGTH,
     description="online softmax over key blocks, custom_vjp; O(length) memory"))
 register(KernelSpec(

@@ -206,10 +206,16 @@ def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths):
   return out, lse
 
 
-def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out):
-  """Gradients wrt q, k, v (and bias), recomputing probabilities block by block."""
+def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out,
+              d_lse=None):
+  """Gradients wrt q, k, v (and bias), recomputing probabilities block by block.
+
+  ``d_lse`` (``[b, n, Tp]`` or None): the cotangent of the log-sum-exp.
+  """
   f32 = jnp.float32
   delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)     # [b, n, Tp]
+  if d_lse is not None:
+    delta = delta - d_lse.astype(f32)
   d_q = jnp.zeros(q.shape, f32)
   d_k = jnp.zeros(k.shape, f32)
   d_v = jnp.zeros(v.shape, f32)
@@ -284,21 +290,30 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
   return d_q, d_k, d_v, d_bias
 
 
-def _make_attention(st: _Static):
-  """A custom_vjp attention for one static setting (padded heads-major inputs)."""
+def _make_attention(st: _Static, with_lse: bool = False):
+  """A custom_vjp attention for one static setting (padded heads-major inputs).
+
+  With ``with_lse`` it returns ``(out, lse)`` and the backward takes the
+  log-sum-exp's cotangent too: ``d lse_i / d s_ij = p_ij``, so a cotangent
+  ``g_i`` adds ``g_i p_ij`` to ``ds_ij``, the same as lowering ``delta_i`` by
+  ``g_i``.
+  """
 
   @jax.custom_vjp
   def attend(q, k, v, bias, mask, q_lengths, kv_lengths):
-    return _forward(st, q, k, v, bias, mask, q_lengths, kv_lengths)[0]
+    out, lse = _forward(st, q, k, v, bias, mask, q_lengths, kv_lengths)
+    return (out, lse) if with_lse else out
 
   def fwd(q, k, v, bias, mask, q_lengths, kv_lengths):
     out, lse = _forward(st, q, k, v, bias, mask, q_lengths, kv_lengths)
-    return out, (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+    res = (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+    return ((out, lse) if with_lse else out), res
 
-  def bwd(res, d_out):
+  def bwd(res, cotangent):
     q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = res
+    d_out, d_lse = cotangent if with_lse else (cotangent, None)
     d_q, d_k, d_v, d_bias = _backward(st, q, k, v, bias, mask, q_lengths,
-                                      kv_lengths, out, lse, d_out)
+                                      kv_lengths, out, lse, d_out, d_lse)
     cast = lambda g, x: None if g is None else g.astype(x.dtype)
     return (cast(d_q, q), cast(d_k, k), cast(d_v, v), cast(d_bias, bias),
             None, None, None)
@@ -310,6 +325,7 @@ def _make_attention(st: _Static):
 def blockwise_attention(query, key, value, bias=None, mask=None, *,
                         scale: Optional[float] = None, is_causal: bool = False,
                         local_window_size=None, q_lengths=None, kv_lengths=None,
+                        return_residual: bool = False,
                         block_q: int = DEFAULT_BLOCK_Q,
                         block_k: Optional[int] = None):
   """Flash-style attention; same arguments and shapes as ``reference_attention``.
@@ -322,11 +338,15 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
       kept in their compact (broadcast) shape and sliced per block.
     q_lengths / kv_lengths: int ``[batch...]``, valid prefix lengths: padding
       masks in O(length) memory (rows past ``q_lengths`` return zeros).
+    return_residual: also return the float32 log-sum-exp of each query's
+      scores ``[batch..., q_length, heads]`` (``-inf`` where a query has no
+      key), differentiable.
     block_q / block_k: block sizes (clipped to the padded lengths); block_k
       defaults to 1024, or 512 for causal or windowed attention.
 
   Returns:
-    ``[batch..., q_length, heads, value_dim]`` in the query dtype.
+    ``[batch..., q_length, heads, value_dim]`` in the query dtype (and the
+    residual).
   """
   shape = checks.check_inputs(query, key, value, mask, bias, who="blockwise_attention")
   batch = shape.batch
@@ -359,6 +379,12 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
     bias_c = bias_c.astype(jnp.promote_types(bias_c.dtype, jnp.float32))
   as_flat = lambda x: None if x is None else jnp.asarray(x, jnp.int32).reshape(flat)
 
-  out = _make_attention(st)(q, k, v, bias_c, mask_c, as_flat(q_lengths), as_flat(kv_lengths))
+  out = _make_attention(st, return_residual)(q, k, v, bias_c, mask_c, as_flat(q_lengths),
+                                            as_flat(kv_lengths))
+  out, lse = out if return_residual else (out, None)
   out = jnp.swapaxes(out[:, :, :shape.q_length], 1, 2)              # [b, t, n, dv]
-  return out.reshape(batch + out.shape[1:])
+  out = out.reshape(batch + out.shape[1:])
+  if lse is None:
+    return out
+  lse = jnp.swapaxes(lse[:, :, :shape.q_length], 1, 2)              # [b, t, n]
+  return out, lse.reshape(batch + lse.shape[1:])

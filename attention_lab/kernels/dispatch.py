@@ -32,12 +32,12 @@ _LOGGED_CHOICES = set()
 
 def requested_features(*, mask=None, bias=None, is_causal=False,
                        local_window_size=None, dropout=False,
-                       weights=False) -> FrozenSet[str]:
+                       weights=False, residual=False) -> FrozenSet[str]:
   """The feature set a call needs, from its arguments."""
   wanted = {
       "mask": mask is not None, "bias": bias is not None, "causal": is_causal,
       "window": local_window_size is not None, "dropout": dropout,
-      "weights": weights,
+      "weights": weights, "residual": residual,
   }
   return frozenset(f for f, on in wanted.items() if on)
 
@@ -134,6 +134,7 @@ def _run(spec: registry.KernelSpec, query, key, value, bias, mask, q_lengths, kv
          *, shape: checks.AttentionShape, scale, is_causal, kwargs, precision):
   """Calls one kernel: lengths as the kernel takes them, per device when it
   must be, ``precision`` through JAX's matmul precision when it has none."""
+  residual = bool(kwargs.get("return_residual"))
   kwargs = dict(kwargs)
   if kv_lengths is not None:
     if spec.takes("kv_lengths"):
@@ -175,13 +176,21 @@ def _run(spec: registry.KernelSpec, query, key, value, bias, mask, q_lengths, kv
       out = run()
   else:
     out = run()
+  if residual:
+    # One dtype from every kernel (platform_dependent's branches must agree).
+    out = (out[0], out[1].astype(jnp.float32))
   if q_lengths is not None and not spec.takes("q_lengths"):
-    # Query padding: rows past the length attend to nothing, so zeros.
-    valid = masks.padding_mask(q_lengths, shape.q_length)[..., None, None]
+    # Query padding: rows past the length attend to nothing: zeros, and an
+    # empty log-sum-exp.
+    valid = masks.padding_mask(q_lengths, shape.q_length)[..., None]    # [batch..., q, 1]
     if isinstance(out, tuple):
-      out = (jnp.where(valid, out[0], 0).astype(out[0].dtype),) + out[1:]
+      first = jnp.where(valid[..., None], out[0], 0).astype(out[0].dtype)
+      rest = out[1:]
+      if residual:
+        rest = (jnp.where(valid, rest[0], -jnp.inf),) + rest[1:]
+      out = (first,) + rest
     else:
-      out = jnp.where(valid, out, 0).astype(out.dtype)
+      out = jnp.where(valid[..., None], out, 0).astype(out.dtype)
   return out
 
 
@@ -194,12 +203,13 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
                           dropout_rng=None, dropout_rate: float = 0.0,
                           broadcast_dropout: bool = True,
                           deterministic: bool = False, dtype=None,
-                          precision=None, module=None, **options):
+                          precision=None, module=None, return_residual: bool = False,
+                          **options):
   """Scaled dot-product attention through a registered kernel.
 
-  Signature-compatible with ``jax.nn.dot_product_attention`` (query, key,
-  value, bias, mask, scale, is_causal, query_seq_lengths,
-  key_value_seq_lengths, local_window_size, implementation) and with Flax
+  A drop-in for ``jax.nn.dot_product_attention`` (query, key, value, bias,
+  mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
+  local_window_size, implementation, return_residual) and for Flax
   linen's ``attention_fn`` (mask, dropout_rng, dropout_rate,
   broadcast_dropout, deterministic, dtype, precision, module).
 
@@ -225,10 +235,14 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
       a ``precision`` parameter run under ``jax.default_matmul_precision``.
     module: a Flax module; when given (Flax passes it with ``sow_weights``),
       the weights are sown into its ``intermediates`` collection.
+    return_residual: also return the log-sum-exp of each query's scaled and
+      biased scores, float32 ``[batch..., q_length, heads]`` (jax.nn's
+      residual); gradients flow through it. A query with no key gets
+      ``-inf`` (jax.nn gives a large finite negative there).
     **options: kernel-specific options, passed to kernels that name them.
 
   Returns:
-    ``[batch..., q_length, heads, value_dim]``.
+    ``[batch..., q_length, heads, value_dim]``, or ``(out, residual)``.
   """
   for name, x in (("query", query), ("key", key), ("value", value)):
     if jnp.iscomplexobj(x):
@@ -245,13 +259,19 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
     local_window_size = tuple(local_window_size)
   use_dropout = dropout_rate > 0.0 and not deterministic
   return_weights = bool(options.get("return_weights", False))
+  if return_weights and return_residual:
+    raise ValueError("dot_product_attention: ask for return_weights or return_residual, "
+                     "not both")
   features = requested_features(mask=mask, bias=bias, is_causal=is_causal,
                                 local_window_size=local_window_size,
-                                dropout=use_dropout, weights=return_weights)
+                                dropout=use_dropout, weights=return_weights,
+                                residual=return_residual)
 
   kwargs = {k: v for k, v in options.items() if not (k == "return_weights" and not v)}
   if local_window_size is not None:
     kwargs["local_window_size"] = local_window_size
+  if return_residual:
+    kwargs["return_residual"] = True
   if use_dropout:
     if dropout_rng is None:
       raise ValueError("dot_product_attention: dropout_rate > 0 with "
@@ -291,6 +311,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
                     jnp.result_type(query.dtype, value.dtype))
     if return_weights:
       out = (out, jnp.zeros(shape.scores, jnp.float32))
+    if return_residual:
+      out = (out, jnp.full(shape.batch + (shape.q_length, shape.heads), -jnp.inf, jnp.float32))
   else:
     run = functools.partial(_run, shape=shape, scale=scale, is_causal=is_causal,
                             kwargs=kwargs, precision=precision)

@@ -15,14 +15,20 @@ import jax
 import jax.numpy as jnp
 
 from attention_lab.kernels import checks
+from attention_lab.kernels.reference import attention_logits
 from attention_lab.kernels.reference import full_mask
+from attention_lab.kernels.scores import masked_logsumexp
 
 
 def jax_nn_attention(query, key, value, bias=None, mask=None, *,
                      scale: Optional[float] = None, is_causal: bool = False,
-                     local_window_size=None,
+                     local_window_size=None, return_residual: bool = False,
                      jax_implementation: Optional[str] = None):
-  """Same arguments and shapes as ``reference_attention`` (no dropout)."""
+  """Same arguments and shapes as ``reference_attention`` (no dropout).
+
+  ``return_residual``: also the float32 log-sum-exp ``[batch..., q, heads]``
+  (``-inf`` for a query with no key), with gradients.
+  """
   shape = checks.check_inputs(query, key, value, mask, bias,
                               who="jax_nn_attention")
   if bias is not None:
@@ -50,12 +56,27 @@ def jax_nn_attention(query, key, value, bias=None, mask=None, *,
   width = max(shape.head_dim, shape.value_dim)
   pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
   scale = shape.head_dim ** -0.5 if scale is None else scale
-  out = jax.nn.dot_product_attention(
-      flatten(pad(query)), flatten(pad(key)), flatten(pad(value)),
-      bias=flatten_scores(bias), mask=flatten_scores(mask), scale=scale,
+  attend = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, bias=flatten_scores(bias), mask=flatten_scores(mask), scale=scale,
       is_causal=is_causal, local_window_size=local_window_size,
       implementation=jax_implementation)
+  args = (flatten(pad(query)), flatten(pad(key)), flatten(pad(value)))
+  if query.dtype == jnp.float16 and jax_implementation is None:
+    # jax.nn asks for the F16_F16_F32 dot algorithm, which XLA:CPU cannot
+    # compile (the backward pass fails): on CPU run it in float32 instead.
+    on_cpu = lambda q, k, v: attend(*(x.astype(jnp.float32) for x in (q, k, v))).astype(q.dtype)
+    out = jax.lax.platform_dependent(*args, cpu=on_cpu, default=attend)
+  else:
+    out = attend(*args)
   out = out.reshape(batch + out.shape[1:])[..., :shape.value_dim]
+  lse = None
+  if return_residual:
+    # jax.nn's own residual is stop_gradient'ed and in the input dtype; the
+    # contract's is float32 and differentiable, so it is computed here (the
+    # XLA formulation materialises the scores anyway).
+    logits = attention_logits(query, key, bias, scale=scale)
+    lse = masked_logsumexp(logits, full_mask(shape, mask, is_causal, local_window_size))
+    lse = jnp.swapaxes(lse, -1, -2).astype(jnp.float32)        # [batch..., q, heads]
 
   # jax.nn gives a fully masked row the mean of the values; the contract
   # says zeros. Only a mask (the user's, or a -inf bias) or a window can
@@ -66,4 +87,4 @@ def jax_nn_attention(query, key, value, bias=None, mask=None, *,
     row_has_key = jnp.any(combined, axis=-1)            # [batch..., heads, q]
     row_has_key = jnp.swapaxes(row_has_key, -1, -2)     # [batch..., q, heads]
     out = jnp.where(row_has_key[..., None], out, jnp.zeros((), out.dtype))
-  return out
+  return out if lse is None else (out, lse)

@@ -234,8 +234,10 @@ def _call_options(target: str):
   return dict(interpret=True)
 
 
-def _make(st: _Setting, target: str):
-  """custom_vjp attention over padded heads-major arrays and kv lengths ``[b]``."""
+def _make(st: _Setting, target: str, with_lse: bool = False):
+  """custom_vjp attention over padded heads-major arrays and kv lengths ``[b]``;
+  with ``with_lse`` it also returns the per-row statistics ``[b, n, Tp, lanes]``
+  (the log-sum-exp, broadcast over lanes)."""
   options = _call_options(target)
 
   def rows_shape(b, n):
@@ -256,18 +258,24 @@ def _make(st: _Setting, target: str):
 
   @jax.custom_vjp
   def attend(q, k, v, lengths):
-    return forward(q, k, v, lengths)[0]
+    out, lse = forward(q, k, v, lengths)
+    return (out, lse) if with_lse else out
 
   def fwd(q, k, v, lengths):
     out, lse = forward(q, k, v, lengths)
-    return out, (q, k, v, lengths, out, lse)
+    return ((out, lse) if with_lse else out), (q, k, v, lengths, out, lse)
 
-  def bwd(res, d_out):
+  def bwd(res, cotangent):
     q, k, v, lengths, out, lse = res
+    d_out, d_lse = cotangent if with_lse else (cotangent, None)
     b, n, _, d = q.shape
     dv = v.shape[-1]
     sp = _specs(st, d, dv)
     delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1, keepdims=True)
+    if d_lse is not None:
+      # d lse_i / d s_ij = p_ij: the log-sum-exp's cotangent lowers delta.
+      # The statistic is stored broadcast over lanes; the caller read lane 0.
+      delta = delta - jnp.sum(d_lse, axis=-1, keepdims=True)
     delta = jnp.broadcast_to(delta, lse.shape)
     d_k, d_v = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st),
@@ -294,7 +302,7 @@ def _make(st: _Setting, target: str):
 
 
 def _attend_on(target, query, key, value, lengths, *, shape, scale, is_causal,
-               window, block_q, block_k):
+               window, block_q, block_k, return_residual=False):
   """The whole call for one target: tiles, padding, kernel, unpadding."""
   tpu = target in ("tpu", "tpu_interpret")
   batch = shape.batch
@@ -319,14 +327,21 @@ def _attend_on(target, query, key, value, lengths, *, shape, scale, is_causal,
   q = heads_major(query, len(batch), st.q_padded, d_pad)
   k = heads_major(repeat_kv_heads(key, shape.heads), len(batch), st.kv_padded, d_pad)
   v = heads_major(repeat_kv_heads(value, shape.heads), len(batch), st.kv_padded, dv_pad)
-  out = _make(st, target)(q, k, v, lengths)
+  out = _make(st, target, return_residual)(q, k, v, lengths)
+  out, rows = out if return_residual else (out, None)
   out = jnp.swapaxes(out[:, :, :shape.q_length, :shape.value_dim], 1, 2)
-  return out.reshape(batch + out.shape[1:])
+  out = out.reshape(batch + out.shape[1:])
+  if rows is None:
+    return out
+  lse = rows[:, :, :shape.q_length, 0]
+  lse = jnp.where(lse <= _MASKED, -jnp.inf, lse)          # no key: the log of an empty sum
+  lse = jnp.swapaxes(lse, 1, 2)                          # [b, t, n]
+  return out, lse.reshape(batch + lse.shape[1:])
 
 
 def pallas_attention(query, key, value, bias=None, mask=None, *,
                      scale: Optional[float] = None, is_causal: bool = False,
-                     local_window_size=None, kv_lengths=None,
+                     local_window_size=None, kv_lengths=None, return_residual: bool = False,
                      block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
                      target: Optional[str] = None, interpret: Optional[bool] = None):
   """Flash attention in Pallas; arguments and shapes as ``reference_attention``.
@@ -337,6 +352,8 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
     value: ``[batch..., kv_length, kv_heads, value_dim]``.
     bias, mask: not supported (ValueError); use ``kv_lengths`` for padding.
     kv_lengths: int ``[batch...]``, number of valid keys per sequence.
+    return_residual: also return the float32 log-sum-exp ``[batch..., q_length,
+      heads]`` (``-inf`` where a query has no key), differentiable.
     block_q / block_k: tile sizes (powers of two; at least 16 on GPU, rounded
       up to multiples of 128 on TPU).
     target: one of ``TARGETS``; None picks per lowering platform (Triton on
@@ -344,7 +361,8 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
     interpret: True is ``target="interpret"`` (kept for older callers).
 
   Returns:
-    ``[batch..., q_length, heads, value_dim]`` in the query dtype.
+    ``[batch..., q_length, heads, value_dim]`` in the query dtype (and the
+    residual).
   """
   checks.refuse_dense("pallas", bias, mask)
   shape = checks.check_inputs(query, key, value, who="pallas_attention")
@@ -360,7 +378,8 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
 
   run = functools.partial(
       _attend_on, shape=shape, scale=shape.head_dim ** -0.5 if scale is None else scale,
-      is_causal=is_causal, window=window, block_q=block_q, block_k=block_k)
+      is_causal=is_causal, window=window, block_q=block_q, block_k=block_k,
+      return_residual=return_residual)
   if target is not None:
     return run(target, query, key, value, lengths)
   return lax.platform_dependent(

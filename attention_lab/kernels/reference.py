@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from attention_lab.kernels import checks
 from attention_lab.kernels import masks as masks_lib
+from attention_lab.kernels.scores import masked_logsumexp
 from attention_lab.kernels.scores import masked_softmax
 
 
@@ -51,6 +52,20 @@ def heads_major(x, batch_dims: int, length: int, width=None):
   return jnp.pad(x, [(0, 0), (0, 0), (0, length - x.shape[2]), (0, width - x.shape[3])])
 
 
+def attention_logits(query, key, bias=None, *, scale=None, precision=None):
+  """Scaled scores plus bias, ``[batch..., heads, q_length, kv_length]``, in
+  ``promote(dtype, float32)``."""
+  compute = jnp.promote_types(query.dtype, jnp.float32)
+  heads = query.shape[-2]
+  scale = query.shape[-1] ** -0.5 if scale is None else scale
+  key = repeat_kv_heads(key, heads)
+  logits = jnp.einsum("...tnh,...snh->...nts", query.astype(compute),
+                      key.astype(compute), precision=precision) * scale
+  if bias is not None:
+    logits = logits + bias.astype(compute)
+  return logits
+
+
 def attention_weights(query, key, bias=None, mask=None, *, scale=None,
                       is_causal=False, local_window_size=None, precision=None):
   """Softmax weights ``[batch..., heads, q_length, kv_length]``.
@@ -61,13 +76,7 @@ def attention_weights(query, key, bias=None, mask=None, *, scale=None,
   value_stub = key[..., :0]  # only shapes matter for the check
   shape = checks.check_inputs(query, key, value_stub, mask, bias,
                               who="attention_weights")
-  compute = jnp.promote_types(query.dtype, jnp.float32)
-  scale = shape.head_dim ** -0.5 if scale is None else scale
-  key = repeat_kv_heads(key, shape.heads)
-  logits = jnp.einsum("...tnh,...snh->...nts", query.astype(compute),
-                      key.astype(compute), precision=precision) * scale
-  if bias is not None:
-    logits = logits + bias.astype(compute)
+  logits = attention_logits(query, key, bias, scale=scale, precision=precision)
   return masked_softmax(logits, full_mask(shape, mask, is_causal,
                                           local_window_size))
 
@@ -76,7 +85,8 @@ def reference_attention(query, key, value, bias=None, mask=None, *,
                         scale: Optional[float] = None, is_causal: bool = False,
                         local_window_size=None, dropout_rate: float = 0.0,
                         dropout_rng=None, broadcast_dropout: bool = True,
-                        precision=None, return_weights: bool = False):
+                        precision=None, return_weights: bool = False,
+                        return_residual: bool = False):
   """Scaled dot-product attention, materialised.
 
   Args:
@@ -92,10 +102,13 @@ def reference_attention(query, key, value, bias=None, mask=None, *,
       ``dropout_rng`` when > 0.
     broadcast_dropout: share the dropout mask across batch and heads.
     return_weights: also return the weights.
+    return_residual: also return the log-sum-exp of each query's scores,
+      ``[batch..., q_length, heads]`` (``-inf`` where a query has no key).
 
   Returns:
-    ``[batch..., q_length, heads, value_dim]`` in the query dtype (and the
-    float32 weights when ``return_weights``).
+    ``[batch..., q_length, heads, value_dim]`` in the query dtype, then the
+    float32 (at least) weights when ``return_weights``, then the residual
+    when ``return_residual``.
   """
   shape = checks.check_inputs(query, key, value, mask, bias,
                               who="reference_attention")
@@ -115,4 +128,9 @@ def reference_attention(query, key, value, bias=None, mask=None, *,
   value = repeat_kv_heads(value, shape.heads).astype(weights.dtype)
   out = jnp.einsum("...nts,...snh->...tnh", used, value, precision=precision)
   out = out.astype(query.dtype)
-  return (out, weights) if return_weights else out
+  extra = (weights,) if return_weights else ()
+  if return_residual:
+    logits = attention_logits(query, key, bias, scale=scale, precision=precision)
+    lse = masked_logsumexp(logits, full_mask(shape, mask, is_causal, local_window_size))
+    extra += (jnp.swapaxes(lse, -1, -2),)                  # [batch..., q, heads]
+  return (out,) + extra if extra else out

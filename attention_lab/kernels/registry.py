@@ -13,7 +13,7 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from attention_lab.kernels import checks
 
-FEATURES = ("mask", "bias", "causal", "window", "dropout", "weights")
+FEATURES = ("mask", "bias", "causal", "window", "dropout", "weights", "residual")
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 

@@ -100,6 +100,30 @@ def masked_softmax(scores, mask=None, axis: int = -1):
   return exp / jnp.where(denom > 0, denom, 1.0)
 
 
+def masked_logsumexp(scores, mask=None, axis: int = -1):
+  """``log(sum(exp(scores)))`` over the attended entries (True = attend).
+
+  The log-sum-exp of a softmax row (FlashAttention-2's residual). Computed in
+  ``promote(scores.dtype, float32)``; a row with no attended entry (masked, or
+  all ``-inf``) gives ``-inf``, the log of an empty sum, with zero gradient.
+
+  Returns:
+    ``scores.shape`` without ``axis``.
+  """
+  compute_dtype = jnp.promote_types(scores.dtype, jnp.float32)
+  scores = scores.astype(compute_dtype)
+  valid = scores != -jnp.inf
+  if mask is not None:
+    valid = valid & jnp.broadcast_to(jnp.asarray(mask, bool), scores.shape)
+  row_max = jnp.max(jnp.where(valid, scores, -jnp.inf), axis=axis, keepdims=True)
+  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+  total = jnp.sum(jnp.where(valid, jnp.exp(jnp.where(valid, scores, row_max) - row_max), 0.0),
+                  axis=axis, keepdims=True)
+  has_key = total > 0
+  lse = jnp.where(has_key, row_max + jnp.log(jnp.where(has_key, total, 1.0)), -jnp.inf)
+  return jnp.squeeze(lse, axis)
+
+
 def _check_last_dims(query, keys, name):
   if query.shape[-1] != keys.shape[-1]:
     raise ValueError(
