@@ -72,9 +72,12 @@ def cudnn_available() -> bool:
   except Exception:   # no CUDA plugin, or jax moved the check: no cuDNN choice
     return False
 
-# Below this many keys the materialised jax.nn formulation is faster on CPU
-# (benchmarks/README.md: at 512 tokens jax.nn runs 1.4x blockwise's speed, at
-# 1,024 blockwise runs 2.4x jax.nn's).
+# Below this many keys dispatch sends CPU calls to the materialised jax.nn
+# formulation. Measured on this project's 2-core AMD EPYC (benchmarks/README.md,
+# 2026-11-30): at 1,024 keys blockwise runs 4.2x jax_nn's forward speed; at
+# 512 the two are level for causal attention and blockwise is 1.35x faster for
+# full attention (on an earlier CPU jax.nn led there). A per-CPU tuned
+# cut-over is open work.
 BLOCKWISE_MIN_KV_LENGTH = 1024
 
 
