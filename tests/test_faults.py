@@ -171,7 +171,9 @@ def _state_files(workdir, step):
   return [os.path.join(root, f) for root, _, files in os.walk(folder) for f in files]
 
 
-@pytest.mark.parametrize("damage", ["truncated_data", "missing_metadata"])
+# Both damages take the same fallback path; the second runs with -m slow.
+@pytest.mark.parametrize("damage", ["truncated_data",
+                                    pytest.param("missing_metadata", marks=pytest.mark.slow)])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, damage):
   config = _tiny(data_dir)
   straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")

@@ -80,7 +80,9 @@ def test_cnn_run_resumes_exactly_with_batch_norm_state(tmp_path, data_dir):
   _assert_real_pictures(pictures)
 
 
-@pytest.mark.parametrize("kind", ["none", "se", "eca"])
+# CBAM trains in the resume test above; ECA here; SE and none with -m slow.
+@pytest.mark.parametrize("kind", [pytest.param("none", marks=pytest.mark.slow),
+                                  pytest.param("se", marks=pytest.mark.slow), "eca"])
 def test_cnn_trains_with_every_conv_attention(tmp_path, data_dir, kind):
   config = _tiny_cnn(data_dir, kind)
   config.total_steps = 2
