@@ -139,6 +139,23 @@ def test_residual_lowers_our_pallas_kernel_on_both_accelerators():
       lowering.lower_for(jax.grad(fn, (0, 1, 2)), args, "tpu"))
 
 
+@pytest.mark.parametrize("broadcast", [True, False], ids=["broadcast", "per_head"])
+def test_attention_dropout_lowers_our_pallas_kernel_on_both_accelerators(broadcast):
+  """Training with attention dropout (splash has none) runs our Pallas kernel
+  with its hashed dropout mask: Mosaic on TPU, Triton on GPU, with gradients."""
+  def fn(q, k, v):
+    out = kernels.dot_product_attention(
+        q, k, v, is_causal=True, dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0),
+        broadcast_dropout=broadcast)
+    return jnp.sum(out.astype(jnp.float32))
+  args = _abstract(jnp.bfloat16)
+  grad = jax.grad(fn, (0, 1, 2))
+  names = lowering.kernel_names(lowering.lower_for(grad, args, "tpu"))
+  assert {"attention_lab_flash_forward", "attention_lab_flash_dkdv",
+          "attention_lab_flash_dq"} <= set(names), names
+  assert lowering.TRITON_CALL in lowering.custom_calls(lowering.lower_for(grad, args, "cuda"))
+
+
 def test_a_kernel_pinned_on_cpu_leaves_the_accelerators_automatic():
   """``implementation="cpu=reference"`` (an experiment's CPU tuning) runs the
   reference kernel on CPU and still lowers the fused kernels elsewhere."""

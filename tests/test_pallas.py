@@ -45,3 +45,78 @@ def test_bad_options():
     pallas_attention(q, k, v, kv_lengths=jnp.array([1, 2, 3]))
   with pytest.raises(ValueError, match="'pallas' does not support bias"):
     pallas_attention(q, k, v, bias=jnp.zeros((16, 16)))
+
+
+def _lowbias32(x):
+  x = x ^ (x >> np.uint32(16))
+  x = x * np.uint32(0x7FEB352D)
+  x = x ^ (x >> np.uint32(15))
+  x = x * np.uint32(0x846CA68B)
+  return x ^ (x >> np.uint32(16))
+
+
+def _keep_mask(seeds, keep_prob, batch, heads, q_len, kv_len, broadcast):
+  """The documented dropout mask, written out in uint32 NumPy:
+  ``[batch, heads, q_len, kv_len]`` bool."""
+  s0, s1 = np.asarray(seeds).astype(np.int32).view(np.uint32)
+  q = np.arange(q_len, dtype=np.uint32)[:, None]
+  k = np.arange(kv_len, dtype=np.uint32)[None, :]
+  with np.errstate(over="ignore"):
+    h = _lowbias32(s0 ^ (q * np.uint32(0x9E3779B9)))
+    h = _lowbias32(h ^ (k * np.uint32(0x85EBCA6B)) ^ s1)
+    if broadcast:
+      h = np.broadcast_to(h, (batch, heads, q_len, kv_len))
+    else:
+      row = np.arange(batch * heads, dtype=np.uint32).reshape(batch, heads, 1, 1)
+      h = _lowbias32(h[None, None] ^ row)
+  return (h >> np.uint32(8)) < np.uint32(round(keep_prob * (1 << 24)))
+
+
+@pytest.mark.parametrize("target", ["interpret", "tpu_interpret"])
+@pytest.mark.parametrize("broadcast", [True, False], ids=["broadcast", "per_head"])
+def test_dropout_matches_its_written_out_mask_forward_and_gradients(broadcast, target):
+  """Dropout inside the kernel: the output and gradients of the dense float64
+  attention with the documented mask (kept weights scaled by 1/keep); the
+  backward kernels regenerate the forward's mask. Causal, padded keys,
+  several blocks; the TPU layout in the TPU interpreter too."""
+  rate, rng = 0.3, jax.random.PRNGKey(7)
+  q, k, v = _inputs(4, 150, 150, batch=2, heads=2, dim=8)
+  kv_lengths = jnp.array([150, 90])
+  f = lambda q, k, v: pallas_attention(
+      q, k, v, is_causal=True, kv_lengths=kv_lengths, dropout_rate=rate, dropout_rng=rng,
+      broadcast_dropout=broadcast, block_q=32, block_k=64, target=target)
+  seeds = np.asarray(jax.random.bits(rng, (2,), jnp.uint32))
+  keep = _keep_mask(seeds.view(np.int32), 1 - rate, 2, 2, 150, 150, broadcast)
+  visible = np.tril(np.ones((150, 150), bool))[None, None] & (
+      np.arange(150)[None, None, None, :] < np.asarray(kv_lengths)[:, None, None, None])
+
+  def dense(q, k, v):                      # float64, [b, t, n, d]
+    s = jnp.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(8)
+    s = jnp.where(visible, s, -jnp.inf)
+    w = jax.nn.softmax(s, axis=-1) * jnp.where(keep, 1 / (1 - rate), 0.0)
+    return jnp.einsum("bnts,bsnd->btnd", w, v)
+
+  cot = np.random.default_rng(2).normal(size=q.shape)
+  got = f(q, k, v)
+  grads = jax.grad(lambda *a: jnp.sum(f(*a) * cot), (0, 1, 2))(q, k, v)
+  with jax.enable_x64(True):
+    as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    want = dense(as64(q), as64(k), as64(v))
+    want_grads = jax.grad(lambda *a: jnp.sum(dense(*a) * cot), (0, 1, 2))(
+        as64(q), as64(k), as64(v))
+  np.testing.assert_allclose(got, want, atol=3e-5)
+  for which, g, w in zip("qkv", grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=1e-4, err_msg=which)
+  assert abs(keep.mean() - (1 - rate)) < 0.01                  # it drops what it says
+  assert broadcast or not np.array_equal(keep[0, 0], keep[1, 1])
+
+
+def test_dropout_needs_a_key_and_is_off_when_deterministic():
+  q, k, v = _inputs(5, 20, 20)
+  with pytest.raises(ValueError, match="needs dropout_rng"):
+    pallas_attention(q, k, v, dropout_rate=0.1, interpret=True)
+  np.testing.assert_array_equal(
+      kernels.dot_product_attention(q, k, v, implementation="pallas", interpret=True,
+                                    dropout_rate=0.5, dropout_rng=jax.random.PRNGKey(0),
+                                    deterministic=True),
+      pallas_attention(q, k, v, interpret=True))

@@ -91,10 +91,10 @@ register(KernelSpec(
     description="jax.nn.dot_product_attention, XLA formulation"))
 register(KernelSpec(
     name="pallas", fn=pallas_attention,
-    features=frozenset({"causal", "window", "residual"}),
+    features=frozenset({"causal", "window", "residual", "dropout"}),
     dtypes=("float32", "bfloat16", "float16"), per_device=True,
     description="our Pallas flash kernel: Triton on GPU, Mosaic on TPU, interpreted on CPU; "
-                "kv_lengths for padding"))
+                "kv_lengths for padding, hashed dropout"))
 register(KernelSpec(
     name="splash", fn=splash_attention,
     features=frozenset({"causal", "window"}),

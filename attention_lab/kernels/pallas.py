@@ -7,7 +7,8 @@ block accumulates ``dK`` and ``dV`` over the query blocks, one per query block
 accumulates ``dQ`` over the key blocks; both recompute the probabilities from
 the saved log-sum-exp, so memory stays linear in the length.
 
-Supported: causal, sliding window, key padding by ``kv_lengths``. Dense masks
+Supported: causal, sliding window, key padding by ``kv_lengths``, dropout
+(a counter-based hash mask, regenerated in the backward). Dense masks
 and biases are not (the registry sends such calls to another kernel, and says
 so in the log).
 
@@ -37,6 +38,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -62,8 +64,11 @@ def _round_up(x: int, multiple: int) -> int:
 class _Setting:
   """Static facts of one call, shared by the three kernels."""
 
-  def __init__(self, q_len, kv_len, block_q, block_k, scale, causal, window, tpu):
+  def __init__(self, q_len, kv_len, block_q, block_k, scale, causal, window, tpu,
+               keep_prob=None, broadcast_dropout=True, heads=1):
     self.q_len, self.kv_len = q_len, kv_len
+    # Dropout on the weights: None, or the probability of keeping one.
+    self.keep_prob, self.broadcast_dropout, self.heads = keep_prob, broadcast_dropout, heads
     self.bq, self.bk = block_q, block_k
     self.q_padded, self.kv_padded = _round_up(q_len, block_q), _round_up(kv_len, block_k)
     self.nq, self.nk = self.q_padded // block_q, self.kv_padded // block_k
@@ -105,6 +110,24 @@ class _Setting:
       ok = ok & (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
     return ok
 
+  def dropout_state(self, seed_ref):
+    """Read at the kernel's top level (program ids cannot be read inside its
+    loops): the seeds and the (sequence, head) row of this program."""
+    if self.keep_prob is None:
+      return None
+    row = None if self.broadcast_dropout else pl.program_id(0) * self.heads + pl.program_id(1)
+    return seed_ref[0], seed_ref[1], row
+
+  def drop(self, x, dropout, q_start, k_start):
+    """``x`` with dropped weights zeroed and kept ones scaled by 1/keep_prob
+    (see ``dropout_keep``); ``dropout`` is ``dropout_state``'s."""
+    if dropout is None:
+      return x
+    q_pos = q_start + lax.broadcasted_iota(jnp.int32, (self.bq, self.bk), 0)
+    k_pos = k_start + lax.broadcasted_iota(jnp.int32, (self.bq, self.bk), 1)
+    keep = dropout_keep(*dropout[:2], q_pos, k_pos, dropout[2], self.keep_prob)
+    return jnp.where(keep, x * (1.0 / self.keep_prob), 0.0)
+
   def rows(self, i, size):
     """A dynamic slice of ``size`` rows starting at block ``i`` (aligned)."""
     return pl.ds(pl.multiple_of(i * size, size), size)
@@ -119,6 +142,48 @@ class _Setting:
     ref[...] = jnp.broadcast_to(column, (column.shape[0], self.lanes))
 
 
+def _mix(x):
+  """A 32-bit integer hash (lowbias32) in int32 arithmetic: wrapping
+  products, logical shifts; the same bits as in uint32."""
+  x = x ^ lax.shift_right_logical(x, jnp.int32(16))
+  x = x * jnp.int32(np.uint32(0x7FEB352D).astype(np.int32))
+  x = x ^ lax.shift_right_logical(x, jnp.int32(15))
+  x = x * jnp.int32(np.uint32(0x846CA68B).astype(np.int32))
+  return x ^ lax.shift_right_logical(x, jnp.int32(16))
+
+
+_GOLDEN = np.uint32(0x9E3779B9).astype(np.int32)
+_SILVER = np.uint32(0x85EBCA6B).astype(np.int32)
+
+
+def dropout_keep(seed0, seed1, q_pos, k_pos, row, keep_prob):
+  """Counter-based dropout: whether weight ``(q_pos, k_pos)`` is kept.
+
+  A hash of the two int32 seeds, the positions and (unless the mask is
+  broadcast over batch and heads) ``row = flat_batch * heads + head``, so the
+  forward and both backward kernels regenerate the same mask block by block
+  without storing it. ``keep = (h >> 8) < round(keep_prob * 2**24)`` with::
+
+    h = mix(seed0 ^ (q_pos * 0x9E3779B9))
+    h = mix(h ^ (k_pos * 0x85EBCA6B) ^ seed1)
+    h = mix(h ^ row)                          # per (sequence, head) masks only
+
+  in uint32 arithmetic, ``mix`` being lowbias32. Plain integer ops, so the
+  same code runs in Triton, Mosaic and the interpreter.
+  """
+  h = _mix(seed0 ^ (q_pos * jnp.int32(_GOLDEN)))
+  h = _mix(h ^ (k_pos * jnp.int32(_SILVER)) ^ seed1)
+  if row is not None:
+    h = _mix(h ^ row)
+  threshold = jnp.int32(round(keep_prob * (1 << 24)))
+  return lax.shift_right_logical(h, jnp.int32(8)) < threshold
+
+
+def dropout_seed(rng):
+  """The two int32 seeds of ``dropout_keep`` from a JAX PRNG key."""
+  return lax.bitcast_convert_type(jax.random.bits(rng, (2,), jnp.uint32), jnp.int32)
+
+
 def _qk(q, k):
   """``q [m, d] @ k[n, d]^T -> [m, n]`` in float32."""
   return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -129,9 +194,10 @@ def _tq(a, b):
   return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Setting):
+def _forward_kernel(len_ref, seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Setting):
   qi = pl.program_id(2)
   kv_valid = st.kv_valid(len_ref)
+  dropout = st.dropout_state(seed_ref)
   q = q_ref[...]
   dv = v_ref.shape[-1]
 
@@ -144,7 +210,8 @@ def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Settin
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
     p = jnp.where(ok, jnp.exp(s - m_new), 0.0)
     correction = jnp.exp(m - m_new)
-    l = correction * l + p.sum(axis=1, keepdims=True)
+    l = correction * l + p.sum(axis=1, keepdims=True)      # the normaliser sees every weight
+    p = st.drop(p, dropout, qi * st.bq, kj * st.bk)
     acc = correction * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, l, acc
 
@@ -158,10 +225,11 @@ def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Settin
   st.store_rows(lse_ref, jnp.where(has_key, m + jnp.log(safe_l), _MASKED))
 
 
-def _dkdv_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+def _dkdv_kernel(len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                  dk_ref, dv_ref, *, st: _Setting):
   kj = pl.program_id(2)
   kv_valid = st.kv_valid(len_ref)
+  dropout = st.dropout_state(seed_ref)
   k, v = k_ref[...], v_ref[...]
 
   def body(qi, carry):
@@ -171,8 +239,10 @@ def _dkdv_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     lse, delta = lse_ref[rows, :][:, :1], delta_ref[rows, :][:, :1]
     ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
     p = jnp.where(ok, jnp.exp(_qk(q, k) * st.scale - lse), 0.0)        # [bq, bk]
-    dv = dv + _tq(p.astype(do.dtype), do)
-    ds = p * (_qk(do, v) - delta)
+    dv = dv + _tq(st.drop(p, dropout, qi * st.bq, kj * st.bk).astype(do.dtype), do)
+    # delta = rowsum(dO * O) with O the dropped output: FlashAttention's
+    # dropout backward, dS = P * (drop(dP) - delta).
+    ds = p * (st.drop(_qk(do, v), dropout, qi * st.bq, kj * st.bk) - delta)
     dk = dk + _tq(ds.astype(q.dtype), q) * st.scale
     return dk, dv
 
@@ -183,10 +253,11 @@ def _dkdv_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+def _dq_kernel(len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                *, st: _Setting):
   qi = pl.program_id(2)
   kv_valid = st.kv_valid(len_ref)
+  dropout = st.dropout_state(seed_ref)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...][:, :1], delta_ref[...][:, :1]
 
@@ -195,7 +266,7 @@ def _dq_kernel(len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
     k, v = k_ref[cols, :], v_ref[cols, :]
     ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
     p = jnp.where(ok, jnp.exp(_qk(q, k) * st.scale - lse), 0.0)
-    ds = p * (_qk(do, v) - delta)
+    ds = p * (st.drop(_qk(do, v), dropout, qi * st.bq, kj * st.bk) - delta)
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * st.scale
 
   lo, hi = st.key_blocks(qi)
@@ -207,8 +278,10 @@ def _specs(st: _Setting, d: int, dv: int):
   """BlockSpecs over heads-major ``[b, n, length, dim]`` arrays, grid (b, n, block)."""
   if st.tpu:
     length = pl.BlockSpec(memory_space=pltpu.SMEM)
+    seed = pl.BlockSpec(memory_space=pltpu.SMEM)
   else:
     length = pl.BlockSpec((1,), lambda b, n, i: (b,))
+    seed = pl.BlockSpec((2,), lambda b, n, i: (0,))
   q_block = pl.BlockSpec((None, None, st.bq, d), lambda b, n, i: (b, n, i, 0))
   q_full = pl.BlockSpec((None, None, st.q_padded, d), lambda b, n, i: (b, n, 0, 0))
   k_block = pl.BlockSpec((None, None, st.bk, d), lambda b, n, i: (b, n, i, 0))
@@ -243,30 +316,30 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
   def rows_shape(b, n):
     return jax.ShapeDtypeStruct((b, n, st.q_padded, st.lanes), jnp.float32)
 
-  def forward(q, k, v, lengths):
+  def forward(q, k, v, lengths, seed):
     b, n, _, d = q.shape
     dv = v.shape[-1]
     sp = _specs(st, d, dv)
     return pl.pallas_call(
         functools.partial(_forward_kernel, st=st),
         grid=(b, n, st.nq),
-        in_specs=[sp["length"], sp["q_block"], sp["k_full"], sp["v_full"]],
+        in_specs=[sp["length"], sp["seed"], sp["q_block"], sp["k_full"], sp["v_full"]],
         out_specs=[sp["o_block"], sp["row_block"]],
         out_shape=[jax.ShapeDtypeStruct((b, n, st.q_padded, dv), q.dtype), rows_shape(b, n)],
         name="attention_lab_flash_forward", **options,
-    )(lengths, q, k, v)
+    )(lengths, seed, q, k, v)
 
   @jax.custom_vjp
-  def attend(q, k, v, lengths):
-    out, lse = forward(q, k, v, lengths)
+  def attend(q, k, v, lengths, seed):
+    out, lse = forward(q, k, v, lengths, seed)
     return (out, lse) if with_lse else out
 
-  def fwd(q, k, v, lengths):
-    out, lse = forward(q, k, v, lengths)
-    return ((out, lse) if with_lse else out), (q, k, v, lengths, out, lse)
+  def fwd(q, k, v, lengths, seed):
+    out, lse = forward(q, k, v, lengths, seed)
+    return ((out, lse) if with_lse else out), (q, k, v, lengths, seed, out, lse)
 
   def bwd(res, cotangent):
-    q, k, v, lengths, out, lse = res
+    q, k, v, lengths, seed, out, lse = res
     d_out, d_lse = cotangent if with_lse else (cotangent, None)
     b, n, _, d = q.shape
     dv = v.shape[-1]
@@ -280,29 +353,32 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
     d_k, d_v = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st),
         grid=(b, n, st.nk),
-        in_specs=[sp["length"], sp["q_full"], sp["k_block"], sp["v_block"], sp["o_full"],
+        in_specs=[sp["length"], sp["seed"], sp["q_full"], sp["k_block"], sp["v_block"],
+                  sp["o_full"],
                   sp["row_full"], sp["row_full"]],
         out_specs=[sp["k_block"], sp["v_block"]],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         name="attention_lab_flash_dkdv", **options,
-    )(lengths, q, k, v, d_out, lse, delta)
+    )(lengths, seed, q, k, v, d_out, lse, delta)
     d_q = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid=(b, n, st.nq),
-        in_specs=[sp["length"], sp["q_block"], sp["k_full"], sp["v_full"], sp["o_block"],
+        in_specs=[sp["length"], sp["seed"], sp["q_block"], sp["k_full"], sp["v_full"],
+                  sp["o_block"],
                   sp["row_block"], sp["row_block"]],
         out_specs=sp["q_block"],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         name="attention_lab_flash_dq", **options,
-    )(lengths, q, k, v, d_out, lse, delta)
-    return d_q, d_k, d_v, None
+    )(lengths, seed, q, k, v, d_out, lse, delta)
+    return d_q, d_k, d_v, None, None
 
   attend.defvjp(fwd, bwd)
   return attend
 
 
-def _attend_on(target, query, key, value, lengths, *, shape, scale, is_causal,
-               window, block_q, block_k, return_residual=False):
+def _attend_on(target, query, key, value, lengths, seed, *, shape, scale, is_causal,
+               window, block_q, block_k, return_residual=False, keep_prob=None,
+               broadcast_dropout=True):
   """The whole call for one target: tiles, padding, kernel, unpadding."""
   tpu = target in ("tpu", "tpu_interpret")
   batch = shape.batch
@@ -320,14 +396,14 @@ def _attend_on(target, query, key, value, lengths, *, shape, scale, is_causal,
     d_pad = max(16, pl.next_power_of_2(shape.head_dim))
     dv_pad = max(16, pl.next_power_of_2(shape.value_dim))
   st = _Setting(shape.q_length, shape.kv_length, block_q, block_k, scale, is_causal,
-                window, tpu)
+                window, tpu, keep_prob, broadcast_dropout, shape.heads)
 
   # Zero columns change neither the scores (the scale is fixed from the true
   # head_dim) nor the output (sliced off).
   q = heads_major(query, len(batch), st.q_padded, d_pad)
   k = heads_major(repeat_kv_heads(key, shape.heads), len(batch), st.kv_padded, d_pad)
   v = heads_major(repeat_kv_heads(value, shape.heads), len(batch), st.kv_padded, dv_pad)
-  out = _make(st, target, return_residual)(q, k, v, lengths)
+  out = _make(st, target, return_residual)(q, k, v, lengths, seed)
   out, rows = out if return_residual else (out, None)
   out = jnp.swapaxes(out[:, :, :shape.q_length, :shape.value_dim], 1, 2)
   out = out.reshape(batch + out.shape[1:])
@@ -342,6 +418,8 @@ def _attend_on(target, query, key, value, lengths, *, shape, scale, is_causal,
 def pallas_attention(query, key, value, bias=None, mask=None, *,
                      scale: Optional[float] = None, is_causal: bool = False,
                      local_window_size=None, kv_lengths=None, return_residual: bool = False,
+                     dropout_rate: float = 0.0, dropout_rng=None,
+                     broadcast_dropout: bool = True,
                      block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
                      target: Optional[str] = None, interpret: Optional[bool] = None):
   """Flash attention in Pallas; arguments and shapes as ``reference_attention``.
@@ -354,6 +432,11 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
     kv_lengths: int ``[batch...]``, number of valid keys per sequence.
     return_residual: also return the float32 log-sum-exp ``[batch..., q_length,
       heads]`` (``-inf`` where a query has no key), differentiable.
+    dropout_rate / dropout_rng / broadcast_dropout: dropout on the weights
+      (Flax's meaning: kept weights scaled by ``1 / (1 - rate)``; with
+      ``broadcast_dropout`` one mask for every sequence and head). The mask
+      is ``dropout_keep`` of seeds drawn from ``dropout_rng``, regenerated
+      per block in the backward kernels (never stored).
     block_q / block_k: tile sizes (powers of two; at least 16 on GPU, rounded
       up to multiples of 128 on TPU).
     target: one of ``TARGETS``; None picks per lowering platform (Triton on
@@ -375,15 +458,24 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
       raise ValueError(f"pallas_attention: {name} must be a power of two, got {size}")
   window = None if local_window_size is None else _window_sides(local_window_size)
   lengths = checks.kv_lengths_vector("pallas_attention", kv_lengths, shape)
+  keep_prob = None
+  seed = jnp.zeros((2,), jnp.int32)
+  if dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise ValueError("pallas_attention: dropout_rate > 0 needs dropout_rng")
+    if dropout_rate >= 1.0:
+      raise ValueError(f"pallas_attention: dropout_rate must be below 1, got {dropout_rate}")
+    keep_prob, seed = 1.0 - float(dropout_rate), dropout_seed(dropout_rng)
 
   run = functools.partial(
       _attend_on, shape=shape, scale=shape.head_dim ** -0.5 if scale is None else scale,
       is_causal=is_causal, window=window, block_q=block_q, block_k=block_k,
-      return_residual=return_residual)
+      return_residual=return_residual, keep_prob=keep_prob,
+      broadcast_dropout=broadcast_dropout)
   if target is not None:
-    return run(target, query, key, value, lengths)
+    return run(target, query, key, value, lengths, seed)
   return lax.platform_dependent(
-      query, key, value, lengths,
+      query, key, value, lengths, seed,
       cpu=functools.partial(run, "interpret"),
       cuda=functools.partial(run, "triton"), rocm=functools.partial(run, "triton"),
       tpu=functools.partial(run, "tpu"))
