@@ -29,6 +29,7 @@ from attention_lab.kernels import checks
 from attention_lab.kernels import dispatch
 from attention_lab.kernels import registry
 from attention_lab.kernels import masks
+from attention_lab.kernels import mods
 from attention_lab.kernels import scores
 from attention_lab.kernels.blockwise import blockwise_attention
 from attention_lab.kernels.dispatch import attention_fn
@@ -111,7 +112,8 @@ register(KernelSpec(
     description="cuDNN fused attention through jax.nn (GPU, half precision)"))
 register(KernelSpec(
     name="blockwise", fn=blockwise_attention,
-    features=frozenset({"mask", "bias", "causal", "window", "residual"}),
+    features=frozenset({"mask", "bias", "causal", "window", "residual", "score_mod",
+                        "mask_mod"}),
     applies=lambda s: s.kv_length >= BLOCKWISE_MIN_KV_LENGTH,
     description="online softmax over key blocks, custom_vjp; O(length) memory"))
 register(KernelSpec(
@@ -124,14 +126,16 @@ register(KernelSpec(
 # Automatic dispatch, per platform the computation is lowered for: the first
 # kernel that can run a call wins. The fused kernels lead; the materialised
 # ones catch what they cannot express (dense masks, biases, dropout, weights).
+# score_mod / mask_mod reach blockwise (plain JAX, O(length) memory) on every
+# platform before the materialised reference.
 set_preference("cpu", ["blockwise", "jax_nn", "reference"])
-set_preference("gpu", ["cudnn", "pallas", "jax_nn", "reference"])
-set_preference("tpu", ["splash", "pallas", "jax_nn", "reference"])
+set_preference("gpu", ["cudnn", "pallas", "jax_nn", "blockwise", "reference"])
+set_preference("tpu", ["splash", "pallas", "jax_nn", "blockwise", "reference"])
 
 __all__ = [
     "FEATURES", "KernelSpec", "PLATFORMS", "attention_fn", "attention_weights",
     "blockwise_attention", "capabilities", "check_supported", "checks", "cudnn_available",
-    "dot_product_attention", "get", "jax_nn_attention", "masks", "names",
+    "dot_product_attention", "get", "jax_nn_attention", "masks", "mods", "names",
     "pallas_attention", "preference", "reference_attention", "register",
     "requested_features", "ring_attention", "scores", "select", "set_preference",
     "splash_attention",

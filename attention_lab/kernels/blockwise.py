@@ -9,6 +9,13 @@ full: the forward pass keeps ``out`` and the log-sum-exp per query, and the
 Causal and windowed attention skip key blocks that lie wholly outside the band,
 so causal attention does about half the work of full attention.
 
+``score_mod`` / ``mask_mod`` (``attention_lab.kernels.mods``) run on each
+block in the forward and again in the backward, which also returns the
+cotangents of the arrays a ``score_mod`` closes over (hoisted into explicit
+``custom_vjp`` inputs). A ``mask_mod`` with a static block mask
+(``masks.block_mask``) visits, per query block, only its non-empty key blocks,
+the full ones without any masking.
+
 Layout inside: heads-major ``[batch, heads, length, dim]`` so each block is a
 batch of plain matrix products.
 """
@@ -24,6 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from attention_lab.kernels import checks
+from attention_lab.kernels import masks
+from attention_lab.kernels import mods
 from attention_lab.kernels.masks import _window_sides
 from attention_lab.kernels.reference import heads_major
 from attention_lab.kernels.reference import repeat_kv_heads
@@ -72,11 +81,18 @@ def _block(x, q_start, bq, k_start, bk):
 
 
 class _Static:
-  """Static (hashable) settings of one call: lengths, blocks, masking forms."""
+  """Static settings of one call: lengths, blocks, masking forms, hoisted mods
+  and the block mask."""
 
   def __init__(self, q_len, kv_len, block_q, block_k, scale, causal, window,
-               has_mask=False, has_lengths=False):
+               has_mask=False, has_lengths=False, batch=1, heads=1, has_bias=False,
+               score_mod=None, score_params=(), mask_mod=None, table=None):
     self.q_len, self.kv_len = q_len, kv_len
+    self.batch, self.heads, self.has_bias = batch, heads, has_bias
+    # Hoisted mods: fn(*block, *consts); score_params[i] says whether the
+    # score_mod's i-th const gets a cotangent (a traced float array).
+    self.score_mod, self.score_params = score_mod, tuple(score_params)
+    self.mask_mod, self.table = mask_mod, table
     self.bq, self.bk = block_q, block_k
     self.q_padded = _round_up(q_len, block_q)
     self.kv_padded = _round_up(kv_len, block_k)
@@ -85,10 +101,60 @@ class _Static:
     # Without any masking every score is valid: the where/-inf bookkeeping
     # (a third of the forward's elementwise work) is skipped.
     self.needs_mask = (causal or window is not None or has_mask or has_lengths
-                       or self.kv_padded != kv_len)
+                       or mask_mod is not None or self.kv_padded != kv_len)
     # Causal alone: blocks wholly below the diagonal need no mask, so only
     # the diagonal blocks pay for it.
-    self.split_causal = causal and window is None and not (has_mask or has_lengths)
+    self.split_causal = (causal and window is None and mask_mod is None
+                         and not (has_mask or has_lengths))
+    # A block mask's full blocks need no mask unless a dense mask or lengths
+    # (which it does not see) may hide something inside them.
+    self.full_unmasked = table is not None and not (has_mask or has_lengths)
+
+  def key_loops(self, qi):
+    """``([(start, end, masked)], block)``: the loop counter's ranges for query
+    block ``qi`` (whether each masks) and the map from counter to key block."""
+    if self.table is not None:
+      order, count = jnp.asarray(self.table.kv_blocks), jnp.asarray(self.table.kv_count)[qi]
+      block = lambda t: order[qi, t]
+      if self.full_unmasked:
+        mid = jnp.asarray(self.table.kv_full)[qi]
+        return [(0, mid, False), (mid, count, True)], block
+      return [(0, count, True)], block
+    lo, hi = self.key_block_range(qi)
+    if self.split_causal:
+      mid = self.unmasked_key_blocks_end(qi, lo, hi)
+      return [(lo, mid, False), (mid, hi, True)], lambda t: t
+    return [(lo, hi, self.needs_mask)], lambda t: t
+
+  def query_loops(self, kj):
+    """As ``key_loops`` for the backward: query blocks that see key block ``kj``."""
+    if self.table is not None:
+      order, count = jnp.asarray(self.table.q_blocks), jnp.asarray(self.table.q_count)[kj]
+      block = lambda t: order[kj, t]
+      if self.full_unmasked:
+        mid = jnp.asarray(self.table.q_full)[kj]
+        return [(0, mid, False), (mid, count, True)], block
+      return [(0, count, True)], block
+    lo, hi = self.query_block_range(kj)
+    if self.split_causal:
+      mid = self.unmasked_query_blocks_start(kj, lo, hi)
+      return [(lo, mid, True), (mid, hi, False)], lambda t: t
+    return [(lo, hi, self.needs_mask)], lambda t: t
+
+  def mod_index(self, q_start, k_start):
+    """A block's index arrays for the mods (``masks.mod_index_grid``); padded
+    positions clamped to the last valid one (they are masked or sliced off)."""
+    q_pos = jnp.minimum(q_start + jnp.arange(self.bq), self.q_len - 1)
+    k_pos = jnp.minimum(k_start + jnp.arange(self.bk), self.kv_len - 1)
+    return masks.mod_index_grid(self.batch, self.heads, q_pos, k_pos)
+
+  def apply_score_mod(self, s, q_start, k_start, consts):
+    """``score_mod`` on a float32 ``[b, n, bq, bk]`` score block."""
+    mod = lambda score, *index: self.score_mod(score, *index, *consts)
+    index = self.mod_index(q_start, k_start)
+    if self.has_bias:        # a -inf bias must keep its key hidden
+      return mods.guarded_score_mod(mod, s, *index)
+    return jnp.broadcast_to(jnp.asarray(mod(s, *index), s.dtype), s.shape)
 
   def unmasked_key_blocks_end(self, qi, lo, hi):
     """For split_causal: key blocks ``[lo, end)`` are fully visible to block ``qi``."""
@@ -126,7 +192,7 @@ class _Static:
       hi = jnp.minimum(hi, (k_last + left) // self.bq + 1)
     return jnp.clip(lo, 0, self.nq), jnp.clip(hi, 0, self.nq)
 
-  def valid(self, q_start, k_start, mask_blk, q_lengths, kv_lengths):
+  def valid(self, q_start, k_start, mask_blk, q_lengths, kv_lengths, mask_consts=()):
     """Boolean ``[batch|1, heads|1, bq, bk]`` of visible (query, key) pairs."""
     q_pos = q_start + jnp.arange(self.bq)[:, None]
     k_pos = k_start + jnp.arange(self.bk)[None, :]
@@ -143,6 +209,9 @@ class _Static:
       ok = ok & (q_pos[None, None] < q_lengths[:, None, None, None])
     if mask_blk is not None:
       ok = ok & mask_blk
+    if self.mask_mod is not None:
+      ok = ok & jnp.asarray(self.mask_mod(*self.mod_index(q_start, k_start), *mask_consts),
+                            bool)
     return ok
 
 
@@ -154,7 +223,8 @@ def _scores(st, qb, kb, bias_blk):
   return s
 
 
-def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths):
+def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths,
+             score_consts=(), mask_consts=()):
   """Returns ``out [b, n, Tp, dv]`` (input dtype) and ``lse [b, n, Tp]`` (float32)."""
   b, n, _, _ = q.shape
   dv = v.shape[-1]
@@ -162,16 +232,19 @@ def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths):
   def query_block(qi):
     q_start = qi * st.bq
     qb = lax.dynamic_slice_in_dim(q, q_start, st.bq, axis=2)
+    loops, key_block_of = st.key_loops(qi)
 
-    def body(kj, carry, masked=st.needs_mask):
+    def body(t, carry, masked):
       m, l, acc = carry
-      k_start = kj * st.bk
+      k_start = key_block_of(t) * st.bk
       kb = lax.dynamic_slice_in_dim(k, k_start, st.bk, axis=2)
       vb = lax.dynamic_slice_in_dim(v, k_start, st.bk, axis=2)
       s = _scores(st, qb, kb, _block(bias, q_start, st.bq, k_start, st.bk))
+      if st.score_mod is not None:
+        s = st.apply_score_mod(s, q_start, k_start, score_consts)
       if masked:
         ok = st.valid(q_start, k_start, _block(mask, q_start, st.bq, k_start, st.bk),
-                      q_lengths, kv_lengths)
+                      q_lengths, kv_lengths, mask_consts)
         s = jnp.where(ok, s, _NEG_INF)
       m_new = jnp.maximum(m, s.max(-1))
       # Also on unmasked paths: a -inf bias can leave a row without a finite
@@ -188,13 +261,10 @@ def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths):
     init = (jnp.full((b, n, st.bq), _NEG_INF, jnp.float32),
             jnp.zeros((b, n, st.bq), jnp.float32),
             jnp.zeros((b, n, st.bq, dv), jnp.float32))
-    lo, hi = st.key_block_range(qi)
-    if st.split_causal:
-      mid = st.unmasked_key_blocks_end(qi, lo, hi)
-      carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), init)
-      m, l, acc = lax.fori_loop(mid, hi, body, carry)
-    else:
-      m, l, acc = lax.fori_loop(lo, hi, body, init)
+    carry = init
+    for start, end, masked in loops:
+      carry = lax.fori_loop(start, end, functools.partial(body, masked=masked), carry)
+    m, l, acc = carry
     has_key = l > 0
     out = jnp.where(has_key[..., None], acc / jnp.where(has_key, l, 1.0)[..., None], 0.0)
     lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), _NEG_INF)
@@ -207,10 +277,14 @@ def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths):
 
 
 def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out,
-              d_lse=None):
-  """Gradients wrt q, k, v (and bias), recomputing probabilities block by block.
+              d_lse=None, score_consts=(), mask_consts=()):
+  """Gradients wrt q, k, v (and bias, and the score_mod's parameters),
+  recomputing probabilities block by block.
 
   ``d_lse`` (``[b, n, Tp]`` or None): the cotangent of the log-sum-exp.
+  The score_mod's parameters (its hoisted consts flagged in
+  ``st.score_params``) get ``sum over blocks of vjp(score_mod)(ds)``,
+  accumulated in float32 at least; the others get None.
   """
   f32 = jnp.float32
   delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)     # [b, n, Tp]
@@ -220,6 +294,18 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
   d_k = jnp.zeros(k.shape, f32)
   d_v = jnp.zeros(v.shape, f32)
   d_bias = None if bias is None else jnp.zeros(bias.shape, f32)
+  param_at = [i for i, is_param in enumerate(st.score_params) if is_param]
+  acc_dtype = lambda x: jnp.promote_types(x.dtype, f32)
+  d_params = tuple(jnp.zeros(jnp.shape(score_consts[i]), acc_dtype(score_consts[i]))
+                   for i in param_at)
+
+  def modded(raw_t, params, q_start, k_start):
+    """The score_mod on a keys-major block, as a function of the parameters."""
+    consts = list(score_consts)
+    for i, p in zip(param_at, params):
+      consts[i] = p.astype(jnp.result_type(score_consts[i]))
+    s = st.apply_score_mod(jnp.swapaxes(raw_t, -1, -2), q_start, k_start, consts)
+    return jnp.swapaxes(s, -1, -2)
 
   def reduce_to(x, shape):
     """Sums a ``[b, n, bq, bk]`` block over the dims a compact array broadcasts."""
@@ -227,14 +313,15 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
     return x.sum(axis=axes, keepdims=True) if axes else x
 
   def key_block(kj, carry):
-    d_q, d_k, d_v, d_bias = carry
+    d_q, d_k, d_v, d_bias, d_params = carry
     k_start = kj * st.bk
     kb = lax.dynamic_slice_in_dim(k, k_start, st.bk, axis=2)
     vb = lax.dynamic_slice_in_dim(v, k_start, st.bk, axis=2)
+    loops, query_block_of = st.query_loops(kj)
 
-    def query_block(qi, inner, masked=st.needs_mask):
-      d_q, d_kb, d_vb, d_bias = inner
-      q_start = qi * st.bq
+    def query_block(t, inner, masked):
+      d_q, d_kb, d_vb, d_bias, d_params = inner
+      q_start = query_block_of(t) * st.bq
       qb = lax.dynamic_slice_in_dim(q, q_start, st.bq, axis=2)
       dob = lax.dynamic_slice_in_dim(d_out, q_start, st.bq, axis=2)
       lse_b = lax.dynamic_slice_in_dim(lse, q_start, st.bq, axis=2)
@@ -245,12 +332,18 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
       bias_blk = _block(bias, q_start, st.bq, k_start, st.bk)
       if bias_blk is not None:
         s_t = s_t + jnp.swapaxes(bias_blk, -1, -2).astype(f32)
+      if st.score_mod is not None:
+        # The mod is recomputed, and its vjp carries ds back to the raw
+        # score (for dq, dk, d bias) and to its parameters.
+        params = tuple(score_consts[i].astype(acc_dtype(score_consts[i])) for i in param_at)
+        s_t, mod_vjp = jax.vjp(functools.partial(modded, q_start=q_start, k_start=k_start),
+                               s_t, params)
       # Rows with no visible key (lse = -inf, from masks or a -inf bias) get
       # probabilities exp(s - 0) with s = -inf or masked below: zero, not NaN.
       lse_safe = jnp.where(lse_b == _NEG_INF, 0.0, lse_b)
       if masked:
         ok = st.valid(q_start, k_start, _block(mask, q_start, st.bq, k_start, st.bk),
-                      q_lengths, kv_lengths)
+                      q_lengths, kv_lengths, mask_consts)
         p_t = jnp.where(jnp.swapaxes(ok, -1, -2),
                         jnp.exp(s_t - lse_safe[..., None, :]), 0.0)    # [b, n, bk, bq]
       else:
@@ -259,6 +352,9 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
                                preferred_element_type=f32)
       dp_t = jnp.einsum("bnkd,bnqd->bnkq", vb, dob, preferred_element_type=f32)
       ds_t = p_t * (dp_t - delta_b[..., None, :])
+      if st.score_mod is not None:
+        ds_t, d_params_blk = mod_vjp(ds_t)
+        d_params = tuple(a + b for a, b in zip(d_params, d_params_blk))
       d_qb = jnp.einsum("bnkq,bnkd->bnqd", ds_t.astype(kb.dtype), kb,
                         preferred_element_type=f32)
       d_q = lax.dynamic_update_slice_in_dim(
@@ -271,23 +367,22 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
                   k_start if d_bias.shape[3] != 1 else 0)
         d_bias = lax.dynamic_update_slice(
             d_bias, lax.dynamic_slice(d_bias, starts, grad.shape) + grad, starts)
-      return d_q, d_kb, d_vb, d_bias
+      return d_q, d_kb, d_vb, d_bias, d_params
 
-    lo, hi = st.query_block_range(kj)
-    init = (d_q, jnp.zeros(kb.shape, f32), jnp.zeros(vb.shape, f32), d_bias)
-    if st.split_causal:
-      mid = st.unmasked_query_blocks_start(kj, lo, hi)
-      carry = lax.fori_loop(lo, mid, query_block, init)
-      d_q, d_kb, d_vb, d_bias = lax.fori_loop(
-          mid, hi, functools.partial(query_block, masked=False), carry)
-    else:
-      d_q, d_kb, d_vb, d_bias = lax.fori_loop(lo, hi, query_block, init)
+    inner = (d_q, jnp.zeros(kb.shape, f32), jnp.zeros(vb.shape, f32), d_bias, d_params)
+    for start, end, masked in loops:
+      inner = lax.fori_loop(start, end, functools.partial(query_block, masked=masked), inner)
+    d_q, d_kb, d_vb, d_bias, d_params = inner
     d_k = lax.dynamic_update_slice_in_dim(d_k, d_kb, k_start, axis=2)
     d_v = lax.dynamic_update_slice_in_dim(d_v, d_vb, k_start, axis=2)
-    return d_q, d_k, d_v, d_bias
+    return d_q, d_k, d_v, d_bias, d_params
 
-  d_q, d_k, d_v, d_bias = lax.fori_loop(0, st.nk, key_block, (d_q, d_k, d_v, d_bias))
-  return d_q, d_k, d_v, d_bias
+  d_q, d_k, d_v, d_bias, d_params = lax.fori_loop(
+      0, st.nk, key_block, (d_q, d_k, d_v, d_bias, d_params))
+  d_score_consts = [None] * len(score_consts)
+  for i, g in zip(param_at, d_params):
+    d_score_consts[i] = g.astype(jnp.result_type(score_consts[i]))
+  return d_q, d_k, d_v, d_bias, tuple(d_score_consts)
 
 
 def _make_attention(st: _Static, with_lse: bool = False):
@@ -300,23 +395,27 @@ def _make_attention(st: _Static, with_lse: bool = False):
   """
 
   @jax.custom_vjp
-  def attend(q, k, v, bias, mask, q_lengths, kv_lengths):
-    out, lse = _forward(st, q, k, v, bias, mask, q_lengths, kv_lengths)
+  def attend(q, k, v, bias, mask, q_lengths, kv_lengths, score_consts, mask_consts):
+    out, lse = _forward(st, q, k, v, bias, mask, q_lengths, kv_lengths,
+                        score_consts, mask_consts)
     return (out, lse) if with_lse else out
 
-  def fwd(q, k, v, bias, mask, q_lengths, kv_lengths):
-    out, lse = _forward(st, q, k, v, bias, mask, q_lengths, kv_lengths)
-    res = (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+  def fwd(q, k, v, bias, mask, q_lengths, kv_lengths, score_consts, mask_consts):
+    out, lse = _forward(st, q, k, v, bias, mask, q_lengths, kv_lengths,
+                        score_consts, mask_consts)
+    res = (q, k, v, bias, mask, q_lengths, kv_lengths, score_consts, mask_consts, out, lse)
     return ((out, lse) if with_lse else out), res
 
   def bwd(res, cotangent):
-    q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = res
+    q, k, v, bias, mask, q_lengths, kv_lengths, score_consts, mask_consts, out, lse = res
     d_out, d_lse = cotangent if with_lse else (cotangent, None)
-    d_q, d_k, d_v, d_bias = _backward(st, q, k, v, bias, mask, q_lengths,
-                                      kv_lengths, out, lse, d_out, d_lse)
+    d_q, d_k, d_v, d_bias, d_score_consts = _backward(
+        st, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out, d_lse,
+        score_consts, mask_consts)
     cast = lambda g, x: None if g is None else g.astype(x.dtype)
+    # mask_mod consts get no cotangent: a boolean mask is flat in them.
     return (cast(d_q, q), cast(d_k, k), cast(d_v, v), cast(d_bias, bias),
-            None, None, None)
+            None, None, None, d_score_consts, None)
 
   attend.defvjp(fwd, bwd)
   return attend
@@ -326,6 +425,7 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
                         scale: Optional[float] = None, is_causal: bool = False,
                         local_window_size=None, q_lengths=None, kv_lengths=None,
                         return_residual: bool = False,
+                        score_mod=None, mask_mod=None,
                         block_q: int = DEFAULT_BLOCK_Q,
                         block_k: Optional[int] = None):
   """Flash-style attention; same arguments and shapes as ``reference_attention``.
@@ -341,8 +441,13 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
     return_residual: also return the float32 log-sum-exp of each query's
       scores ``[batch..., q_length, heads]`` (``-inf`` where a query has no
       key), differentiable.
+    score_mod / mask_mod: FlexAttention-style hooks (``kernels.mods``),
+      called per ``[batch, heads, block_q, block_k]`` block in the forward and
+      the backward; gradients reach the arrays a ``score_mod`` closes over.
+      A ``mask_mod`` of indices and concrete arrays only gets a static block
+      mask: empty blocks skipped, full ones unmasked.
     block_q / block_k: block sizes (clipped to the padded lengths); block_k
-      defaults to 1024, or 512 for causal or windowed attention.
+      defaults to 1024, or 512 for causal, windowed or ``mask_mod`` attention.
 
   Returns:
     ``[batch..., q_length, heads, value_dim]`` in the query dtype (and the
@@ -354,17 +459,35 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
   checks.check_lengths("blockwise_attention", "q_lengths", q_lengths, batch)
   checks.check_lengths("blockwise_attention", "kv_lengths", kv_lengths, batch)
   if block_k is None:
-    banded = is_causal or local_window_size is not None
+    banded = is_causal or local_window_size is not None or mask_mod is not None
     block_k = DEFAULT_BLOCK_K_BANDED if banded else DEFAULT_BLOCK_K
   if block_q <= 0 or block_k <= 0:
     raise ValueError(f"blockwise_attention: block sizes must be positive, got {block_q}, {block_k}")
   block_q = min(block_q, _round_up(shape.q_length, 8))
   block_k = min(block_k, _round_up(shape.kv_length, 8))
   window = None if local_window_size is None else _window_sides(local_window_size)
+  # Mods are traced once on block-shaped stand-ins, and every array they
+  # close over becomes an explicit input of the custom_vjp.
+  index_spec = tuple(jax.ShapeDtypeStruct(s, jnp.int32) for s in (
+      (flat, 1, 1, 1), (1, shape.heads, 1, 1), (1, 1, block_q, 1), (1, 1, 1, block_k)))
+  score_fn, score_consts, score_params = None, (), ()
+  if score_mod is not None:
+    score_fn, score_consts = mods.hoist(
+        score_mod, jax.ShapeDtypeStruct((flat, shape.heads, block_q, block_k), jnp.float32),
+        *index_spec)
+    score_params = [isinstance(c, jax.core.Tracer) and jnp.issubdtype(c.dtype, jnp.inexact)
+                    for c in score_consts]
+  mask_fn, mask_consts, table = None, (), None
+  if mask_mod is not None:
+    mask_fn, mask_consts = mods.hoist(mask_mod, *index_spec)
+    table = masks.block_mask(mask_mod, flat, shape.heads, shape.q_length, shape.kv_length,
+                             block_q, block_k, is_causal=is_causal, window=window)
   st = _Static(shape.q_length, shape.kv_length, block_q, block_k,
                shape.head_dim ** -0.5 if scale is None else scale, is_causal, window,
                has_mask=mask is not None,
-               has_lengths=q_lengths is not None or kv_lengths is not None)
+               has_lengths=q_lengths is not None or kv_lengths is not None,
+               batch=flat, heads=shape.heads, has_bias=bias is not None,
+               score_mod=score_fn, score_params=score_params, mask_mod=mask_fn, table=table)
 
   # The scale goes on q (length x dim) rather than on every score block;
   # autodiff of this multiply scales dq, so the custom backward never does.
@@ -380,7 +503,8 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
   as_flat = lambda x: None if x is None else jnp.asarray(x, jnp.int32).reshape(flat)
 
   out = _make_attention(st, return_residual)(q, k, v, bias_c, mask_c, as_flat(q_lengths),
-                                            as_flat(kv_lengths))
+                                            as_flat(kv_lengths), tuple(score_consts),
+                                            tuple(mask_consts))
   out, lse = out if return_residual else (out, None)
   out = jnp.swapaxes(out[:, :, :shape.q_length], 1, 2)              # [b, t, n, dv]
   out = out.reshape(batch + out.shape[1:])

@@ -32,12 +32,14 @@ _LOGGED_CHOICES = set()
 
 def requested_features(*, mask=None, bias=None, is_causal=False,
                        local_window_size=None, dropout=False,
-                       weights=False, residual=False) -> FrozenSet[str]:
+                       weights=False, residual=False, score_mod=None,
+                       mask_mod=None) -> FrozenSet[str]:
   """The feature set a call needs, from its arguments."""
   wanted = {
       "mask": mask is not None, "bias": bias is not None, "causal": is_causal,
       "window": local_window_size is not None, "dropout": dropout,
       "weights": weights, "residual": residual,
+      "score_mod": score_mod is not None, "mask_mod": mask_mod is not None,
   }
   return frozenset(f for f, on in wanted.items() if on)
 
@@ -204,7 +206,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
                           broadcast_dropout: bool = True,
                           deterministic: bool = False, dtype=None,
                           precision=None, module=None, return_residual: bool = False,
-                          **options):
+                          score_mod=None, mask_mod=None, **options):
   """Scaled dot-product attention through a registered kernel.
 
   A drop-in for ``jax.nn.dot_product_attention`` (query, key, value, bias,
@@ -239,6 +241,16 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
       biased scores, float32 ``[batch..., q_length, heads]`` (jax.nn's
       residual); gradients flow through it. A query with no key gets
       ``-inf`` (jax.nn gives a large finite negative there).
+    score_mod: ``f(score, batch_idx, head_idx, q_idx, kv_idx) -> score``,
+      applied to the float32 scaled and biased logits before masking.
+    mask_mod: ``g(batch_idx, head_idx, q_idx, kv_idx) -> bool``, True =
+      attend; combined with the other masks. For both, ``score`` is
+      ``[B, heads, Q, K]`` and the indices are int32 ``[B, 1, 1, 1]``,
+      ``[1, heads, 1, 1]``, ``[1, 1, Q, 1]``, ``[1, 1, 1, K]`` (``B``: the
+      batch dims flattened), over the whole matrix or one block of it;
+      see ``attention_lab.kernels.mods``. Kernels without the feature are
+      skipped by automatic dispatch (``reference`` and ``blockwise`` have
+      both); naming one is a ValueError.
     **options: kernel-specific options, passed to kernels that name them.
 
   Returns:
@@ -265,13 +277,18 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
   features = requested_features(mask=mask, bias=bias, is_causal=is_causal,
                                 local_window_size=local_window_size,
                                 dropout=use_dropout, weights=return_weights,
-                                residual=return_residual)
+                                residual=return_residual, score_mod=score_mod,
+                                mask_mod=mask_mod)
 
   kwargs = {k: v for k, v in options.items() if not (k == "return_weights" and not v)}
   if local_window_size is not None:
     kwargs["local_window_size"] = local_window_size
   if return_residual:
     kwargs["return_residual"] = True
+  if score_mod is not None:
+    kwargs["score_mod"] = score_mod
+  if mask_mod is not None:
+    kwargs["mask_mod"] = mask_mod
   if use_dropout:
     if dropout_rng is None:
       raise ValueError("dot_product_attention: dropout_rate > 0 with "
@@ -329,7 +346,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
   if module is not None:
     module.sow("intermediates", "attention_weights", attention_weights(
         query, key, bias, _with_lengths(mask, q_lengths, kv_lengths, shape), scale=scale,
-        is_causal=is_causal, local_window_size=local_window_size))
+        is_causal=is_causal, local_window_size=local_window_size, score_mod=score_mod,
+        mask_mod=mask_mod))
   return out
 
 
@@ -360,11 +378,12 @@ def attention_fn(name: Optional[str]):
   def fn(query, key, value, bias=None, mask=None, *, dropout_rng=None,
          dropout_rate=0.0, broadcast_dropout=True, deterministic=False,
          dtype=None, precision=None, module=None, scale=None, is_causal=False,
-         local_window_size=None, q_lengths=None, kv_lengths=None):
+         local_window_size=None, q_lengths=None, kv_lengths=None, score_mod=None,
+         mask_mod=None):
     return dot_product_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
         local_window_size=local_window_size, implementation=name,
-        q_lengths=q_lengths, kv_lengths=kv_lengths,
+        q_lengths=q_lengths, kv_lengths=kv_lengths, score_mod=score_mod, mask_mod=mask_mod,
         dropout_rng=dropout_rng, dropout_rate=dropout_rate,
         broadcast_dropout=broadcast_dropout, deterministic=deterministic,
         dtype=dtype, precision=precision, module=module)

@@ -8,9 +8,13 @@ smallest shape that does, so they can be combined with ``combine_masks``.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 from typing import Optional, Tuple, Union
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 Window = Union[int, Tuple[int, int]]
 
@@ -114,3 +118,141 @@ def combine_masks(*masks):
   for m in masks[1:]:
     out = out & m
   return out
+
+
+# ---------------------------------------------------------------- mask_mod grids and block masks
+
+def mod_index_grid(batch: int, heads: int, q_positions, kv_positions):
+  """The index arrays a ``score_mod`` / ``mask_mod`` receives.
+
+  Args:
+    batch: number of sequences (all batch dims flattened, row-major; 1 when
+      there are none).
+    heads: query heads.
+    q_positions / kv_positions: int ``[Q]`` / ``[K]`` positions of the
+      queries and keys of this grid (a whole sequence or one block).
+
+  Returns:
+    int32 ``batch_idx [batch, 1, 1, 1]``, ``head_idx [1, heads, 1, 1]``,
+    ``q_idx [1, 1, Q, 1]``, ``kv_idx [1, 1, 1, K]``: they broadcast against
+    each other and against scores ``[batch, heads, Q, K]``.
+  """
+  as_int = lambda x: jnp.asarray(x, jnp.int32)
+  return (as_int(jnp.arange(batch)).reshape(batch, 1, 1, 1),
+          as_int(jnp.arange(heads)).reshape(1, heads, 1, 1),
+          as_int(q_positions).reshape(1, 1, -1, 1),
+          as_int(kv_positions).reshape(1, 1, 1, -1))
+
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockMask:
+  """Which key blocks each query block needs, as static NumPy data.
+
+  Attributes:
+    state: int8 ``[nq, nk]``: ``EMPTY`` (no visible pair: skipped),
+      ``PARTIAL`` (masked inside), ``FULL`` (every pair visible: no masking),
+      each for every batch row and head at once (a block is empty or full
+      only when it is so for all of them).
+    kv_blocks: int32 ``[nq, nk]``: per query block the key blocks to visit,
+      full ones first, then partial ones (the rest is padding).
+    kv_full / kv_count: int32 ``[nq]``: how many of those are full / in all.
+    q_blocks, q_full, q_count: the same per key block over query blocks
+      (the backward pass visits query blocks per key block).
+  """
+  state: np.ndarray
+  kv_blocks: np.ndarray
+  kv_full: np.ndarray
+  kv_count: np.ndarray
+  q_blocks: np.ndarray
+  q_full: np.ndarray
+  q_count: np.ndarray
+
+  @classmethod
+  def from_state(cls, state) -> "BlockMask":
+    state = np.asarray(state, np.int8)
+
+    def lists(rows):
+      order = np.argsort(-rows, axis=1, kind="stable")          # FULL, PARTIAL, EMPTY
+      return (order.astype(np.int32), (rows == FULL).sum(1).astype(np.int32),
+              (rows != EMPTY).sum(1).astype(np.int32))
+
+    kv_blocks, kv_full, kv_count = lists(state)
+    q_blocks, q_full, q_count = lists(state.T)
+    return cls(state, kv_blocks, kv_full, kv_count, q_blocks, q_full, q_count)
+
+  @property
+  def sparsity(self) -> float:
+    """Fraction of blocks skipped."""
+    return float((self.state == EMPTY).mean())
+
+
+_BLOCK_MASKS: "collections.OrderedDict" = collections.OrderedDict()
+_BLOCK_MASK_CACHE_SIZE = 64
+
+
+def block_mask(mask_mod, batch: int, heads: int, q_length: int, kv_length: int,
+               block_q: int, block_k: int, *, is_causal: bool = False,
+               window: Optional[Tuple[int, int]] = None) -> Optional[BlockMask]:
+  """The block mask of ``mask_mod`` (and causal / window), or None.
+
+  ``mask_mod(batch_idx, head_idx, q_idx, kv_idx) -> bool`` is evaluated on
+  the index grid at trace time, one query block at a time (memory
+  ``batch x heads x block_q x kv_length`` at most, and only over the axes the
+  mod depends on). That works when it depends on the indices and on concrete
+  arrays only; when it reads a traced array (document ids inside ``jit``) no
+  static answer exists and this returns None: the kernel then evaluates the
+  mod in every block and skips nothing but what causal / window allow.
+
+  Cached per (mod, shape, blocks): a mod built once (the ``mods`` library
+  returns the same object for the same hashable arguments) costs one
+  evaluation per shape, so the arrays it reads must not change in place
+  afterwards (NumPy ids edited between calls would keep the old block mask).
+  Keys past ``kv_length`` count as hidden, so a block holding padded keys is
+  never full.
+  """
+  cache_key = (mask_mod, batch, heads, q_length, kv_length, block_q, block_k,
+               bool(is_causal), window)
+  try:
+    hash(cache_key)
+  except TypeError:              # an unhashable callable: computed, not cached
+    cache_key = None
+  if cache_key is not None and cache_key in _BLOCK_MASKS:
+    _BLOCK_MASKS.move_to_end(cache_key)
+    return _BLOCK_MASKS[cache_key]
+  nq, nk = -(-q_length // block_q), -(-kv_length // block_k)
+  kv_pad = nk * block_k - kv_length
+  state = np.zeros((nq, nk), np.int8)
+  k_pos = np.arange(kv_length)
+  with jax.ensure_compile_time_eval():
+    for qi in range(nq):
+      q_pos = np.arange(qi * block_q, min((qi + 1) * block_q, q_length))
+      try:
+        visible = mask_mod(*mod_index_grid(batch, heads, q_pos, k_pos))
+      except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+              jax.errors.TracerIntegerConversionError):
+        return None
+      if isinstance(visible, jax.core.Tracer):
+        return None
+      visible = np.asarray(visible, bool)
+      visible = visible.reshape((1,) * (4 - visible.ndim) + visible.shape)
+      visible = np.broadcast_to(visible, visible.shape[:2] + (len(q_pos), kv_length))
+      if is_causal:
+        visible = visible & (k_pos[None, :] <= q_pos[:, None])
+      if window is not None:
+        left, right = window
+        visible = (visible & (k_pos[None, :] >= q_pos[:, None] - left)
+                   & (k_pos[None, :] <= q_pos[:, None] + right))
+      padded = np.pad(visible, [(0, 0)] * 3 + [(0, kv_pad)])      # padded keys: hidden
+      per_block = padded.reshape(padded.shape[:3] + (nk, block_k))
+      any_ = per_block.any(axis=(0, 1, 2, 4))
+      all_ = per_block.all(axis=(0, 1, 2, 4))
+      state[qi] = np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY))
+  result = BlockMask.from_state(state)
+  if cache_key is not None:
+    _BLOCK_MASKS[cache_key] = result
+    while len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
+      _BLOCK_MASKS.popitem(last=False)
+  return result

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from attention_lab.kernels import checks
 from attention_lab.kernels import masks as masks_lib
+from attention_lab.kernels import mods as mods_lib
 from attention_lab.kernels.scores import masked_logsumexp
 from attention_lab.kernels.scores import masked_softmax
 
@@ -66,8 +67,27 @@ def attention_logits(query, key, bias=None, *, scale=None, precision=None):
   return logits
 
 
+def modded_logits(query, key, bias, mask, shape: checks.AttentionShape, *, scale=None,
+                  is_causal=False, local_window_size=None, precision=None,
+                  score_mod=None, mask_mod=None):
+  """Logits after ``score_mod`` and the combined mask (``mask``, causal,
+  window, ``mask_mod``): the definition every kernel's mods are checked
+  against (``attention_lab.kernels.mods``).
+
+  Returns:
+    ``(logits [batch..., heads, q_length, kv_length], mask or None)``.
+  """
+  logits = attention_logits(query, key, bias, scale=scale, precision=precision)
+  mod_mask = None
+  if score_mod is not None or mask_mod is not None:
+    logits, mod_mask = mods_lib.apply_dense(logits, score_mod, mask_mod)
+  return logits, masks_lib.combine_masks(
+      full_mask(shape, mask, is_causal, local_window_size), mod_mask)
+
+
 def attention_weights(query, key, bias=None, mask=None, *, scale=None,
-                      is_causal=False, local_window_size=None, precision=None):
+                      is_causal=False, local_window_size=None, precision=None,
+                      score_mod=None, mask_mod=None):
   """Softmax weights ``[batch..., heads, q_length, kv_length]``.
 
   Computed in ``promote(dtype, float32)``; rows with no valid key are zero.
@@ -76,9 +96,10 @@ def attention_weights(query, key, bias=None, mask=None, *, scale=None,
   value_stub = key[..., :0]  # only shapes matter for the check
   shape = checks.check_inputs(query, key, value_stub, mask, bias,
                               who="attention_weights")
-  logits = attention_logits(query, key, bias, scale=scale, precision=precision)
-  return masked_softmax(logits, full_mask(shape, mask, is_causal,
-                                          local_window_size))
+  return masked_softmax(*modded_logits(
+      query, key, bias, mask, shape, scale=scale, is_causal=is_causal,
+      local_window_size=local_window_size, precision=precision,
+      score_mod=score_mod, mask_mod=mask_mod))
 
 
 def reference_attention(query, key, value, bias=None, mask=None, *,
@@ -86,7 +107,7 @@ def reference_attention(query, key, value, bias=None, mask=None, *,
                         local_window_size=None, dropout_rate: float = 0.0,
                         dropout_rng=None, broadcast_dropout: bool = True,
                         precision=None, return_weights: bool = False,
-                        return_residual: bool = False):
+                        return_residual: bool = False, score_mod=None, mask_mod=None):
   """Scaled dot-product attention, materialised.
 
   Args:
@@ -104,6 +125,9 @@ def reference_attention(query, key, value, bias=None, mask=None, *,
     return_weights: also return the weights.
     return_residual: also return the log-sum-exp of each query's scores,
       ``[batch..., q_length, heads]`` (``-inf`` where a query has no key).
+    score_mod / mask_mod: FlexAttention-style hooks
+      (``attention_lab.kernels.mods``), applied to the whole score matrix:
+      this is their definition.
 
   Returns:
     ``[batch..., q_length, heads, value_dim]`` in the query dtype, then the
@@ -112,10 +136,10 @@ def reference_attention(query, key, value, bias=None, mask=None, *,
   """
   shape = checks.check_inputs(query, key, value, mask, bias,
                               who="reference_attention")
-  weights = attention_weights(query, key, bias, mask, scale=scale,
-                              is_causal=is_causal,
-                              local_window_size=local_window_size,
-                              precision=precision)
+  logits, visible = modded_logits(query, key, bias, mask, shape, scale=scale,
+                                  is_causal=is_causal, local_window_size=local_window_size,
+                                  precision=precision, score_mod=score_mod, mask_mod=mask_mod)
+  weights = masked_softmax(logits, visible)
   used = weights
   if dropout_rate > 0.0:
     if dropout_rng is None:
@@ -130,7 +154,6 @@ def reference_attention(query, key, value, bias=None, mask=None, *,
   out = out.astype(query.dtype)
   extra = (weights,) if return_weights else ()
   if return_residual:
-    logits = attention_logits(query, key, bias, scale=scale, precision=precision)
-    lse = masked_logsumexp(logits, full_mask(shape, mask, is_causal, local_window_size))
+    lse = masked_logsumexp(logits, visible)
     extra += (jnp.swapaxes(lse, -1, -2),)                  # [batch..., q, heads]
   return (out,) + extra if extra else out

@@ -13,7 +13,8 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from attention_lab.kernels import checks
 
-FEATURES = ("mask", "bias", "causal", "window", "dropout", "weights", "residual")
+FEATURES = ("mask", "bias", "causal", "window", "dropout", "weights", "residual",
+            "score_mod", "mask_mod")
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 

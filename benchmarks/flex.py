@@ -1,0 +1,226 @@
+"""score_mod / mask_mod speed: what a hook costs, and what block sparsity saves.
+
+    python benchmarks/flex.py                      # 1024..4096 tokens, 5 rounds
+    python benchmarks/flex.py --quick              # tiny sizes: checks the script runs
+    python benchmarks/flex.py --lengths=4096 --repeats=7 --nobackward
+
+All cases run our ``blockwise`` kernel (batch 1, 8 heads, head_dim 64,
+float32 by default) in one process, side by side:
+
+- ``causal``: ``is_causal=True``, the fast path with no hook (the baseline of
+  the next three);
+- ``causal mask_mod``: the same mask as ``mods.causal()``: the general block
+  mask path (skips the upper blocks, no masking in full blocks);
+- ``causal+alibi``: ``is_causal`` and ``score_mod=mods.alibi(heads)``;
+- ``causal+softcap``: ``is_causal`` and ``score_mod=mods.softcap(20)``;
+- ``documents mask_mod``: ``--documents`` packed documents of random lengths
+  as ``mods.document(ids)`` with NumPy ids (a static block mask: blocks
+  between documents are skipped); the baseline of the next two;
+- ``documents traced ids``: the same ids passed into ``jit``: the mask_mod is
+  evaluated in every block, nothing is skipped;
+- ``documents dense mask``: the same mask as a dense boolean
+  ``[1, 1, L, L]`` ``mask=`` argument.
+
+After one compile/warm-up call each, ``--repeats`` rounds time every case
+once, the order rotating by one each round (as ``benchmarks/kernels.py``).
+A cell is the median milliseconds with the min-max spread; ``vs`` is the
+case's median over its baseline's (below 1.0 = faster than the baseline),
+marked "within noise" when the two spreads overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+flags.DEFINE_list("lengths", ["1024", "2048", "4096"], "sequence lengths")
+flags.DEFINE_integer("batch", 1, "batch size")
+flags.DEFINE_integer("heads", 8, "attention heads")
+flags.DEFINE_integer("head_dim", 64, "head width")
+flags.DEFINE_integer("documents", 8, "packed documents in the document-mask cases")
+flags.DEFINE_integer("repeats", 5, "timed rounds per measurement (median, min-max)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "inputs")
+flags.DEFINE_integer("threads", 0, "CPUs to pin the process to; 0: all it may use")
+flags.DEFINE_bool("backward", True, "also time forward+backward (gradients wrt q, k, v)")
+flags.DEFINE_list("cases", [], "cases to run (default: all)")
+flags.DEFINE_bool("quick", False, "tiny sizes and few rounds: checks the script runs, "
+                  "its numbers mean nothing")
+FLAGS = flags.FLAGS
+
+QUICK = {"lengths": ["256"], "heads": 2, "head_dim": 32, "repeats": 3}
+# case -> its baseline (the ratio column divides by the baseline's median).
+BASELINE = {
+    "causal": None, "causal mask_mod": "causal", "causal+alibi": "causal",
+    "causal+softcap": "causal", "documents mask_mod": None,
+    "documents traced ids": "documents mask_mod", "documents dense mask": "documents mask_mod",
+}
+
+
+class Spread:
+  """Seconds of the timed rounds of one case."""
+
+  def __init__(self, times):
+    self.times = tuple(times)
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.times)
+
+  def overlaps(self, other: "Spread") -> bool:
+    return min(self.times) <= max(other.times) and min(other.times) <= max(self.times)
+
+  def ms(self) -> str:
+    return f"{self.median * 1e3:.1f} ({min(self.times) * 1e3:.1f}-{max(self.times) * 1e3:.1f})"
+
+
+def cpu_description() -> str:
+  """The CPU model (first of /proc/cpuinfo), as benchmarks/kernels.py prints it."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          return f"cpu {value.strip()}"
+  except OSError:
+    pass
+  return "cpu unknown"
+
+
+def time_rotating(candidates: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, Spread]:
+  """One warm-up call each, then ``repeats`` rounds, the order rotated by one each round."""
+  for fn in candidates.values():
+    fn()
+  order = list(candidates)
+  times = {name: [] for name in order}
+  for round_ in range(repeats):
+    shift = round_ % len(order)
+    for name in order[shift:] + order[:shift]:
+      start = time.perf_counter()
+      candidates[name]()
+      times[name].append(time.perf_counter() - start)
+  return {name: Spread(t) for name, t in times.items()}
+
+
+def document_ids(length: int, count: int, seed: int = 0):
+  """int32 ``[batch, length]``: ``count`` contiguous documents of random lengths."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  count = max(1, min(count, length))
+  cuts = np.sort(rng.choice(np.arange(1, length), count - 1, replace=False))
+  row = np.searchsorted(cuts, np.arange(length), side="right").astype(np.int32)
+  return np.tile(row, (FLAGS.batch, 1))
+
+
+def make_cases(length: int) -> Dict[str, Tuple[Callable, tuple]]:
+  """case -> (attention(q, k, v, *extra), extra arguments)."""
+  import jax.numpy as jnp
+  from attention_lab import kernels
+  from attention_lab.kernels import mods
+
+  ids = document_ids(length, FLAGS.documents)
+  dense = jnp.asarray(ids[:, None, :, None] == ids[:, None, None, :])   # [b, 1, L, L]
+  attend = lambda q, k, v, **kw: kernels.dot_product_attention(
+      q, k, v, implementation="blockwise", **kw)
+  cases = {
+      "causal": (lambda q, k, v: attend(q, k, v, is_causal=True), ()),
+      "causal mask_mod": (lambda q, k, v: attend(q, k, v, mask_mod=mods.causal()), ()),
+      "causal+alibi": (lambda q, k, v: attend(q, k, v, is_causal=True,
+                                              score_mod=mods.alibi(FLAGS.heads)), ()),
+      "causal+softcap": (lambda q, k, v: attend(q, k, v, is_causal=True,
+                                                score_mod=mods.softcap(20.0)), ()),
+      "documents mask_mod": (lambda q, k, v: attend(q, k, v, mask_mod=mods.document(ids)), ()),
+      "documents traced ids": (lambda q, k, v, t: attend(q, k, v, mask_mod=mods.document(t)),
+                               (jnp.asarray(ids),)),
+      "documents dense mask": (lambda q, k, v, m: attend(q, k, v, mask=m), (dense,)),
+  }
+  chosen = FLAGS.cases or list(cases)
+  unknown = sorted(set(chosen) - set(cases))
+  if unknown:
+    raise app.UsageError(f"unknown --cases {unknown}; cases: {', '.join(cases)}")
+  return {name: cases[name] for name in chosen}
+
+
+def runners(fn, extra, q, k, v):
+  """(forward, forward+backward) closures that block until done."""
+  import jax
+  import jax.numpy as jnp
+  fwd = jax.jit(fn)
+  loss = lambda q, k, v, *extra: jnp.sum(fn(q, k, v, *extra).astype(jnp.float32))
+  bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return (lambda: jax.block_until_ready(fwd(q, k, v, *extra)),
+          lambda: jax.block_until_ready(bwd(q, k, v, *extra)))
+
+
+def ratio(spreads: Dict[str, Spread], name: str) -> str:
+  base = BASELINE.get(name)
+  if base is None or base not in spreads or name not in spreads:
+    return "-"
+  text = f"{spreads[name].median / spreads[base].median:.2f}x {base}"
+  return text + (" within noise" if spreads[name].overlaps(spreads[base]) else "")
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.set_verbosity(logging.WARNING)
+  if FLAGS.quick:
+    for name, value in QUICK.items():
+      if not FLAGS[name].present:
+        FLAGS[name].value = value
+  cpus = sorted(os.sched_getaffinity(0))
+  if 0 < FLAGS.threads < len(cpus):          # before JAX sizes its thread pool
+    cpus = cpus[:FLAGS.threads]
+    os.sched_setaffinity(0, cpus)
+  import jax
+  import jaxlib
+  from attention_lab.kernels import masks
+  from attention_lab.kernels import mods
+
+  print(f"machine: {cpu_description()}; {len(cpus)} of {os.cpu_count()} CPUs used; "
+        f"jax {jax.__version__} (jaxlib {jaxlib.__version__}) on {jax.default_backend()}")
+  if FLAGS.quick:
+    print("(--quick: tiny sizes and rounds; these numbers only show that the script runs)")
+  print(f"blockwise, batch {FLAGS.batch}, heads {FLAGS.heads}, head_dim {FLAGS.head_dim}, "
+        f"{FLAGS.dtype}, default blocks; {FLAGS.documents} documents; ms as median (min-max) "
+        f"of {FLAGS.repeats} rounds, order rotated each round")
+  header = "| length | case | skipped blocks | fwd ms | fwd vs | "
+  header += "fwd+bwd ms | fwd+bwd vs |" if FLAGS.backward else ""
+  print(header)
+  print("|" + "---|" * (header.count("|") - 1), flush=True)
+  dtype = jax.numpy.dtype(FLAGS.dtype)
+  for length in [int(x) for x in FLAGS.lengths if x]:
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (FLAGS.batch, length, FLAGS.heads, FLAGS.head_dim), dtype)
+               for key in keys)
+    cases = make_cases(length)
+    fwd, bwd = {}, {}
+    for name, (fn, extra) in cases.items():
+      fwd[name], bwd[name] = runners(fn, extra, q, k, v)
+    f_times = time_rotating(fwd, FLAGS.repeats)
+    b_times = time_rotating(bwd, FLAGS.repeats) if FLAGS.backward else {}
+    ids = document_ids(length, FLAGS.documents)
+    block_q, block_k = min(256, length), min(512, length)    # blockwise's defaults here
+    static = {"causal mask_mod": mods.causal(), "documents mask_mod": mods.document(ids)}
+    for name in cases:
+      table = (masks.block_mask(static[name], FLAGS.batch, FLAGS.heads, length, length,
+                                block_q, block_k) if name in static else None)
+      skipped = f"{table.sparsity:.0%}" if table is not None else "-"
+      line = (f"| {length} | {name} | {skipped} | {f_times[name].ms()} | "
+              f"{ratio(f_times, name)} |")
+      if FLAGS.backward:
+        line += f" {b_times[name].ms()} | {ratio(b_times, name)} |"
+      print(line, flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
