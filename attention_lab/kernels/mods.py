@@ -175,7 +175,7 @@ def softcap(cap: float):
   Reference: ``cap * tanh(score / cap)``, scores squashed into
   ``(-cap, cap)``.
   """
-  if not cap > 0:
+  if isinstance(cap, (int, float)) and not cap > 0:     # a traced (learned) cap is not checked
     raise ValueError(f"softcap: cap must be positive, got {cap}")
 
   def score_mod(score, batch, head, q_idx, kv_idx):
