@@ -54,11 +54,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.distributed = False         # multi-host: jax.distributed.initialize() at start
 
   config.model = ml_collections.ConfigDict()
-  # Compute dtype of activations: "float32", "bfloat16" (TPUs, Ampere and newer
-  # GPUs: half the memory traffic, same exponent range as float32) or "float16"
-  # (older GPUs; no loss scaling here, so its gradients can underflow in
-  # training). Parameters, softmax, loss and metrics stay float32.
-  config.model.dtype = "float32"
+  # Compute dtype of activations: "auto" (bfloat16 on a TPU, float32
+  # elsewhere), "float32", "bfloat16" (TPUs, Ampere and newer GPUs: half the
+  # memory traffic, same exponent range as float32) or "float16" (older GPUs;
+  # no loss scaling here, so its gradients can underflow in training).
+  # Parameters, softmax, loss and metrics stay float32.
+  config.model.dtype = "auto"
 
   config.viz = ml_collections.ConfigDict()
   config.viz.kind = "image"

@@ -172,7 +172,7 @@ def test_bfloat16_forward_pass_computes_in_bfloat16_and_stays_close(family):
 
 
 def test_unknown_dtype_is_a_value_error_naming_the_field():
-  with pytest.raises(ValueError, match=r"config.model.dtype must be one of 'float32', "
+  with pytest.raises(ValueError, match=r"config.model.dtype must be one of 'auto', 'float32', "
                                        r"'bfloat16', 'float16'; got 'bf16'"):
     models.build({"name": "vit", "num_classes": 10, "dtype": "bf16"})
 
@@ -181,8 +181,8 @@ def test_every_experiment_has_a_model_dtype():
   import experiments
   for name in experiments.names():
     config = experiments.get_config(name)
-    assert config.model.dtype == "float32", name
-    assert models.build(config.model).dtype == jnp.float32, name
+    assert config.model.dtype == "auto", name                  # bfloat16 on a TPU
+    assert models.build(config.model).dtype == jnp.float32, name   # float32 on this CPU
 
 
 def test_float16_forward_pass_runs():
@@ -242,3 +242,13 @@ def test_bfloat16_mnist_vit_trains_resumes_evaluates_in_bfloat16(tmp_path, tiny_
   assert attention["attention_weights"][0].dtype == jnp.float32     # softmax in float32
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model"]["dtype"] == "bfloat16"
+
+
+def test_auto_dtype_is_bfloat16_on_tpu_only():
+  """``config.model.dtype="auto"`` (every experiment's default, see above)
+  computes in bfloat16 on a TPU and float32 elsewhere, here on the CPU."""
+  assert models.compute_dtype("auto", backend="tpu") == jnp.bfloat16
+  assert models.compute_dtype("auto", backend="gpu") == jnp.float32
+  assert models.compute_dtype("auto") == jnp.float32           # this CPU
+  with pytest.raises(ValueError, match="'auto', 'float32', 'bfloat16', 'float16'; got 'half'"):
+    models.compute_dtype("half")

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Dict, Type
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from attention_lab.models.image import PixelTransformer
@@ -32,17 +33,27 @@ MODELS: Dict[str, Type[nn.Module]] = {
 # float32 whatever it is (each layer's ``param_dtype``), and so do the loss and
 # metrics (``train/tasks.py``).
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# "auto": bfloat16 where the default backend is a TPU (its matrix units' native
+# type), float32 elsewhere.
+COMPUTE_DTYPE_NAMES = ("auto",) + tuple(COMPUTE_DTYPES)
 
 
-def compute_dtype(name):
+def compute_dtype(name, backend=None):
   """``config.model.dtype`` (a string) -> the jnp dtype.
 
+  Args:
+    name: one of ``COMPUTE_DTYPE_NAMES``.
+    backend: the platform ``"auto"`` resolves for (default: JAX's default
+      backend).
+
   Raises:
-    ValueError: a name outside ``COMPUTE_DTYPES``, naming the field.
+    ValueError: a name outside ``COMPUTE_DTYPE_NAMES``, naming the field.
   """
+  if name == "auto":
+    return jnp.bfloat16 if (backend or jax.default_backend()) == "tpu" else jnp.float32
   if name not in COMPUTE_DTYPES:
-    raise ValueError(f"config.model.dtype must be one of {', '.join(map(repr, COMPUTE_DTYPES))}; "
-                     f"got {name!r}")
+    raise ValueError(f"config.model.dtype must be one of "
+                     f"{', '.join(map(repr, COMPUTE_DTYPE_NAMES))}; got {name!r}")
   return COMPUTE_DTYPES[name]
 
 

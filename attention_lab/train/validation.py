@@ -178,7 +178,7 @@ def _model(check: "_Checker") -> None:
     check.one_of("model.attention", SEQ2SEQ_ATTENTIONS)
   if present("conv_attention"):
     check.one_of("model.conv_attention", CONV_ATTENTIONS)
-  dtypes = getattr(models, "COMPUTE_DTYPES", None)   # names models.build accepts
+  dtypes = getattr(models, "COMPUTE_DTYPE_NAMES", None)   # names models.build accepts
   if present("dtype") and dtypes is not None:
     check.one_of("model.dtype", sorted(dtypes))
   for key in MODEL_POSITIVE_INTS:
