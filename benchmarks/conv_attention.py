@@ -34,7 +34,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir_root", os.path.join(ROOT, "runs", "conv_attention_ablation"),
                     "where the runs go")
 flags.DEFINE_string("seeds", "0", "comma-separated seeds; every setting runs each")
-flags.DEFINE_string("readme", os.path.join(ROOT, "README.md"),
+flags.DEFINE_string("readme", os.path.join(ROOT, "docs", "results.md"),
                     "file whose marked table is replaced ('' to only print)")
 flags.DEFINE_list("overrides", [], "extra --config.* overrides for every run, e.g. "
                   "total_steps=300 (for a quick look; the README table uses the defaults)")

@@ -96,12 +96,28 @@ def test_default_dispatch_lowers_triton_on_gpu(form, dtype):
 
 
 def test_what_no_fused_kernel_expresses_lowers_through_xla():
-  """A dense bias goes to jax.nn's XLA formulation on both accelerators."""
-  bias = jnp.zeros((4, 256, 256))
-  fn = lambda q, k, v: kernels.dot_product_attention(q, k, v, bias=bias)
+  """A dense boolean mask goes to jax.nn's XLA formulation on both accelerators."""
+  mask = jnp.tril(jnp.ones((256, 256), bool))[None] & (jnp.arange(256) % 3 > 0)
+  fn = lambda q, k, v: kernels.dot_product_attention(q, k, v, mask=mask)
   for platform in ("tpu", "cuda"):
     text = lowering.lower_for(fn, _abstract(jnp.float32), platform)
     assert not lowering.custom_calls(text), platform
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 4, 256, 256), (2, 1, 256, 256)],
+                         ids=["shared_over_batch", "per_sequence"])
+def test_a_dense_bias_lowers_our_pallas_kernel_with_its_gradient(bias_shape):
+  """An additive bias (a learned relative-position table, ALiBi as a table) is
+  read block by block by our Pallas kernel: Mosaic on TPU, Triton on GPU; the
+  bias's own gradient comes out of the dK/dV kernel."""
+  def fn(q, k, v, bias):
+    return jnp.sum(kernels.dot_product_attention(q, k, v, bias=bias).astype(jnp.float32))
+  args = _abstract(jnp.float32) + (jax.ShapeDtypeStruct(bias_shape, jnp.float32),)
+  grad = jax.grad(fn, (0, 1, 2, 3))
+  names = lowering.kernel_names(lowering.lower_for(grad, args, "tpu"))
+  assert {"attention_lab_flash_forward", "attention_lab_flash_dkdv",
+          "attention_lab_flash_dq"} <= set(names), names
+  assert lowering.TRITON_CALL in lowering.custom_calls(lowering.lower_for(grad, args, "cuda"))
 
 
 def test_one_jitted_function_carries_each_platforms_kernel():

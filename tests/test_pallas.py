@@ -120,3 +120,43 @@ def test_dropout_needs_a_key_and_is_off_when_deterministic():
                                     dropout_rate=0.5, dropout_rng=jax.random.PRNGKey(0),
                                     deterministic=True),
       pallas_attention(q, k, v, interpret=True))
+
+
+@pytest.mark.parametrize("target", ["interpret", "tpu_interpret"])
+@pytest.mark.parametrize("bias_shape", [(1, 2, 150, 150), (2, 1, 150, 150), (2, 150)],
+                         ids=["shared_over_batch", "per_sequence_shared_over_heads", "keys_only"])
+def test_bias_forward_and_gradients_match_float64(bias_shape, target):
+  """An additive bias, some of it -inf, read per block: output and gradients
+  wrt q, k, v and the bias itself against dense float64 attention written out
+  here; causal, padded keys, several blocks, GPU and TPU layouts."""
+  q, k, v = _inputs(6, 150, 150, batch=2, heads=2, dim=8)
+  rng = np.random.default_rng(3)
+  bias = rng.normal(size=bias_shape)
+  bias[..., 11] = -np.inf                                   # a key hidden by the bias
+  if len(bias_shape) == 2:                                   # [batch, kv] -> [batch, 1, 1, kv]
+    bias = bias[:, None, None, :]
+  bias = jnp.asarray(bias, jnp.float32)
+  kv_lengths = jnp.array([150, 70])
+  f = lambda q, k, v, b: pallas_attention(q, k, v, b, is_causal=True, kv_lengths=kv_lengths,
+                                          block_q=32, block_k=64, target=target)
+  visible = np.tril(np.ones((150, 150), bool))[None, None] & (
+      np.arange(150)[None, None, None, :] < np.asarray(kv_lengths)[:, None, None, None])
+
+  def dense(q, k, v, b):                   # float64, [b, t, n, d]
+    s = jnp.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(8) + jnp.where(jnp.isneginf(b), 0, b)
+    s = jnp.where(visible & ~np.isneginf(np.asarray(bias)), s, -jnp.inf)
+    return jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(s, axis=-1), v)
+
+  cot = np.random.default_rng(4).normal(size=q.shape)
+  got = f(q, k, v, bias)
+  grads = jax.grad(lambda *a: jnp.sum(f(*a) * cot), (0, 1, 2, 3))(q, k, v, bias)
+  with jax.enable_x64(True):
+    as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    args = [as64(x) for x in (q, k, v, bias)]
+    want = dense(*args)
+    want_grads = jax.grad(lambda *a: jnp.sum(dense(*a) * cot), (0, 1, 2, 3))(*args)
+  np.testing.assert_allclose(got, want, atol=3e-5)
+  assert grads[3].shape == bias.shape
+  for which, g, w in zip("qkvb", grads, want_grads):
+    np.testing.assert_allclose(np.nan_to_num(np.asarray(g)), np.nan_to_num(np.asarray(w)),
+                               atol=1e-4, err_msg=which)

@@ -92,10 +92,10 @@ register(KernelSpec(
     description="jax.nn.dot_product_attention, XLA formulation"))
 register(KernelSpec(
     name="pallas", fn=pallas_attention,
-    features=frozenset({"causal", "window", "residual", "dropout"}),
+    features=frozenset({"bias", "causal", "window", "residual", "dropout"}),
     dtypes=("float32", "bfloat16", "float16"), per_device=True,
     description="our Pallas flash kernel: Triton on GPU, Mosaic on TPU, interpreted on CPU; "
-                "kv_lengths for padding, hashed dropout"))
+                "kv_lengths for padding, hashed dropout, additive bias"))
 register(KernelSpec(
     name="splash", fn=splash_attention,
     features=frozenset({"causal", "window"}),

@@ -132,6 +132,20 @@ def _data_axis_size() -> int:
   return mesh.shape[DATA_AXIS]
 
 
+def _per_device_bias_spec(bias, shape: checks.AttentionShape):
+  """How a bias splits over the data axis for a per-device kernel: None (no
+  bias), ``P()`` (shared by every row: replicated), ``P(data)`` (one per row),
+  or False (a layout the rows cannot be cut from)."""
+  if bias is None:
+    return None
+  lead = bias.ndim - 3      # the bias's batch dims (it broadcasts from the right)
+  if lead <= 0 or all(d == 1 for d in bias.shape[:lead]):
+    return P()
+  if lead == len(shape.batch) and bias.shape[0] == shape.batch[0]:
+    return P(DATA_AXIS)
+  return False
+
+
 def _run(spec: registry.KernelSpec, query, key, value, bias, mask, q_lengths, kv_lengths,
          *, shape: checks.AttentionShape, scale, is_causal, kwargs, precision):
   """Calls one kernel: lengths as the kernel takes them, per device when it
@@ -157,8 +171,9 @@ def _run(spec: registry.KernelSpec, query, key, value, bias, mask, q_lengths, kv
                    is_causal=is_causal, **kwargs, **extra)
 
   devices = _data_axis_size()
+  bias_spec = _per_device_bias_spec(bias, shape)
   if (spec.per_device and devices > 1 and len(shape.batch) >= 1
-      and shape.batch[0] % devices == 0 and bias is None and mask is None):
+      and shape.batch[0] % devices == 0 and bias_spec is not False and mask is None):
     # GSPMD cannot split a pallas_call: run it on each device's rows.
     if kv is None:
       kv = jnp.full(shape.batch, shape.kv_length, jnp.int32)
@@ -167,10 +182,11 @@ def _run(spec: registry.KernelSpec, query, key, value, bias, mask, q_lengths, kv
     # still left to the automatic partitioner (rows are replicated over the
     # others, so each device attends over its own rows in full).
     per_device = jax.shard_map(
-        lambda q, k, v, kv: call(q, k, v, None, None, kv), in_specs=(rows,) * 4,
+        lambda q, k, v, kv, bias: call(q, k, v, bias, None, kv),
+        in_specs=(rows,) * 4 + (bias_spec or P(),),     # None: an empty pytree
         out_specs=rows, axis_names=set(jax.sharding.get_abstract_mesh().axis_names),
         check_vma=False)
-    run = lambda: per_device(query, key, value, kv)
+    run = lambda: per_device(query, key, value, kv, bias)
   else:
     run = lambda: call(query, key, value, bias, mask, kv)
   if precision is not None and not spec.takes("precision"):

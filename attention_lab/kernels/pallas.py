@@ -8,9 +8,10 @@ accumulates ``dQ`` over the key blocks; both recompute the probabilities from
 the saved log-sum-exp, so memory stays linear in the length.
 
 Supported: causal, sliding window, key padding by ``kv_lengths``, dropout
-(a counter-based hash mask, regenerated in the backward). Dense masks
-and biases are not (the registry sends such calls to another kernel, and says
-so in the log).
+(a counter-based hash mask, regenerated in the backward), an additive bias
+(read per block; its gradient is the score gradient). Dense boolean masks
+are not (the registry sends such calls to another kernel, and says so in the
+log).
 
 One kernel body, three targets (``target=``), chosen per *lowering* platform
 when not given (``jax.lax.platform_dependent``), so one jitted or exported
@@ -65,10 +66,12 @@ class _Setting:
   """Static facts of one call, shared by the three kernels."""
 
   def __init__(self, q_len, kv_len, block_q, block_k, scale, causal, window, tpu,
-               keep_prob=None, broadcast_dropout=True, heads=1):
+               keep_prob=None, broadcast_dropout=True, heads=1, bias_shape=None):
     self.q_len, self.kv_len = q_len, kv_len
     # Dropout on the weights: None, or the probability of keeping one.
     self.keep_prob, self.broadcast_dropout, self.heads = keep_prob, broadcast_dropout, heads
+    # A dense bias [bias_batch, bias_heads, Tp, Sp] (each 1 or full), or None.
+    self.bias_shape = bias_shape
     self.bq, self.bk = block_q, block_k
     self.q_padded, self.kv_padded = _round_up(q_len, block_q), _round_up(kv_len, block_k)
     self.nq, self.nk = self.q_padded // block_q, self.kv_padded // block_k
@@ -194,7 +197,10 @@ def _tq(a, b):
   return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _forward_kernel(len_ref, seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Setting):
+def _forward_kernel(*refs, st: _Setting):
+  len_ref, seed_ref, q_ref, k_ref, v_ref, *rest = refs
+  bias_ref = rest.pop(0) if st.bias_shape else None
+  o_ref, lse_ref = rest
   qi = pl.program_id(2)
   kv_valid = st.kv_valid(len_ref)
   dropout = st.dropout_state(seed_ref)
@@ -206,7 +212,10 @@ def _forward_kernel(len_ref, seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
     cols = st.rows(kj, st.bk)
     k, v = k_ref[cols, :], v_ref[cols, :]
     ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
-    s = jnp.where(ok, _qk(q, k) * st.scale, _MASKED)
+    s = _qk(q, k) * st.scale
+    if bias_ref is not None:
+      s = s + bias_ref[:, cols].astype(jnp.float32)
+    s = jnp.where(ok, s, _MASKED)
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
     p = jnp.where(ok, jnp.exp(s - m_new), 0.0)
     correction = jnp.exp(m - m_new)
@@ -225,8 +234,13 @@ def _forward_kernel(len_ref, seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
   st.store_rows(lse_ref, jnp.where(has_key, m + jnp.log(safe_l), _MASKED))
 
 
-def _dkdv_kernel(len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                 dk_ref, dv_ref, *, st: _Setting):
+def _dkdv_kernel(*refs, st: _Setting):
+  len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
+  bias_ref = rest.pop(0) if st.bias_shape else None
+  dk_ref, dv_ref, *dbias = rest
+  dbias_ref = dbias[0] if dbias else None
+  if dbias_ref is not None:
+    dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)   # rows no query block visits
   kj = pl.program_id(2)
   kv_valid = st.kv_valid(len_ref)
   dropout = st.dropout_state(seed_ref)
@@ -238,12 +252,17 @@ def _dkdv_kernel(len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     q, do = q_ref[rows, :], do_ref[rows, :]
     lse, delta = lse_ref[rows, :][:, :1], delta_ref[rows, :][:, :1]
     ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
-    p = jnp.where(ok, jnp.exp(_qk(q, k) * st.scale - lse), 0.0)        # [bq, bk]
+    s = _qk(q, k) * st.scale
+    if bias_ref is not None:
+      s = s + bias_ref[rows, :].astype(jnp.float32)
+    p = jnp.where(ok, jnp.exp(s - lse), 0.0)                            # [bq, bk]
     dv = dv + _tq(st.drop(p, dropout, qi * st.bq, kj * st.bk).astype(do.dtype), do)
     # delta = rowsum(dO * O) with O the dropped output: FlashAttention's
     # dropout backward, dS = P * (drop(dP) - delta).
     ds = p * (st.drop(_qk(do, v), dropout, qi * st.bq, kj * st.bk) - delta)
     dk = dk + _tq(ds.astype(q.dtype), q) * st.scale
+    if dbias_ref is not None:
+      dbias_ref[rows, :] = ds.astype(dbias_ref.dtype)      # d bias = d scores
     return dk, dv
 
   lo, hi = st.query_blocks(kj)
@@ -253,8 +272,10 @@ def _dkdv_kernel(len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               *, st: _Setting):
+def _dq_kernel(*refs, st: _Setting):
+  len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
+  bias_ref = rest.pop(0) if st.bias_shape else None
+  (dq_ref,) = rest
   qi = pl.program_id(2)
   kv_valid = st.kv_valid(len_ref)
   dropout = st.dropout_state(seed_ref)
@@ -265,7 +286,10 @@ def _dq_kernel(len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     cols = st.rows(kj, st.bk)
     k, v = k_ref[cols, :], v_ref[cols, :]
     ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
-    p = jnp.where(ok, jnp.exp(_qk(q, k) * st.scale - lse), 0.0)
+    s = _qk(q, k) * st.scale
+    if bias_ref is not None:
+      s = s + bias_ref[:, cols].astype(jnp.float32)
+    p = jnp.where(ok, jnp.exp(s - lse), 0.0)
     ds = p * (st.drop(_qk(do, v), dropout, qi * st.bq, kj * st.bk) - delta)
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * st.scale
 
@@ -292,6 +316,14 @@ def _specs(st: _Setting, d: int, dv: int):
   o_full = pl.BlockSpec((None, None, st.q_padded, dv), lambda b, n, i: (b, n, 0, 0))
   row_block = pl.BlockSpec((None, None, st.bq, st.lanes), lambda b, n, i: (b, n, i, 0))
   row_full = pl.BlockSpec((None, None, st.q_padded, st.lanes), lambda b, n, i: (b, n, 0, 0))
+  if st.bias_shape:
+    # A bias shared over the batch or the heads is read at index 0 there.
+    pick = lambda b, n: (b if st.bias_shape[0] > 1 else 0, n if st.bias_shape[1] > 1 else 0)
+    bias_rows = pl.BlockSpec((None, None, st.bq, st.kv_padded),
+                             lambda b, n, i: pick(b, n) + (i, 0))
+    bias_cols = pl.BlockSpec((None, None, st.q_padded, st.bk),
+                             lambda b, n, i: pick(b, n) + (0, i))
+    dbias_cols = pl.BlockSpec((None, None, st.q_padded, st.bk), lambda b, n, i: (b, n, 0, i))
   return locals()
 
 
@@ -316,30 +348,33 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
   def rows_shape(b, n):
     return jax.ShapeDtypeStruct((b, n, st.q_padded, st.lanes), jnp.float32)
 
-  def forward(q, k, v, lengths, seed):
+  biased = lambda bias: [] if bias is None else [bias]
+
+  def forward(q, k, v, lengths, seed, bias):
     b, n, _, d = q.shape
     dv = v.shape[-1]
     sp = _specs(st, d, dv)
     return pl.pallas_call(
         functools.partial(_forward_kernel, st=st),
         grid=(b, n, st.nq),
-        in_specs=[sp["length"], sp["seed"], sp["q_block"], sp["k_full"], sp["v_full"]],
+        in_specs=[sp["length"], sp["seed"], sp["q_block"], sp["k_full"], sp["v_full"]]
+        + ([sp["bias_rows"]] if st.bias_shape else []),
         out_specs=[sp["o_block"], sp["row_block"]],
         out_shape=[jax.ShapeDtypeStruct((b, n, st.q_padded, dv), q.dtype), rows_shape(b, n)],
         name="attention_lab_flash_forward", **options,
-    )(lengths, seed, q, k, v)
+    )(lengths, seed, q, k, v, *biased(bias))
 
   @jax.custom_vjp
-  def attend(q, k, v, lengths, seed):
-    out, lse = forward(q, k, v, lengths, seed)
+  def attend(q, k, v, lengths, seed, bias):
+    out, lse = forward(q, k, v, lengths, seed, bias)
     return (out, lse) if with_lse else out
 
-  def fwd(q, k, v, lengths, seed):
-    out, lse = forward(q, k, v, lengths, seed)
-    return ((out, lse) if with_lse else out), (q, k, v, lengths, seed, out, lse)
+  def fwd(q, k, v, lengths, seed, bias):
+    out, lse = forward(q, k, v, lengths, seed, bias)
+    return ((out, lse) if with_lse else out), (q, k, v, lengths, seed, bias, out, lse)
 
   def bwd(res, cotangent):
-    q, k, v, lengths, seed, out, lse = res
+    q, k, v, lengths, seed, bias, out, lse = res
     d_out, d_lse = cotangent if with_lse else (cotangent, None)
     b, n, _, d = q.shape
     dv = v.shape[-1]
@@ -350,33 +385,59 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
       # The statistic is stored broadcast over lanes; the caller read lane 0.
       delta = delta - jnp.sum(d_lse, axis=-1, keepdims=True)
     delta = jnp.broadcast_to(delta, lse.shape)
-    d_k, d_v = pl.pallas_call(
+    grads = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st),
         grid=(b, n, st.nk),
         in_specs=[sp["length"], sp["seed"], sp["q_full"], sp["k_block"], sp["v_block"],
-                  sp["o_full"],
-                  sp["row_full"], sp["row_full"]],
-        out_specs=[sp["k_block"], sp["v_block"]],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                  sp["o_full"], sp["row_full"], sp["row_full"]]
+        + ([sp["bias_cols"]] if st.bias_shape else []),
+        out_specs=[sp["k_block"], sp["v_block"]]
+        + ([sp["dbias_cols"]] if st.bias_shape else []),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+        + ([jax.ShapeDtypeStruct((b, n, st.q_padded, st.kv_padded), jnp.float32)]
+           if st.bias_shape else []),
         name="attention_lab_flash_dkdv", **options,
-    )(lengths, seed, q, k, v, d_out, lse, delta)
+    )(lengths, seed, q, k, v, d_out, lse, delta, *biased(bias))
+    d_k, d_v = grads[:2]
+    d_bias = None
+    if bias is not None:
+      # Per (sequence, head) score gradients, summed where the bias is shared.
+      axes = tuple(i for i in (0, 1) if bias.shape[i] == 1 and grads[2].shape[i] != 1)
+      d_bias = grads[2].sum(axis=axes, keepdims=True).astype(bias.dtype)
     d_q = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid=(b, n, st.nq),
         in_specs=[sp["length"], sp["seed"], sp["q_block"], sp["k_full"], sp["v_full"],
-                  sp["o_block"],
-                  sp["row_block"], sp["row_block"]],
+                  sp["o_block"], sp["row_block"], sp["row_block"]]
+        + ([sp["bias_rows"]] if st.bias_shape else []),
         out_specs=sp["q_block"],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         name="attention_lab_flash_dq", **options,
-    )(lengths, seed, q, k, v, d_out, lse, delta)
-    return d_q, d_k, d_v, None, None
+    )(lengths, seed, q, k, v, d_out, lse, delta, *biased(bias))
+    return d_q, d_k, d_v, None, None, d_bias
 
   attend.defvjp(fwd, bwd)
   return attend
 
 
-def _attend_on(target, query, key, value, lengths, seed, *, shape, scale, is_causal,
+def _bias_4d(bias, shape, q_padded, kv_padded):
+  """A bias broadcastable to ``[batch..., heads, q, kv]`` as float32
+  ``[1 or flat batch, 1 or heads, q_padded, kv_padded]`` (zero padding; padded
+  keys are masked anyway)."""
+  batch = shape.batch
+  bias = jnp.asarray(bias)
+  bias = bias.reshape((1,) * (len(batch) + 3 - bias.ndim) + bias.shape)
+  lead, tail = bias.shape[:len(batch)], bias.shape[len(batch):]
+  if all(d == 1 for d in lead):
+    bias = bias.reshape((1,) + tail)
+  else:
+    bias = jnp.broadcast_to(bias, batch + tail).reshape((-1,) + tail)
+  bias = jnp.broadcast_to(bias, bias.shape[:2] + (shape.q_length, shape.kv_length))
+  pads = [(0, 0), (0, 0), (0, q_padded - shape.q_length), (0, kv_padded - shape.kv_length)]
+  return jnp.pad(bias.astype(jnp.float32), pads)
+
+
+def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, is_causal,
                window, block_q, block_k, return_residual=False, keep_prob=None,
                broadcast_dropout=True):
   """The whole call for one target: tiles, padding, kernel, unpadding."""
@@ -397,13 +458,16 @@ def _attend_on(target, query, key, value, lengths, seed, *, shape, scale, is_cau
     dv_pad = max(16, pl.next_power_of_2(shape.value_dim))
   st = _Setting(shape.q_length, shape.kv_length, block_q, block_k, scale, is_causal,
                 window, tpu, keep_prob, broadcast_dropout, shape.heads)
+  if bias is not None:
+    bias = _bias_4d(bias, shape, st.q_padded, st.kv_padded)
+    st.bias_shape = bias.shape[:2]
 
   # Zero columns change neither the scores (the scale is fixed from the true
   # head_dim) nor the output (sliced off).
   q = heads_major(query, len(batch), st.q_padded, d_pad)
   k = heads_major(repeat_kv_heads(key, shape.heads), len(batch), st.kv_padded, d_pad)
   v = heads_major(repeat_kv_heads(value, shape.heads), len(batch), st.kv_padded, dv_pad)
-  out = _make(st, target, return_residual)(q, k, v, lengths, seed)
+  out = _make(st, target, return_residual)(q, k, v, lengths, seed, bias)
   out, rows = out if return_residual else (out, None)
   out = jnp.swapaxes(out[:, :, :shape.q_length, :shape.value_dim], 1, 2)
   out = out.reshape(batch + out.shape[1:])
@@ -428,7 +492,9 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
     query: ``[batch..., q_length, heads, head_dim]``.
     key: ``[batch..., kv_length, kv_heads, head_dim]``.
     value: ``[batch..., kv_length, kv_heads, value_dim]``.
-    bias, mask: not supported (ValueError); use ``kv_lengths`` for padding.
+    bias: float, broadcastable to ``[batch..., heads, q_length, kv_length]``
+      (``-inf`` hides a key); read block by block, with its gradient.
+    mask: not supported (ValueError); use ``kv_lengths`` for padding.
     kv_lengths: int ``[batch...]``, number of valid keys per sequence.
     return_residual: also return the float32 log-sum-exp ``[batch..., q_length,
       heads]`` (``-inf`` where a query has no key), differentiable.
@@ -447,8 +513,8 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
     ``[batch..., q_length, heads, value_dim]`` in the query dtype (and the
     residual).
   """
-  checks.refuse_dense("pallas", bias, mask)
-  shape = checks.check_inputs(query, key, value, who="pallas_attention")
+  checks.refuse_dense("pallas", None, mask)
+  shape = checks.check_inputs(query, key, value, bias=bias, who="pallas_attention")
   if interpret:
     target = "interpret"
   if target is not None and target not in TARGETS:
@@ -473,9 +539,9 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
       return_residual=return_residual, keep_prob=keep_prob,
       broadcast_dropout=broadcast_dropout)
   if target is not None:
-    return run(target, query, key, value, lengths, seed)
+    return run(target, query, key, value, lengths, seed, bias)
   return lax.platform_dependent(
-      query, key, value, lengths, seed,
+      query, key, value, lengths, seed, bias,
       cpu=functools.partial(run, "interpret"),
       cuda=functools.partial(run, "triton"), rocm=functools.partial(run, "triton"),
       tpu=functools.partial(run, "tpu"))
