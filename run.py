@@ -126,7 +126,7 @@ def main(argv):
   except (FileNotFoundError, train.WorkdirError, train.CheckpointError,
           train.NonFiniteError) as e:
     # Faults with a clear cause end in one line, not a traceback: saved
-    # checkpoints are untouched (see README, "Faults").
+    # checkpoints are untouched (see docs/running.md, "Faults").
     sys.exit(f"error: {e}")
 
 
