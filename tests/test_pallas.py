@@ -43,8 +43,8 @@ def test_bad_options():
     pallas_attention(q, k, v, block_q=48)
   with pytest.raises(ValueError, match=r"kv_lengths shape \(3,\) must equal"):
     pallas_attention(q, k, v, kv_lengths=jnp.array([1, 2, 3]))
-  with pytest.raises(ValueError, match="'pallas' does not support bias"):
-    pallas_attention(q, k, v, bias=jnp.zeros((16, 16)))
+  with pytest.raises(ValueError, match="'pallas' does not support mask"):
+    pallas_attention(q, k, v, mask=jnp.ones((16, 16), bool))
 
 
 def _lowbias32(x):
