@@ -30,7 +30,7 @@ from attention_lab.kernels import dispatch
 from attention_lab.kernels import registry
 from attention_lab.kernels import masks
 from attention_lab.kernels import mods
-from attention_lab.kernels import scores
+from attention_lab.kernels import softmax
 from attention_lab.kernels.blockwise import blockwise_attention
 from attention_lab.kernels.dispatch import attention_fn
 from attention_lab.kernels.dispatch import check_supported
@@ -113,9 +113,10 @@ register(KernelSpec(
 register(KernelSpec(
     name="blockwise", fn=blockwise_attention,
     features=frozenset({"mask", "bias", "causal", "window", "residual", "score_mod",
-                        "mask_mod"}),
+                        "mask_mod", "dropout"}),
     applies=lambda s: s.kv_length >= BLOCKWISE_MIN_KV_LENGTH,
-    description="online softmax over key blocks, custom_vjp; O(length) memory"))
+    description="online softmax over key blocks, custom_vjp; O(length) memory; "
+                "grouped K/V heads without copies, hashed dropout"))
 register(KernelSpec(
     name="ring", fn=ring_attention,
     features=frozenset({"causal", "window"}),
@@ -137,6 +138,6 @@ __all__ = [
     "blockwise_attention", "capabilities", "check_supported", "checks", "cudnn_available",
     "dot_product_attention", "get", "jax_nn_attention", "masks", "mods", "names",
     "pallas_attention", "preference", "reference_attention", "register",
-    "requested_features", "ring_attention", "scores", "select", "set_preference",
+    "requested_features", "ring_attention", "select", "set_preference", "softmax",
     "splash_attention",
 ]

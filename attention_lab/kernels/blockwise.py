@@ -33,9 +33,10 @@ from jax import lax
 from attention_lab.kernels import checks
 from attention_lab.kernels import masks
 from attention_lab.kernels import mods
+from attention_lab.kernels.dropout import dropout_keep
+from attention_lab.kernels.dropout import dropout_seed
 from attention_lab.kernels.masks import _window_sides
 from attention_lab.kernels.reference import heads_major
-from attention_lab.kernels.reference import repeat_kv_heads
 
 # Measured on a 2-core CPU (benchmarks/README.md): 256 x 1024 blocks are the
 # fastest for full attention; banded (causal, windowed) attention skips and
@@ -86,9 +87,15 @@ class _Static:
 
   def __init__(self, q_len, kv_len, block_q, block_k, scale, causal, window,
                has_mask=False, has_lengths=False, batch=1, heads=1, has_bias=False,
-               score_mod=None, score_params=(), mask_mod=None, table=None):
+               score_mod=None, score_params=(), mask_mod=None, table=None,
+               groups=1, keep_prob=None, broadcast_dropout=True):
     self.q_len, self.kv_len = q_len, kv_len
     self.batch, self.heads, self.has_bias = batch, heads, has_bias
+    # Query heads per K/V head: K and V stay [b, heads / groups, ...] and
+    # each block's products run per group (grouped-query attention).
+    self.groups = groups
+    # Dropout on the weights (None: off); the mask is dropout_keep's hash.
+    self.keep_prob, self.broadcast_dropout = keep_prob, broadcast_dropout
     # Hoisted mods: fn(*block, *consts); score_params[i] says whether the
     # score_mod's i-th const gets a cotangent (a traced float array).
     self.score_mod, self.score_params = score_mod, tuple(score_params)
@@ -214,17 +221,65 @@ class _Static:
                             bool)
     return ok
 
+  def keep(self, q_start, k_start, seeds):
+    """Bool ``[batch|1, heads|1, bq, bk]``: the weights dropout keeps in a
+    block (``dropout_keep`` of the absolute positions and the row
+    ``batch * heads + head``), the same bits in the forward and backward."""
+    q_pos = q_start + jnp.arange(self.bq, dtype=jnp.int32)[:, None]
+    k_pos = k_start + jnp.arange(self.bk, dtype=jnp.int32)[None, :]
+    row = None
+    if not self.broadcast_dropout:
+      row = jnp.arange(self.batch * self.heads, dtype=jnp.int32).reshape(
+          self.batch, self.heads, 1, 1)
+    keep = dropout_keep(seeds[0], seeds[1], q_pos, k_pos, row, self.keep_prob)
+    return keep if keep.ndim == 4 else keep[None, None]
+
+  def drop(self, x, keep):
+    """``x`` with dropped weights zeroed, kept ones scaled by 1/keep_prob."""
+    return jnp.where(keep, x * (1.0 / self.keep_prob), 0.0)
+
+
+# Block products with grouped K/V heads. Queries and everything per query
+# head are [b, n, ...]; keys and values are [b, h, ...] with n = h * g, the
+# query heads of one K/V head adjacent (as jnp.repeat would lay them out).
+# With g > 1 a group's queries share one matrix product with their K/V
+# head's block, so K and V are never copied g times.
+
+def _group(x, g):
+  """``[b, n, t, d] -> [b, n // g, g, t, d]`` (a free reshape)."""
+  return x.reshape(x.shape[0], x.shape[1] // g, g, *x.shape[2:])
+
+
+def _ungroup(x):
+  return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _per_head(spec_1, spec_g, a, b, g):
+  """``einsum`` of a per-query-head operand with a per-K/V-head one,
+  per-query-head result (``spec_1`` for g = 1, ``spec_g`` grouped)."""
+  if g == 1:
+    return jnp.einsum(spec_1, a, b, preferred_element_type=jnp.float32)
+  return _ungroup(jnp.einsum(spec_g, _group(a, g), b, preferred_element_type=jnp.float32))
+
+
+def _summed_over_group(spec_1, spec_g, a, b, g):
+  """``einsum`` of two per-query-head operands summed into a per-K/V-head
+  result (the gradients of K and V)."""
+  if g == 1:
+    return jnp.einsum(spec_1, a, b, preferred_element_type=jnp.float32)
+  return jnp.einsum(spec_g, _group(a, g), _group(b, g), preferred_element_type=jnp.float32)
+
 
 def _scores(st, qb, kb, bias_blk):
   """Scores of a block; ``qb`` arrives pre-multiplied by the scale."""
-  s = jnp.einsum("bnqd,bnkd->bnqk", qb, kb, preferred_element_type=jnp.float32)
+  s = _per_head("bnqd,bnkd->bnqk", "bhgqd,bhkd->bhgqk", qb, kb, st.groups)
   if bias_blk is not None:
     s = s + bias_blk.astype(jnp.float32)
   return s
 
 
 def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths,
-             score_consts=(), mask_consts=()):
+             score_consts=(), mask_consts=(), seeds=None):
   """Returns ``out [b, n, Tp, dv]`` (input dtype) and ``lse [b, n, Tp]`` (float32)."""
   b, n, _, _ = q.shape
   dv = v.shape[-1]
@@ -253,9 +308,11 @@ def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths,
       m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
       p = jnp.exp(s - m_safe[..., None])                  # masked -> exp(-inf) = 0
       correction = jnp.exp(m - m_safe)                    # m = -inf -> 0
-      l = correction * l + p.sum(-1)
-      acc = correction[..., None] * acc + jnp.einsum(
-          "bnqk,bnkd->bnqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+      l = correction * l + p.sum(-1)      # the normaliser sees every weight
+      if st.keep_prob is not None:
+        p = st.drop(p, st.keep(q_start, k_start, seeds))
+      acc = correction[..., None] * acc + _per_head(
+          "bnqk,bnkd->bnqd", "bhgqk,bhkd->bhgqd", p.astype(v.dtype), vb, st.groups)
       return m_new, l, acc
 
     init = (jnp.full((b, n, st.bq), _NEG_INF, jnp.float32),
@@ -277,7 +334,7 @@ def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths,
 
 
 def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out,
-              d_lse=None, score_consts=(), mask_consts=()):
+              d_lse=None, score_consts=(), mask_consts=(), seeds=None):
   """Gradients wrt q, k, v (and bias, and the score_mod's parameters),
   recomputing probabilities block by block.
 
@@ -285,6 +342,10 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
   The score_mod's parameters (its hoisted consts flagged in
   ``st.score_params``) get ``sum over blocks of vjp(score_mod)(ds)``,
   accumulated in float32 at least; the others get None.
+
+  With dropout (``D`` the block's keep mask over keep_prob) the output is
+  ``(P * D) V``, so ``dV = (P * D)^T dO`` and ``dS = P * (D * dO V^T - delta)``;
+  ``delta = rowsum(dO * out)`` as without dropout.
   """
   f32 = jnp.float32
   delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)     # [b, n, Tp]
@@ -328,7 +389,7 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
       delta_b = lax.dynamic_slice_in_dim(delta, q_start, st.bq, axis=2)
       # Keys-major [.., bk, bq] blocks: the products for dV and dK then take
       # their left operand as stored; only dQ's needs a transposed one.
-      s_t = jnp.einsum("bnkd,bnqd->bnkq", kb, qb, preferred_element_type=f32)
+      s_t = _per_head("bnqd,bnkd->bnkq", "bhgqd,bhkd->bhgkq", qb, kb, st.groups)
       bias_blk = _block(bias, q_start, st.bq, k_start, st.bk)
       if bias_blk is not None:
         s_t = s_t + jnp.swapaxes(bias_blk, -1, -2).astype(f32)
@@ -348,19 +409,23 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
                         jnp.exp(s_t - lse_safe[..., None, :]), 0.0)    # [b, n, bk, bq]
       else:
         p_t = jnp.exp(s_t - lse_safe[..., None, :])
-      d_vb = d_vb + jnp.einsum("bnkq,bnqd->bnkd", p_t.astype(dob.dtype), dob,
-                               preferred_element_type=f32)
-      dp_t = jnp.einsum("bnkd,bnqd->bnkq", vb, dob, preferred_element_type=f32)
+      dp_t = _per_head("bnqd,bnkd->bnkq", "bhgqd,bhkd->bhgkq", dob, vb, st.groups)
+      pd_t = p_t
+      if st.keep_prob is not None:
+        keep_t = jnp.swapaxes(st.keep(q_start, k_start, seeds), -1, -2)
+        pd_t, dp_t = st.drop(p_t, keep_t), st.drop(dp_t, keep_t)
+      d_vb = d_vb + _summed_over_group("bnkq,bnqd->bnkd", "bhgkq,bhgqd->bhkd",
+                                       pd_t.astype(dob.dtype), dob, st.groups)
       ds_t = p_t * (dp_t - delta_b[..., None, :])
       if st.score_mod is not None:
         ds_t, d_params_blk = mod_vjp(ds_t)
         d_params = tuple(a + b for a, b in zip(d_params, d_params_blk))
-      d_qb = jnp.einsum("bnkq,bnkd->bnqd", ds_t.astype(kb.dtype), kb,
-                        preferred_element_type=f32)
+      d_qb = _per_head("bnkq,bnkd->bnqd", "bhgkq,bhkd->bhgqd", ds_t.astype(kb.dtype), kb,
+                       st.groups)
       d_q = lax.dynamic_update_slice_in_dim(
           d_q, lax.dynamic_slice_in_dim(d_q, q_start, st.bq, axis=2) + d_qb, q_start, axis=2)
-      d_kb = d_kb + jnp.einsum("bnkq,bnqd->bnkd", ds_t.astype(qb.dtype), qb,
-                               preferred_element_type=f32)     # qb is pre-scaled
+      d_kb = d_kb + _summed_over_group("bnkq,bnqd->bnkd", "bhgkq,bhgqd->bhkd",
+                                       ds_t.astype(qb.dtype), qb, st.groups)  # qb pre-scaled
       if d_bias is not None:
         grad = reduce_to(jnp.swapaxes(ds_t, -1, -2), d_bias.shape)
         starts = (0, 0, q_start if d_bias.shape[2] != 1 else 0,
@@ -395,27 +460,29 @@ def _make_attention(st: _Static, with_lse: bool = False):
   """
 
   @jax.custom_vjp
-  def attend(q, k, v, bias, mask, q_lengths, kv_lengths, score_consts, mask_consts):
+  def attend(q, k, v, bias, mask, q_lengths, kv_lengths, score_consts, mask_consts, seeds):
     out, lse = _forward(st, q, k, v, bias, mask, q_lengths, kv_lengths,
-                        score_consts, mask_consts)
+                        score_consts, mask_consts, seeds)
     return (out, lse) if with_lse else out
 
-  def fwd(q, k, v, bias, mask, q_lengths, kv_lengths, score_consts, mask_consts):
+  def fwd(q, k, v, bias, mask, q_lengths, kv_lengths, score_consts, mask_consts, seeds):
     out, lse = _forward(st, q, k, v, bias, mask, q_lengths, kv_lengths,
-                        score_consts, mask_consts)
-    res = (q, k, v, bias, mask, q_lengths, kv_lengths, score_consts, mask_consts, out, lse)
+                        score_consts, mask_consts, seeds)
+    res = (q, k, v, bias, mask, q_lengths, kv_lengths, score_consts, mask_consts, seeds,
+           out, lse)
     return ((out, lse) if with_lse else out), res
 
   def bwd(res, cotangent):
-    q, k, v, bias, mask, q_lengths, kv_lengths, score_consts, mask_consts, out, lse = res
+    (q, k, v, bias, mask, q_lengths, kv_lengths, score_consts, mask_consts, seeds,
+     out, lse) = res
     d_out, d_lse = cotangent if with_lse else (cotangent, None)
     d_q, d_k, d_v, d_bias, d_score_consts = _backward(
         st, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out, d_lse,
-        score_consts, mask_consts)
+        score_consts, mask_consts, seeds)
     cast = lambda g, x: None if g is None else g.astype(x.dtype)
     # mask_mod consts get no cotangent: a boolean mask is flat in them.
     return (cast(d_q, q), cast(d_k, k), cast(d_v, v), cast(d_bias, bias),
-            None, None, None, d_score_consts, None)
+            None, None, None, d_score_consts, None, None)
 
   attend.defvjp(fwd, bwd)
   return attend
@@ -426,6 +493,8 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
                         local_window_size=None, q_lengths=None, kv_lengths=None,
                         return_residual: bool = False,
                         score_mod=None, mask_mod=None,
+                        dropout_rate: float = 0.0, dropout_rng=None,
+                        broadcast_dropout: bool = True,
                         block_q: int = DEFAULT_BLOCK_Q,
                         block_k: Optional[int] = None):
   """Flash-style attention; same arguments and shapes as ``reference_attention``.
@@ -433,7 +502,9 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
   Args:
     query: ``[batch..., q_length, heads, head_dim]``.
     key: ``[batch..., kv_length, kv_heads, head_dim]``.
-    value: ``[batch..., kv_length, kv_heads, value_dim]``.
+    value: ``[batch..., kv_length, kv_heads, value_dim]``; with fewer K/V
+      heads than query heads (grouped-query attention) they are never
+      repeated: each block's products run per group of query heads.
     bias / mask: broadcastable to ``[batch..., heads, q_length, kv_length]``;
       kept in their compact (broadcast) shape and sliced per block.
     q_lengths / kv_lengths: int ``[batch...]``, valid prefix lengths: padding
@@ -446,6 +517,11 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
       the backward; gradients reach the arrays a ``score_mod`` closes over.
       A ``mask_mod`` of indices and concrete arrays only gets a static block
       mask: empty blocks skipped, full ones unmasked.
+    dropout_rate / dropout_rng / broadcast_dropout: dropout on the weights
+      (Flax's meaning: kept weights scaled by ``1 / (1 - rate)``; with
+      ``broadcast_dropout`` one mask for every sequence and head), the mask
+      ``kernels.dropout.dropout_keep`` of seeds drawn from ``dropout_rng``
+      (the Pallas kernel's mask), regenerated per block in the backward.
     block_q / block_k: block sizes (clipped to the padded lengths); block_k
       defaults to 1024, or 512 for causal, windowed or ``mask_mod`` attention.
 
@@ -466,6 +542,13 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
   block_q = min(block_q, _round_up(shape.q_length, 8))
   block_k = min(block_k, _round_up(shape.kv_length, 8))
   window = None if local_window_size is None else _window_sides(local_window_size)
+  keep_prob, seeds = None, None
+  if dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise ValueError("blockwise_attention: dropout_rate > 0 needs dropout_rng")
+    if dropout_rate >= 1.0:
+      raise ValueError(f"blockwise_attention: dropout_rate must be below 1, got {dropout_rate}")
+    keep_prob, seeds = 1.0 - float(dropout_rate), dropout_seed(dropout_rng)
   # Mods are traced once on block-shaped stand-ins, and every array they
   # close over becomes an explicit input of the custom_vjp.
   index_spec = tuple(jax.ShapeDtypeStruct(s, jnp.int32) for s in (
@@ -487,14 +570,16 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
                has_mask=mask is not None,
                has_lengths=q_lengths is not None or kv_lengths is not None,
                batch=flat, heads=shape.heads, has_bias=bias is not None,
-               score_mod=score_fn, score_params=score_params, mask_mod=mask_fn, table=table)
+               score_mod=score_fn, score_params=score_params, mask_mod=mask_fn, table=table,
+               groups=shape.heads // shape.kv_heads, keep_prob=keep_prob,
+               broadcast_dropout=broadcast_dropout)
 
   # The scale goes on q (length x dim) rather than on every score block;
   # autodiff of this multiply scales dq, so the custom backward never does.
   q = heads_major((query.astype(jnp.float32) * st.scale).astype(query.dtype), len(batch),
                   st.q_padded)
-  k = heads_major(repeat_kv_heads(key, shape.heads), len(batch), st.kv_padded)
-  v = heads_major(repeat_kv_heads(value, shape.heads), len(batch), st.kv_padded)
+  k = heads_major(key, len(batch), st.kv_padded)                    # [b, kv_heads, ...]
+  v = heads_major(value, len(batch), st.kv_padded)
   q_pad, kv_pad = st.q_padded - shape.q_length, st.kv_padded - shape.kv_length
   mask_c = _compact(mask, batch, flat, False, q_pad, kv_pad)
   bias_c = _compact(bias, batch, flat, 0.0, q_pad, kv_pad)
@@ -504,7 +589,7 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
 
   out = _make_attention(st, return_residual)(q, k, v, bias_c, mask_c, as_flat(q_lengths),
                                             as_flat(kv_lengths), tuple(score_consts),
-                                            tuple(mask_consts))
+                                            tuple(mask_consts), seeds)
   out, lse = out if return_residual else (out, None)
   out = jnp.swapaxes(out[:, :, :shape.q_length], 1, 2)              # [b, t, n, dv]
   out = out.reshape(batch + out.shape[1:])

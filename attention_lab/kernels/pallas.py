@@ -39,13 +39,14 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from attention_lab.kernels import checks
+from attention_lab.kernels.dropout import dropout_keep
+from attention_lab.kernels.dropout import dropout_seed
 from attention_lab.kernels.masks import _window_sides
 from attention_lab.kernels.reference import heads_major
 from attention_lab.kernels.reference import repeat_kv_heads
@@ -143,48 +144,6 @@ class _Setting:
   def store_rows(self, ref, column):
     """Stores a ``[bq, 1]`` statistic into its ``[bq, lanes]`` block."""
     ref[...] = jnp.broadcast_to(column, (column.shape[0], self.lanes))
-
-
-def _mix(x):
-  """A 32-bit integer hash (lowbias32) in int32 arithmetic: wrapping
-  products, logical shifts; the same bits as in uint32."""
-  x = x ^ lax.shift_right_logical(x, jnp.int32(16))
-  x = x * jnp.int32(np.uint32(0x7FEB352D).astype(np.int32))
-  x = x ^ lax.shift_right_logical(x, jnp.int32(15))
-  x = x * jnp.int32(np.uint32(0x846CA68B).astype(np.int32))
-  return x ^ lax.shift_right_logical(x, jnp.int32(16))
-
-
-_GOLDEN = np.uint32(0x9E3779B9).astype(np.int32)
-_SILVER = np.uint32(0x85EBCA6B).astype(np.int32)
-
-
-def dropout_keep(seed0, seed1, q_pos, k_pos, row, keep_prob):
-  """Counter-based dropout: whether weight ``(q_pos, k_pos)`` is kept.
-
-  A hash of the two int32 seeds, the positions and (unless the mask is
-  broadcast over batch and heads) ``row = flat_batch * heads + head``, so the
-  forward and both backward kernels regenerate the same mask block by block
-  without storing it. ``keep = (h >> 8) < round(keep_prob * 2**24)`` with::
-
-    h = mix(seed0 ^ (q_pos * 0x9E3779B9))
-    h = mix(h ^ (k_pos * 0x85EBCA6B) ^ seed1)
-    h = mix(h ^ row)                          # per (sequence, head) masks only
-
-  in uint32 arithmetic, ``mix`` being lowbias32. Plain integer ops, so the
-  same code runs in Triton, Mosaic and the interpreter.
-  """
-  h = _mix(seed0 ^ (q_pos * jnp.int32(_GOLDEN)))
-  h = _mix(h ^ (k_pos * jnp.int32(_SILVER)) ^ seed1)
-  if row is not None:
-    h = _mix(h ^ row)
-  threshold = jnp.int32(round(keep_prob * (1 << 24)))
-  return lax.shift_right_logical(h, jnp.int32(8)) < threshold
-
-
-def dropout_seed(rng):
-  """The two int32 seeds of ``dropout_keep`` from a JAX PRNG key."""
-  return lax.bitcast_convert_type(jax.random.bits(rng, (2,), jnp.uint32), jnp.int32)
 
 
 def _qk(q, k):

@@ -1,0 +1,109 @@
+"""Attention dropout inside the fused kernels (our Pallas kernel, in the GPU
+and TPU layouts in their interpreters, and ``blockwise``).
+
+Both draw the documented counter-based mask (``kernels.dropout``), written
+out here in uint32 NumPy, and regenerate it in their backward passes: the
+output and gradients must be those of dense float64 attention with that
+mask applied to the softmax weights (kept weights scaled by 1/keep).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_lab import kernels
+from attention_lab.kernels.blockwise import blockwise_attention
+from attention_lab.kernels.pallas import pallas_attention
+
+
+def _lowbias32(x):
+  x = x ^ (x >> np.uint32(16))
+  x = x * np.uint32(0x7FEB352D)
+  x = x ^ (x >> np.uint32(15))
+  x = x * np.uint32(0x846CA68B)
+  return x ^ (x >> np.uint32(16))
+
+
+def _keep_mask(seeds, keep_prob, batch, heads, q_len, kv_len, broadcast):
+  """The documented dropout mask, written out in uint32 NumPy:
+  ``[batch, heads, q_len, kv_len]`` bool."""
+  s0, s1 = np.asarray(seeds).astype(np.int32).view(np.uint32)
+  q = np.arange(q_len, dtype=np.uint32)[:, None]
+  k = np.arange(kv_len, dtype=np.uint32)[None, :]
+  with np.errstate(over="ignore"):
+    h = _lowbias32(s0 ^ (q * np.uint32(0x9E3779B9)))
+    h = _lowbias32(h ^ (k * np.uint32(0x85EBCA6B)) ^ s1)
+    if broadcast:
+      h = np.broadcast_to(h, (batch, heads, q_len, kv_len))
+    else:
+      row = np.arange(batch * heads, dtype=np.uint32).reshape(batch, heads, 1, 1)
+      h = _lowbias32(h[None, None] ^ row)
+  return (h >> np.uint32(8)) < np.uint32(round(keep_prob * (1 << 24)))
+
+
+KERNELS = {
+    "pallas_gpu_layout": functools.partial(pallas_attention, block_q=32, block_k=64,
+                                           target="interpret"),
+    "pallas_tpu_layout": functools.partial(pallas_attention, block_q=32, block_k=64,
+                                           target="tpu_interpret"),
+    "blockwise": functools.partial(blockwise_attention, block_q=32, block_k=64),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("broadcast", [True, False], ids=["broadcast", "per_head"])
+def test_dropout_matches_its_written_out_mask_forward_and_gradients(broadcast, kernel):
+  """Causal, padded keys, several blocks; with the per-head mask the 4 query
+  heads share 2 K/V heads (blockwise never copies them)."""
+  rate, rng = 0.3, jax.random.PRNGKey(7)
+  b, t, n, kvh, d = 2, 150, 4, 2, 8
+  data = np.random.default_rng(4)
+  q = jnp.asarray(data.normal(size=(b, t, n, d)), jnp.float32)
+  k, v = (jnp.asarray(data.normal(size=(b, t, kvh, d)), jnp.float32) for _ in range(2))
+  kv_lengths = jnp.array([150, 90])
+  f = lambda q, k, v: KERNELS[kernel](
+      q, k, v, is_causal=True, kv_lengths=kv_lengths, dropout_rate=rate, dropout_rng=rng,
+      broadcast_dropout=broadcast)
+  seeds = np.asarray(jax.random.bits(rng, (2,), jnp.uint32))
+  keep = _keep_mask(seeds.view(np.int32), 1 - rate, b, n, t, t, broadcast)
+  visible = np.tril(np.ones((t, t), bool))[None, None] & (
+      np.arange(t)[None, None, None, :] < np.asarray(kv_lengths)[:, None, None, None])
+
+  def dense(q, k, v):                      # float64, [b, t, n, d]; K/V heads repeated
+    k, v = np.repeat(k, n // kvh, axis=2), np.repeat(v, n // kvh, axis=2)
+    s = jnp.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(d)
+    s = jnp.where(visible, s, -jnp.inf)
+    w = jax.nn.softmax(s, axis=-1) * jnp.where(keep, 1 / (1 - rate), 0.0)
+    return jnp.einsum("bnts,bsnd->btnd", w, v)
+
+  cot = data.normal(size=q.shape)
+  got = f(q, k, v)
+  grads = jax.grad(lambda *a: jnp.sum(f(*a) * cot), (0, 1, 2))(q, k, v)
+  with jax.enable_x64(True):
+    as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    want = dense(as64(q), as64(k), as64(v))
+    want_grads = jax.grad(lambda *a: jnp.sum(dense(*a) * cot), (0, 1, 2))(
+        as64(q), as64(k), as64(v))
+  np.testing.assert_allclose(got, want, atol=3e-5)
+  for which, g, w in zip("qkv", grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=1e-4, err_msg=which)
+  assert abs(keep.mean() - (1 - rate)) < 0.01                  # it drops what it says
+  assert broadcast or not np.array_equal(keep[0, 0], keep[1, 1])
+
+
+def test_blockwise_dropout_needs_a_key_and_a_rate_below_one():
+  x = jnp.ones((1, 16, 2, 8))
+  with pytest.raises(ValueError, match="blockwise_attention: dropout_rate > 0 needs dropout_rng"):
+    blockwise_attention(x, x, x, dropout_rate=0.1)
+  with pytest.raises(ValueError, match="dropout_rate must be below 1, got 1.0"):
+    blockwise_attention(x, x, x, dropout_rate=1.0, dropout_rng=jax.random.PRNGKey(0))
+
+
+def test_dispatch_keeps_long_dropout_on_the_fused_cpu_kernel():
+  """Dropout no longer sends a long sequence to the materialised reference."""
+  spec = kernels.select(kernels.requested_features(dropout=True), "cpu",
+                        shape=kernels.checks.AttentionShape((1,), 2048, 2048, 4, 4, 64, 64))
+  assert spec.name == "blockwise"
