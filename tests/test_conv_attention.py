@@ -11,7 +11,7 @@ import pytest
 
 from attention_lab import models
 from attention_lab.layers import conv_attention as ca
-from attention_lab.viz import report
+from attention_lab.viz import sown as sown_lib
 
 
 def _count(params):
@@ -155,7 +155,7 @@ def test_resnet_batch_norm_statistics_update_in_training_only():
   assert any(not np.allclose(a, b) for a, b in zip(before, after))
   # In evaluation the running statistics are read, not written.
   _, sown = model.apply(variables, images, mutable=["intermediates"])
-  spatial = report.collect_sown(sown["intermediates"], "spatial_map")
+  spatial = sown_lib.collect_sown(sown["intermediates"], "spatial_map")
   assert [m for m, _ in spatial] == ["stage0_block0/attention", "stage1_block0/attention"]
   assert spatial[0][1].shape == (4, 12, 12) and spatial[1][1].shape == (4, 6, 6)
 
@@ -174,7 +174,7 @@ def test_pixel_transformer_reads_intensity_tokens():
   variables = model.init(jax.random.key(1), images)
   logits, sown = model.apply(variables, images, mutable=["intermediates"])
   assert logits.shape == (2, 10)
-  weights = report.collect_attention(sown["intermediates"])
+  weights = sown_lib.collect_attention(sown["intermediates"])
   assert weights[0].shape == (2, 1, 31, 31)                        # 30 pixels + CLS
   with pytest.raises(ValueError, match="grayscale=True"):
     model.init(jax.random.key(1), jnp.zeros((2, 6, 5, 3)))

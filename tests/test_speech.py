@@ -22,7 +22,8 @@ from attention_lab.data import sources
 from attention_lab.data import speech_commands as sc
 from attention_lab.layers import conformer
 from attention_lab.layers.spectrogram import LogMelFrontEnd
-from attention_lab.viz import report
+from attention_lab.viz import speech as speech_viz
+from attention_lab.viz import sown as sown_lib
 from conftest import assert_picture
 from conftest import htk_mel_filterbank
 from conftest import numpy_log_mel
@@ -206,7 +207,7 @@ def test_speech_models_shapes_sown_maps_and_kernel_independence(name):
   logits, state = model.apply(variables, clips, mutable=["intermediates"])
   assert logits.shape == (2, 12)
   sown = state["intermediates"]
-  weights = report.collect_attention(sown)
+  weights = sown_lib.collect_attention(sown)
   if name == "kwt":
     assert [w.shape for w in weights] == [(2, 2, 99, 99)] * 2        # 98 frames + CLS
   else:
@@ -219,19 +220,19 @@ def test_speech_models_shapes_sown_maps_and_kernel_independence(name):
 
 
 def test_spread_over_frames_and_speech_curves():
-  spread = report.spread_over_frames(np.array([[0.0, 1.0, 0.0, 0.0]]), 16)
+  spread = speech_viz.spread_over_frames(np.array([[0.0, 1.0, 0.0, 0.0]]), 16)
   assert spread.shape == (1, 16) and np.isclose(spread.sum(), 1.0)
   assert 4 <= spread.argmax() <= 7                 # the second quarter of the clip
   rng = np.random.default_rng(0)
   softmax = lambda z: np.exp(z) / np.exp(z).sum(-1, keepdims=True)
   cls_layers = [softmax(rng.standard_normal((1, 2, 11, 11))) for _ in range(2)]
-  curves = report._speech_curves({"a": {"attention_weights": (cls_layers[0],)},
-                                  "b": {"attention_weights": (cls_layers[1],)}}, 10)
+  curves = speech_viz.speech_curves({"a": {"attention_weights": (cls_layers[0],)},
+                                     "b": {"attention_weights": (cls_layers[1],)}}, 10)
   assert set(curves) == {"CLS, last layer", "CLS rollout"}
   assert all(c.shape == (1, 10) and np.isclose(c.sum(), 1.0) for c in curves.values())
   pooled = softmax(rng.standard_normal((1, 1, 5)))
-  curves = report._speech_curves({"block0": {"attention_weights": (cls_layers[0][..., :5, :5],)},
-                                  "pooling": {"attention_weights": (pooled,)}}, 20)
+  curves = speech_viz.speech_curves({"block0": {"attention_weights": (cls_layers[0][..., :5, :5],)},
+                                     "pooling": {"attention_weights": (pooled,)}}, 20)
   assert set(curves) == {"attention pooling", "pooling through rollout"}
 
 

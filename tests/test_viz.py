@@ -5,8 +5,13 @@ import os
 import numpy as np
 import pytest
 
-from attention_lab.viz import report
+from attention_lab.viz import cnn
+from attention_lab.viz import drawers
+from attention_lab.viz import images as images_viz
+from attention_lab.viz import index as index_lib
+from attention_lab.viz import panels
 from attention_lab.viz import rollout
+from attention_lab.viz import sown as sown_lib
 
 
 def test_rollout_by_hand():
@@ -43,19 +48,19 @@ def test_grid_and_upsample():
 def test_collect_attention_orders_layers_numerically():
   tree = {"encoder": {f"block_{i}": {"attention": {"attention_weights": (np.full((1, 1, 2, 2), i),)}}
                       for i in (10, 2, 1)}}
-  layers = report.collect_attention(tree)
+  layers = sown_lib.collect_attention(tree)
   assert [int(w[0, 0, 0, 0]) for w in layers] == [1, 2, 10]
 
 
 def test_unknown_viz_kind(tmp_path):
   with pytest.raises(ValueError, match="unknown viz kind 'sound'"):
-    report.draw_examples("sound", str(tmp_path))
+    drawers.draw_examples("sound", str(tmp_path))
 
 
 def test_picture_tags_stay_the_same_across_evaluations():
-  assert report.picture_tag("/w/attention/example0_label6_pred5_heads.png") == \
+  assert index_lib.picture_tag("/w/attention/example0_label6_pred5_heads.png") == \
       "attention/example0_heads"
-  assert report.picture_tag("example1_label3_pred3_input.png") == "attention/example1_input"
+  assert index_lib.picture_tag("example1_label3_pred3_input.png") == "attention/example1_input"
 
 
 def test_index_lists_every_example_with_its_pictures(tmp_path):
@@ -63,17 +68,17 @@ def test_index_lists_every_example_with_its_pictures(tmp_path):
   pictures = {}
   for i in range(2):
     image = np.random.default_rng(i).random((8, 8, 1))
-    pictures.update(report.draw_input_image(image, f"{out}/example{i}_label{i}_pred1_input.png", "x"))
-    pictures.update(report.draw_spatial_maps(
+    pictures.update(panels.draw_input_image(image, f"{out}/example{i}_label{i}_pred1_input.png", "x"))
+    pictures.update(cnn.draw_spatial_maps(
         image, [("stage0_block0/attention", np.full((4, 4), 0.5))],
         f"{out}/example{i}_label{i}_pred1_spatial.png", "x"))
-  path = report.write_index(out, "demo <run>", [0, 1], [1, 1], pictures)
+  path = index_lib.write_index(out, "demo <run>", [0, 1], [1, 1], pictures)
   page = open(path).read()
   assert "demo &lt;run&gt;" in page                         # escaped
   assert page.count("<tr") == 2 and page.count('class="wrong"') == 1
   # The input comes first in its row.
   assert page.index("example0_label0_pred1_input.png") < page.index("example0_label0_pred1_spatial.png")
-  report.clear_pictures(out)
+  index_lib.clear_pictures(out)
   assert os.listdir(out) == []
 
 
@@ -106,7 +111,7 @@ def test_vit_attention_and_its_pictures_are_float64_attention_with_every_kernel(
   with nn.intercept_methods(record):
     logits, sown = models.build(dict(config, kernel=kernel)).apply(
         params, images, mutable=["intermediates"])
-  weights = report.collect_attention(sown["intermediates"])
+  weights = sown_lib.collect_attention(sown["intermediates"])
   assert len(seen) == len(weights) == 2
   for (path, (inputs, out)), sown_weights in zip(sorted(seen.items()), weights):
     layer = params["params"]
@@ -120,7 +125,7 @@ def test_vit_attention_and_its_pictures_are_float64_attention_with_every_kernel(
     want_logits = models.build(dict(config, kernel="reference")).apply(params, images)
     np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
   # The pictures are drawn from these weights: one head grid per example.
-  pictures = report.draw_image_examples(
+  pictures = images_viz.draw_image_examples(
       str(tmp_path), np.asarray(images), np.zeros(2, int), np.zeros(2, int),
       sown["intermediates"])
   assert len([p for p in pictures if p.endswith("_heads.png")]) == 2
@@ -144,7 +149,7 @@ def test_token_html_shades_by_weight_and_escapes(tmp_path):
   with pytest.raises(ValueError, match="3 tokens but 2 weights"):
     sequences.token_html(["a", "b", "c"], np.ones(2), path, "t")
   # The index inlines the fragment next to the example's pictures.
-  index = report.write_index(str(tmp_path), "run", [1], [1], {path: None})
+  index = index_lib.write_index(str(tmp_path), "run", [1], [1], {path: None})
   assert "rgba(220, 50, 30, 1.000)" in open(index).read()
 
 
@@ -179,8 +184,8 @@ def test_spectrogram_attention_picture(tmp_path):
 
 def test_head_grid_labels_short_token_sequences(tmp_path):
   weights = [np.random.default_rng(0).dirichlet(np.ones(6), size=(1, 2, 6))]
-  plain = report.draw_head_grid(weights, 0, str(tmp_path / "a.png"))
-  labelled = report.draw_head_grid(weights, 0, str(tmp_path / "b.png"), tokens=list("[CLS]x"))
+  plain = panels.draw_head_grid(weights, 0, str(tmp_path / "a.png"))
+  labelled = panels.draw_head_grid(weights, 0, str(tmp_path / "b.png"), tokens=list("[CLS]x"))
   (a,), (b,) = plain.values(), labelled.values()
   assert a.shape == b.shape                    # same size, but ticks drawn in b
   assert not np.array_equal(a, b)

@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import socket
-import time
 from typing import Any, Dict, Optional
 
 import jax
@@ -37,7 +36,9 @@ from attention_lab.train import progress as progress_lib
 from attention_lab.train import sharding
 from attention_lab.train import tasks as tasks_lib
 from attention_lab.train import validation
-from attention_lab.viz import report as report_lib
+from attention_lab.viz import curves
+from attention_lab.viz import drawers
+from attention_lab.viz import index
 
 
 class TrainState(train_state.TrainState):
@@ -285,7 +286,7 @@ def _train(exp, state, record, ckpts, writer, workdir, stop_after):
         eval_metrics = exp.evaluate(state)
         writer.scalars("eval", step, eval_metrics)
         logging.info("eval at step %d: %s", step, _fmt(eval_metrics))
-        _to_tensorboard(writer, step, draw_attention(exp, state, _attention_dir(workdir)))
+        _to_tensorboard(writer, step, _draw_eval_examples(exp, state, _attention_dir(workdir)))
       if saving_now:
         save(step)
       if (asked or signalled) and step < config.total_steps:
@@ -316,12 +317,12 @@ def finish(exp: Experiment, state, workdir: str, writer, elapsed: float):
   results = {"experiment": config.experiment, "step": step,
              "wall_time_s": round(elapsed, 2), "num_params": exp.num_params(),
              **{f"eval_{k}": v for k, v in eval_metrics.items()}}
-  pictures = draw_attention(exp, state, _attention_dir(workdir))   # every process computes
+  pictures = _draw_eval_examples(exp, state, _attention_dir(workdir))   # every process computes
   if sharding.is_writer():
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
     history = progress_lib.History(os.path.join(workdir, "metrics.jsonl")).read()
-    pictures.update(report_lib.draw_curves(history, os.path.join(workdir, "curves.png")))
+    pictures.update(curves.draw_curves(history, os.path.join(workdir, "curves.png")))
   _to_tensorboard(writer, step, pictures)
   writer.flush()
   logging.info("results in %s; pictures in %s", os.path.join(workdir, "results.json"),
@@ -336,15 +337,17 @@ def _attention_dir(workdir: str) -> str:
 def _to_tensorboard(writer, step: int, pictures) -> None:
   for path, image in pictures.items():
     if image is not None:                 # HTML pages have no pixels
-      writer.image(report_lib.picture_tag(path), step, image)
+      writer.image(index.picture_tag(path), step, image)
 
 
-def draw_attention(exp: Experiment, state, out_dir: str):
-  """Pictures of what the model attends to in the first ``config.viz.num_examples``
-  eval examples, written to ``out_dir`` with an ``index.html`` showing them all.
+def _draw_eval_examples(exp: Experiment, state, out_dir: str):
+  """Runs the model on the first ``config.viz.num_examples`` eval examples and
+  hands what it sowed to ``viz.drawers.draw_attention`` (pictures and an
+  ``index.html`` in ``out_dir``).
 
   Returns:
-    ``{path: rgb uint8 array}`` of the pictures (for TensorBoard).
+    ``{path: rgb uint8 array}`` of the pictures (for TensorBoard); empty on
+    every process but the writer.
   """
   config = exp.config
   n = min(config.viz.num_examples, len(exp.data.eval["label"]))
@@ -353,18 +356,12 @@ def draw_attention(exp: Experiment, state, out_dir: str):
   model_outputs, outputs = jax.device_get(exp.apply_for_pictures(variables(state), inputs))
   if not sharding.is_writer():
     return {}
-  predictions = np.asarray(exp.task.predict(model_outputs))
-  report_lib.clear_pictures(out_dir)
-  vocabulary, class_names = exp.data.vocabulary, exp.data.class_names
-  pictures = report_lib.draw_examples(
-      config.viz.kind, out_dir, inputs=jax.tree_util.tree_map(np.asarray, inputs),
-      labels=labels, predictions=predictions, vocabulary=vocabulary,
-      class_names=class_names, intermediates=outputs.get("intermediates", {}))
-  report_lib.write_index(out_dir, f"{config.experiment}, step {int(state.step)}",
-                         report_lib.describe(labels, vocabulary, class_names),
-                         report_lib.describe(predictions, vocabulary, class_names), pictures,
-                         inputs=report_lib.describe_inputs(inputs, vocabulary))
-  return pictures
+  return drawers.draw_attention(
+      config.viz.kind, out_dir, f"{config.experiment}, step {int(state.step)}",
+      inputs=jax.tree_util.tree_map(np.asarray, inputs), labels=labels,
+      predictions=np.asarray(exp.task.predict(model_outputs)),
+      intermediates=outputs.get("intermediates", {}),
+      vocabulary=exp.data.vocabulary, class_names=exp.data.class_names)
 
 
 def _restore_latest(config, workdir: str):
@@ -418,7 +415,7 @@ def visualize_checkpoint(config, workdir: str):
   validation.validate(config)
   exp, state = _restore_latest(config, workdir)
   out_dir = _attention_dir(workdir)
-  pictures = draw_attention(exp, state, out_dir)
+  pictures = _draw_eval_examples(exp, state, out_dir)
   logging.info("drew %d pictures of step %d into %s (open index.html)",
                len(pictures), int(state.step), out_dir)
   return sorted(pictures) + [os.path.join(out_dir, "index.html")]

@@ -28,7 +28,7 @@ from attention_lab.data import sources
 from attention_lab.layers.conv_attention import CONV_ATTENTIONS
 from attention_lab.models.seq2seq import ATTENTIONS as SEQ2SEQ_ATTENTIONS
 from attention_lab.train import tasks as tasks_lib
-from attention_lab.viz import report
+from attention_lab.viz import drawers
 
 # optim.make_optimizer builds these (it raises on any other name).
 OPTIMIZERS = ("adamw",)
@@ -81,7 +81,7 @@ def problems(config) -> List[str]:
   _data(check)
   _mesh(check)
   _model(check)
-  check.one_of("viz.kind", sorted(report.DRAWERS))
+  check.one_of("viz.kind", sorted(drawers.DRAWERS))
   check.integer("viz.num_examples", minimum=1)
   return found
 

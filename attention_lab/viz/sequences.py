@@ -6,13 +6,17 @@
   characters on the axes (the figure of Bahdanau et al. 2015).
 - ``draw_spectrogram_attention``: a log-mel spectrogram with the attention
   over its time frames drawn beneath it, on the same time axis.
+- ``tokens_of``: token ids back to the strings they stand for.
+
+The drawers of whole examples that use these live in ``text``, ``alignment``
+and ``speech``.
 """
 
 from __future__ import annotations
 
 import html
 import os
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -38,6 +42,20 @@ def printable(token: str) -> str:
   if token == " ":
     return "\u00b7"
   return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in token)
+
+
+def tokens_of(ids, vocabulary) -> List[str]:
+  """Token strings of ``ids`` ``[length]``: padding and ``<bos>`` dropped,
+  reading up to and including ``<eos>`` (a decoder's last word)."""
+  out = []
+  for i in np.asarray(ids).tolist():
+    token = vocabulary[i]
+    if token in ("<pad>", "<bos>"):
+      continue
+    out.append(token)
+    if token == "<eos>":
+      break
+  return out
 
 
 def token_html(tokens: Sequence[str], weights: np.ndarray, path: str, title: str) -> Dict[str, None]:
@@ -122,4 +140,4 @@ def draw_spectrogram_attention(spectrogram: np.ndarray, weights: Dict[str, np.nd
 
 
 __all__ = ["MAX_LABELLED_TOKENS", "draw_alignment", "draw_spectrogram_attention",
-           "printable", "token_html"]
+           "printable", "token_html", "tokens_of"]
