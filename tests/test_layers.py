@@ -9,7 +9,8 @@ import pytest
 from attention_lab import kernels
 from attention_lab import layers
 from attention_lab import models
-from attention_lab.kernels import scores
+from attention_lab.kernels import softmax
+from attention_lab.layers import recurrent_attention
 from conftest import numpy_self_attention
 
 X = jax.random.normal(jax.random.key(0), (2, 5, 16))
@@ -178,26 +179,26 @@ def test_scores_match_their_formulas():
   rng = np.random.default_rng(0)
   q, k = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 5, 4))
   w, wq, wk, v, b = (rng.normal(size=s) for s in ((4, 4), (4, 6), (4, 6), (6,), (6,)))
-  np.testing.assert_allclose(scores.dot_scores(q, k), q @ k.transpose(0, 2, 1), rtol=1e-5)
-  np.testing.assert_allclose(scores.scaled_dot_scores(q, k), q @ k.transpose(0, 2, 1) / 2, rtol=1e-5)
-  np.testing.assert_allclose(scores.general_scores(q, k, w), q @ w @ k.transpose(0, 2, 1), rtol=1e-5)
+  np.testing.assert_allclose(recurrent_attention.dot_scores(q, k), q @ k.transpose(0, 2, 1), rtol=1e-5)
+  np.testing.assert_allclose(recurrent_attention.scaled_dot_scores(q, k), q @ k.transpose(0, 2, 1) / 2, rtol=1e-5)
+  np.testing.assert_allclose(recurrent_attention.general_scores(q, k, w), q @ w @ k.transpose(0, 2, 1), rtol=1e-5)
   want = np.array([[[v @ np.tanh(wq.T @ q[n, i] + wk.T @ k[n, j] + b) for j in range(5)]
                     for i in range(3)] for n in range(2)])
-  np.testing.assert_allclose(scores.additive_scores(q, k, wq, wk, v, b), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(recurrent_attention.additive_scores(q, k, wq, wk, v, b), want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="weight shape"):
-    scores.general_scores(q, k, np.ones((3, 4)))
+    recurrent_attention.general_scores(q, k, np.ones((3, 4)))
   with pytest.raises(ValueError, match="query features 4 != key features 3"):
-    scores.dot_scores(q, k[..., :3])
+    recurrent_attention.dot_scores(q, k[..., :3])
 
 
 def test_masked_softmax_edges():
   logits = jnp.array([[1.0, 1e30, 2.0], [5.0, 6.0, 7.0]], jnp.bfloat16)
   mask = jnp.array([[True, False, True], [False, False, False]])
-  w = scores.masked_softmax(logits, mask)
+  w = softmax.masked_softmax(logits, mask)
   assert w.dtype == jnp.float32
   np.testing.assert_allclose(w[0], [np.exp(-1) / (1 + np.exp(-1)), 0, 1 / (1 + np.exp(-1))], rtol=1e-2)
   np.testing.assert_array_equal(w[1], [0, 0, 0])
-  grad = jax.grad(lambda x: scores.masked_softmax(x, mask)[0, 0])(logits.astype(jnp.float32))
+  grad = jax.grad(lambda x: softmax.masked_softmax(x, mask)[0, 0])(logits.astype(jnp.float32))
   assert np.all(np.isfinite(grad)) and grad[0, 1] == 0
 
 

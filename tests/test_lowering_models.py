@@ -56,8 +56,8 @@ KERNELS = {
     # on both accelerators (splash has no dropout).
     "cifar10_pixel_transformer": (FUSED, FUSED, ""),
     "cifar10_vit": (FUSED, FUSED, ""),
-    "dates_bahdanau": (NONE, NONE, "RNN decoder, additive scores (kernels.scores), no kernel"),
-    "dates_luong": (NONE, NONE, "RNN decoder, Luong general score (kernels.scores), no kernel"),
+    "dates_bahdanau": (NONE, NONE, "RNN decoder, additive scores (layers.recurrent_attention), no kernel"),
+    "dates_luong": (NONE, NONE, "RNN decoder, Luong general score (layers.recurrent_attention), no kernel"),
     # Token padding reaches attention as kv_lengths, which the fused kernels
     # take (a dense mask would send TPU and GPU to jax_nn).
     # Attention dropout 0.1 in training: our Pallas kernel, as above.

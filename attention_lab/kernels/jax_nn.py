@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from attention_lab.kernels import checks
 from attention_lab.kernels.reference import attention_logits
 from attention_lab.kernels.reference import full_mask
-from attention_lab.kernels.scores import masked_logsumexp
+from attention_lab.kernels.softmax import masked_logsumexp
 
 
 def jax_nn_attention(query, key, value, bias=None, mask=None, *,

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from attention_lab.kernels import checks
 from attention_lab.kernels import masks as masks_lib
 from attention_lab.kernels import mods as mods_lib
-from attention_lab.kernels.scores import masked_logsumexp
-from attention_lab.kernels.scores import masked_softmax
+from attention_lab.kernels.softmax import masked_logsumexp
+from attention_lab.kernels.softmax import masked_softmax
 
 
 def full_mask(shape: checks.AttentionShape, mask=None, is_causal=False,

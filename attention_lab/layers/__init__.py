@@ -1,9 +1,9 @@
 """Flax linen modules: they own parameters and call the pure kernels."""
 
-from attention_lab.layers.additive import AdditiveAttention
-from attention_lab.layers.additive import AttentionPooling
-from attention_lab.layers.additive import LuongAttention
-from attention_lab.layers.additive import masked_mean
+from attention_lab.layers.pooling import AttentionPooling
+from attention_lab.layers.pooling import masked_mean
+from attention_lab.layers.recurrent_attention import AdditiveAttention
+from attention_lab.layers.recurrent_attention import LuongAttention
 from attention_lab.layers import conv_attention
 from attention_lab.layers import spectrogram
 from attention_lab.layers.attention import CrossAttention

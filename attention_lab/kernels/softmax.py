@@ -1,69 +1,15 @@
-"""Score functions of basic attention and the masked softmax that turns scores into weights.
+"""Masked softmax and log-sum-exp in float32: the row math of the
+materialised kernels (``reference``, ``jax_nn``) and of the one-query-per-step
+layers (``layers.recurrent_attention``, ``layers.pooling``).
 
-All functions are pure: parameters are passed in explicitly, so Flax modules
-(``attention_lab.layers.additive``) own them and these functions own the math.
-
-Shapes: ``query [batch..., q_length, q_features]``,
-``keys [batch..., kv_length, k_features]`` -> ``scores [batch..., q_length, kv_length]``.
+Both take True = attend and treat a ``-inf`` logit as a hidden key, so a row
+with no visible key gives zeros (softmax) or ``-inf`` (log-sum-exp), never NaN.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-
-def dot_scores(query, keys):
-  """Luong "dot": ``q . k``. Needs ``q_features == k_features``."""
-  _check_last_dims(query, keys, "dot")
-  return jnp.einsum("...qd,...kd->...qk", query, keys)
-
-
-def scaled_dot_scores(query, keys, scale=None):
-  """Transformer scores ``q . k * scale``; ``scale`` defaults to ``1/sqrt(d)``."""
-  _check_last_dims(query, keys, "scaled_dot")
-  if scale is None:
-    scale = query.shape[-1] ** -0.5
-  return dot_scores(query, keys) * scale
-
-
-def general_scores(query, keys, weight):
-  """Luong "general": ``q W k``.
-
-  Args:
-    weight: ``[q_features, k_features]``.
-  """
-  if weight.shape != (query.shape[-1], keys.shape[-1]):
-    raise ValueError(
-        f"general_scores: weight shape {weight.shape} does not match "
-        f"(query features, key features) = ({query.shape[-1]}, {keys.shape[-1]})")
-  return jnp.einsum("...qd,de,...ke->...qk", query, weight, keys)
-
-
-def additive_scores(query, keys, query_weight, key_weight, energy_weight,
-                    bias=None):
-  """Bahdanau: ``v^T tanh(W q + U k + b)``.
-
-  Args:
-    query_weight: ``W``, ``[q_features, units]``; ``None`` when the query is
-      already in ``units`` (attention pooling's learned query).
-    key_weight: ``U``, ``[k_features, units]``.
-    energy_weight: ``v``, ``[units]``.
-    bias: optional ``[units]``.
-
-  The key projection does not depend on the query, so RNN decoders can pass
-  keys that are already projected (``key_weight=None``) once per sequence.
-  """
-  projected_q = query if query_weight is None else query @ query_weight
-  projected_k = keys if key_weight is None else keys @ key_weight
-  if projected_q.shape[-1] != projected_k.shape[-1]:
-    raise ValueError(
-        f"additive_scores: query projects to {projected_q.shape[-1]} units "
-        f"but keys to {projected_k.shape[-1]}")
-  hidden = projected_q[..., :, None, :] + projected_k[..., None, :, :]
-  if bias is not None:
-    hidden = hidden + bias
-  return jnp.tanh(hidden) @ energy_weight               # [..., q, k]
 
 
 def masked_softmax(scores, mask=None, axis: int = -1):
@@ -122,10 +68,3 @@ def masked_logsumexp(scores, mask=None, axis: int = -1):
   has_key = total > 0
   lse = jnp.where(has_key, row_max + jnp.log(jnp.where(has_key, total, 1.0)), -jnp.inf)
   return jnp.squeeze(lse, axis)
-
-
-def _check_last_dims(query, keys, name):
-  if query.shape[-1] != keys.shape[-1]:
-    raise ValueError(
-        f"{name}_scores: query features {query.shape[-1]} != key features "
-        f"{keys.shape[-1]} (query {query.shape}, keys {keys.shape})")
