@@ -58,7 +58,7 @@ def test_cnn_run_resumes_exactly_with_batch_norm_state(tmp_path, data_dir):
   train.train_and_evaluate(config, resumed, stop_after=2)
   resumed_results = train.train_and_evaluate(config, resumed)
 
-  exp = loop.Experiment(config)
+  exp = loop.Trainer(config)
   states = [checkpoint_lib.Checkpoints(os.path.join(w, "checkpoints"), 3).restore(
       exp.initial_state)[0] for w in (straight, resumed)]
   assert set(states[0].model_state) == {"batch_stats"}

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 import experiments
 from attention_lab import models
 from attention_lab.data import dates
-from attention_lab.data.speech_commands import CLIP_SAMPLES
+from attention_lab.data.synthetic_speech_commands import CLIP_SAMPLES
 from attention_lab.kernels import dispatch
 from attention_lab.kernels import lowering
 from attention_lab.train import loop
@@ -122,7 +122,7 @@ def batch_spec(config, batch=BATCH):
 
 
 def steps(config, batch):
-  """``(train_step, eval_step, state shapes)`` as ``loop.Experiment`` builds them."""
+  """``(train_step, eval_step, state shapes)`` as ``loop.Trainer`` builds them."""
   model = models.build(config.model)
   task = tasks.get(config.task)
   tx, schedule = optim.make_optimizer(config)
@@ -253,7 +253,7 @@ def test_vit_steps_lower_on_other_tpu_generations(device_kind, chosen):
 
 def _lower_train_on_data_mesh(mesh):
   """mnist_vit's train step exported for TPU with the batch split over
-  ``mesh``'s ``data`` axis, as ``loop.Experiment`` places it."""
+  ``mesh``'s ``data`` axis, as ``loop.Trainer`` places it."""
   config = tiny_config("mnist_vit")
   batch = batch_spec(config)
   batch.pop("weight")

@@ -28,7 +28,7 @@ workdir = {workdir!r}
 if {train!r}:
   results = train.train_and_evaluate(config, workdir)
   print("eval_loss", results["eval_loss"])
-exp = loop.Experiment(config)
+exp = loop.Trainer(config)
 state, _ = checkpoint_lib.Checkpoints(workdir + "/checkpoints", 3).restore(exp.initial_state)
 leaves = jax.tree_util.tree_leaves(state.params)
 specs = {{str(leaf.sharding.spec) for leaf in leaves}}
@@ -56,7 +56,7 @@ def one_device_run(tmp_path_factory, data_dir):
   """The reference: the same tiny run on this process's single device."""
   workdir = str(tmp_path_factory.mktemp("one_device"))
   results = train.train_and_evaluate(tiny_vit_config(data_dir, **OVERRIDES), workdir)
-  exp = loop.Experiment(tiny_vit_config(data_dir, **OVERRIDES))
+  exp = loop.Trainer(tiny_vit_config(data_dir, **OVERRIDES))
   state, _ = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"), 3).restore(
       exp.initial_state)
   return results, [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]
@@ -72,7 +72,7 @@ def test_four_devices_train_like_one(tmp_path, data_dir, one_device_run):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
   # Saved on 4 devices, restored onto 1 (here) and onto 2 (a child process).
-  exp = loop.Experiment(tiny_vit_config(data_dir, **OVERRIDES))
+  exp = loop.Trainer(tiny_vit_config(data_dir, **OVERRIDES))
   state, _ = checkpoint_lib.Checkpoints(str(tmp_path / "run" / "checkpoints"), 3).restore(
       exp.initial_state)
   saved = _params(tmp_path / "p.npz")
@@ -109,7 +109,7 @@ def test_meshes_that_do_not_fit_are_clear_errors(data_dir):
     from attention_lab.train import loop
     for overrides in ({{"batch_size": 6}}, {{"mesh.sequence": 3}}, {{"mesh.data": 3}}):
       try:
-        loop.Experiment(tiny_vit_config({data_dir!r}, **overrides))
+        loop.Trainer(tiny_vit_config({data_dir!r}, **overrides))
       except ValueError as e:
         print("error:", e)
   """)
@@ -164,7 +164,7 @@ def test_two_processes_train_like_one_device(tmp_path, data_dir, one_device_run)
     assert [r["step"] for r in map(json.loads, f) if r["split"] == "train"] == [2, 4]
   assert (workdir / "results.json").exists() and (workdir / "attention" / "index.html").exists()
   # The two-host checkpoint restores onto this single device.
-  exp = loop.Experiment(tiny_vit_config(data_dir, **OVERRIDES))
+  exp = loop.Trainer(tiny_vit_config(data_dir, **OVERRIDES))
   state, _ = checkpoint_lib.Checkpoints(str(workdir / "checkpoints"), 3).restore(
       exp.initial_state)
   for a, b in zip(params, jax.tree_util.tree_leaves(state.params)):

@@ -19,7 +19,7 @@ from attention_lab import models
 from attention_lab import train
 from attention_lab.data import audio
 from attention_lab.data import sources
-from attention_lab.data import speech_commands as sc
+from attention_lab.data import synthetic_speech_commands as sc
 from attention_lab.layers import conformer
 from attention_lab.layers.spectrogram import LogMelFrontEnd
 from attention_lab.viz import speech as speech_viz

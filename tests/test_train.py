@@ -22,15 +22,15 @@ from conftest import ROOT
 
 
 def _final_params(workdir, config):
-  exp = loop.Experiment(config)
+  exp = loop.Trainer(config)
   state, _ = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"), 3).restore(
       exp.initial_state)
   return state
 
 
 def _recording_experiment(seen):
-  """``loop.Experiment`` that keeps the batch each train step receives, by step."""
-  class Recording(loop.Experiment):
+  """``loop.Trainer`` that keeps the batch each train step receives, by step."""
+  class Recording(loop.Trainer):
     def __init__(self, config):
       super().__init__(config)
       step_fn = self.train_step
@@ -61,7 +61,7 @@ def test_stopped_and_resumed_run_matches_uninterrupted_run(tmp_path, tiny_config
 
   def run(config, workdir, seen, **kwargs):
     with monkeypatch.context() as patch:
-      patch.setattr(loop, "Experiment", _recording_experiment(seen))
+      patch.setattr(loop, "Trainer", _recording_experiment(seen))
       out = train.train_and_evaluate(config, workdir, **kwargs)
     assert not _prefetch_threads()
     return out

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from attention_lab.data.pipeline import Arrays
-from attention_lab.data.speech_commands import CLIP_SAMPLES
-from attention_lab.data.speech_commands import LABELS  # TFDS speech_commands' names too
-from attention_lab.data.speech_commands import SAMPLE_RATE
+from attention_lab.data.synthetic_speech_commands import CLIP_SAMPLES
+from attention_lab.data.synthetic_speech_commands import LABELS  # TFDS speech_commands' names too
+from attention_lab.data.synthetic_speech_commands import SAMPLE_RATE
 
 # TFDS speech_commands clips run up to one second; shorter ones are padded
 # with silence at the end (before batching: the split is ragged on disk).

@@ -106,11 +106,12 @@ def _global_norm(tree):
                       for x in jax.tree_util.tree_leaves(tree)))
 
 
-class Experiment:
-  """Model, data, task and jitted steps built from one config.
+class Trainer:
+  """Model, data, task and jitted steps built from one config: what the loop
+  below drives (an experiment, in ``experiments/``, is only the config).
 
-  Both ``train_and_evaluate`` and the ``eval`` mode use it, so a checkpoint is
-  always read back into exactly the structure that wrote it.
+  Both ``train_and_evaluate`` and the ``eval`` and ``visualize`` modes use it,
+  so a checkpoint is always read back into exactly the structure that wrote it.
   """
 
   def __init__(self, config):
@@ -145,7 +146,7 @@ class Experiment:
         out_shardings=replicated))
 
   def _under_mesh(self, fn):
-    """Runs ``fn`` with this experiment's mesh set (the ring kernel reads it)."""
+    """Runs ``fn`` with this run's mesh set (the ring kernel reads it)."""
     def wrapped(*args):
       with jax.set_mesh(self.mesh):
         return fn(*args)
@@ -224,16 +225,16 @@ class WorkdirError(OSError):
 
 
 def _train_and_evaluate(config, workdir, stop_after):
-  exp = Experiment(config)
+  trainer = Trainer(config)
   logging.info("%s: model %s with %s parameters; %d train / %d eval examples",
-               config.experiment, config.model.name, f"{exp.num_params():,}",
-               exp.data.train.size, len(exp.data.eval["label"]))
+               config.experiment, config.model.name, f"{trainer.num_params():,}",
+               trainer.data.train.size, len(trainer.data.eval["label"]))
   ckpts = _checkpoints(config, workdir)
   writer = None
   try:
-    state, record = exp.initial_state, {"elapsed_s": 0.0}
+    state, record = trainer.initial_state, {"elapsed_s": 0.0}
     if ckpts.latest_step() is not None:
-      state, record = ckpts.restore_newest_readable(exp.initial_state)
+      state, record = ckpts.restore_newest_readable(trainer.initial_state)
       logging.info("resumed from step %d in %s", int(state.step), ckpts.directory)
     # Written only once the checkpoint (if any) fits this config.
     if sharding.is_writer():
@@ -241,16 +242,16 @@ def _train_and_evaluate(config, workdir, stop_after):
         f.write(config.to_json_best_effort(indent=2))
     writer = progress_lib.Writer(workdir) if sharding.is_writer() else progress_lib.NullWriter()
     writer.history.truncate_after(int(state.step))
-    return _train(exp, state, record, ckpts, writer, workdir, stop_after)
+    return _train(trainer, state, record, ckpts, writer, workdir, stop_after)
   finally:
     if writer is not None:
       writer.close()
     ckpts.close()
 
 
-def _train(exp, state, record, ckpts, writer, workdir, stop_after):
+def _train(trainer, state, record, ckpts, writer, workdir, stop_after):
   """The loop proper: steps, logs, evaluations, checkpoints, then ``finish``."""
-  config = exp.config
+  config = trainer.config
   step = int(state.step)
   progress = progress_lib.Progress(config.total_steps, step, record["elapsed_s"])
 
@@ -263,10 +264,10 @@ def _train(exp, state, record, ckpts, writer, workdir, stop_after):
   # Leaving this block for any reason (the end, a stop, an error,
   # KeyboardInterrupt) stops the prefetch thread and waits for it.
   with preemption.Listener() as stop_signal, pipeline.Prefetcher(
-      exp.data.train, start=step, stop=config.total_steps,
+      trainer.data.train, start=step, stop=config.total_steps,
       depth=config.data.prefetch) as batches:
     while step < config.total_steps:
-      state, step_metrics = exp.train_step(state, exp.batch(batches.get(step)))
+      state, step_metrics = trainer.train_step(state, trainer.batch(batches.get(step)))
       step += 1
       pending.append((step, step_metrics))
       logging_now = step % config.log_every == 0 or step == config.total_steps
@@ -283,10 +284,10 @@ def _train(exp, state, record, ckpts, writer, workdir, stop_after):
       signalled = stop_signal.received(step, every=config.log_every)
       # A signalled run skips the evaluation: the grace period is for saving.
       if step % config.eval_every == 0 and step < config.total_steps and not signalled:
-        eval_metrics = exp.evaluate(state)
+        eval_metrics = trainer.evaluate(state)
         writer.scalars("eval", step, eval_metrics)
         logging.info("eval at step %d: %s", step, _fmt(eval_metrics))
-        _to_tensorboard(writer, step, _draw_eval_examples(exp, state, _attention_dir(workdir)))
+        _to_tensorboard(writer, step, _draw_eval_examples(trainer, state, _attention_dir(workdir)))
       if saving_now:
         save(step)
       if (asked or signalled) and step < config.total_steps:
@@ -304,20 +305,20 @@ def _train(exp, state, record, ckpts, writer, workdir, stop_after):
     save(step)
   # results.json only ever sits beside a final checkpoint that is on disk.
   ckpts.wait()
-  return finish(exp, state, workdir, writer, progress.elapsed())
+  return finish(trainer, state, workdir, writer, progress.elapsed())
 
 
-def finish(exp: Experiment, state, workdir: str, writer, elapsed: float):
+def finish(trainer: Trainer, state, workdir: str, writer, elapsed: float):
   """Final evaluation, ``results.json`` and pictures."""
-  config = exp.config
+  config = trainer.config
   step = int(state.step)
-  eval_metrics = exp.evaluate(state)
+  eval_metrics = trainer.evaluate(state)
   writer.scalars("eval", step, eval_metrics)
   logging.info("final eval at step %d: %s", step, _fmt(eval_metrics))
   results = {"experiment": config.experiment, "step": step,
-             "wall_time_s": round(elapsed, 2), "num_params": exp.num_params(),
+             "wall_time_s": round(elapsed, 2), "num_params": trainer.num_params(),
              **{f"eval_{k}": v for k, v in eval_metrics.items()}}
-  pictures = _draw_eval_examples(exp, state, _attention_dir(workdir))   # every process computes
+  pictures = _draw_eval_examples(trainer, state, _attention_dir(workdir))   # every process computes
   if sharding.is_writer():
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
@@ -340,7 +341,7 @@ def _to_tensorboard(writer, step: int, pictures) -> None:
       writer.image(index.picture_tag(path), step, image)
 
 
-def _draw_eval_examples(exp: Experiment, state, out_dir: str):
+def _draw_eval_examples(trainer: Trainer, state, out_dir: str):
   """Runs the model on the first ``config.viz.num_examples`` eval examples and
   hands what it sowed to ``viz.drawers.draw_attention`` (pictures and an
   ``index.html`` in ``out_dir``).
@@ -349,23 +350,23 @@ def _draw_eval_examples(exp: Experiment, state, out_dir: str):
     ``{path: rgb uint8 array}`` of the pictures (for TensorBoard); empty on
     every process but the writer.
   """
-  config = exp.config
-  n = min(config.viz.num_examples, len(exp.data.eval["label"]))
-  inputs = _first(exp.data.eval["inputs"], n)
-  labels = np.asarray(exp.data.eval["label"][:n])
-  model_outputs, outputs = jax.device_get(exp.apply_for_pictures(variables(state), inputs))
+  config = trainer.config
+  n = min(config.viz.num_examples, len(trainer.data.eval["label"]))
+  inputs = _first(trainer.data.eval["inputs"], n)
+  labels = np.asarray(trainer.data.eval["label"][:n])
+  model_outputs, outputs = jax.device_get(trainer.apply_for_pictures(variables(state), inputs))
   if not sharding.is_writer():
     return {}
   return drawers.draw_attention(
       config.viz.kind, out_dir, f"{config.experiment}, step {int(state.step)}",
       inputs=jax.tree_util.tree_map(np.asarray, inputs), labels=labels,
-      predictions=np.asarray(exp.task.predict(model_outputs)),
+      predictions=np.asarray(trainer.task.predict(model_outputs)),
       intermediates=outputs.get("intermediates", {}),
-      vocabulary=exp.data.vocabulary, class_names=exp.data.class_names)
+      vocabulary=trainer.data.vocabulary, class_names=trainer.data.class_names)
 
 
 def _restore_latest(config, workdir: str):
-  """``(Experiment, state)`` from the newest checkpoint in ``workdir``.
+  """``(Trainer, state)`` from the newest checkpoint in ``workdir``.
 
   Raises:
     FileNotFoundError: when ``workdir`` has no checkpoint (nothing is created).
@@ -375,12 +376,12 @@ def _restore_latest(config, workdir: str):
     raise FileNotFoundError(f"no checkpoint under {directory}; train first")
   ckpts = _checkpoints(config, workdir)
   try:
-    exp = Experiment(config)
+    trainer = Trainer(config)
     # Read-only: evaluating or drawing never moves a training run's files.
-    state, _ = ckpts.restore_newest_readable(exp.initial_state, set_aside=False)
+    state, _ = ckpts.restore_newest_readable(trainer.initial_state, set_aside=False)
   finally:
     ckpts.close()
-  return exp, state
+  return trainer, state
 
 
 def evaluate_checkpoint(config, workdir: str) -> Dict[str, float]:
@@ -391,8 +392,8 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, float]:
     FileNotFoundError: when ``workdir`` has no checkpoint.
   """
   validation.validate(config)
-  exp, state = _restore_latest(config, workdir)
-  metrics = exp.evaluate(state)
+  trainer, state = _restore_latest(config, workdir)
+  metrics = trainer.evaluate(state)
   logging.info("eval of step %d: %s", int(state.step), _fmt(metrics))
   if sharding.is_writer():
     with open(os.path.join(workdir, "eval.json"), "w") as f:
@@ -413,9 +414,9 @@ def visualize_checkpoint(config, workdir: str):
     FileNotFoundError: when ``workdir`` has no checkpoint (nothing is written).
   """
   validation.validate(config)
-  exp, state = _restore_latest(config, workdir)
+  trainer, state = _restore_latest(config, workdir)
   out_dir = _attention_dir(workdir)
-  pictures = _draw_eval_examples(exp, state, out_dir)
+  pictures = _draw_eval_examples(trainer, state, out_dir)
   logging.info("drew %d pictures of step %d into %s (open index.html)",
                len(pictures), int(state.step), out_dir)
   return sorted(pictures) + [os.path.join(out_dir, "index.html")]

@@ -4,7 +4,7 @@ Same features as TFDS ``speech_commands`` (``audio`` int16 at 16 kHz and
 ``label`` with the same names in the same order), so one pipeline reads
 both; ``speaker`` (``accent+variant``, empty for silence) is extra.
 Validation and test are spoken by voice variants never used in training
-(``speech_commands.split_variants``).
+(``synthetic_speech_commands.split_variants``).
 
 | config  | train / validation / test | use |
 |---------|---------------------------|-----|
@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from attention_lab.data import speech_commands
+from attention_lab.data import synthetic_speech_commands
 
 DEFAULT_SEED = 20240705
 SMOKE_SEED = 20240706
@@ -60,11 +60,11 @@ class SpeechCommandsOffline(tfds.core.GeneratorBasedBuilder):
             # A raw-bytes tensor: Audio's integer encoding spends ten bytes
             # on every negative sample (measured: 92 KB per 32 KB clip), and
             # Audio does not take the bytes encoding.
-            "audio": tfds.features.Tensor(shape=(speech_commands.CLIP_SAMPLES,),
+            "audio": tfds.features.Tensor(shape=(synthetic_speech_commands.CLIP_SAMPLES,),
                                           dtype=np.int16,
                                           encoding=tfds.features.Encoding.BYTES,
                                           doc="16 kHz samples, full scale 32768"),
-            "label": tfds.features.ClassLabel(names=list(speech_commands.LABELS)),
+            "label": tfds.features.ClassLabel(names=list(synthetic_speech_commands.LABELS)),
             "speaker": tfds.features.Text(doc="eSpeak accent+variant; empty for silence"),
         }),
         supervised_keys=("audio", "label"),
@@ -79,5 +79,5 @@ class SpeechCommandsOffline(tfds.core.GeneratorBasedBuilder):
             for split, size in sizes.items()}
 
   def _generate_examples(self, seed, split, size):
-    for index, (clip, plan) in enumerate(speech_commands.examples(seed, split, size)):
+    for index, (clip, plan) in enumerate(synthetic_speech_commands.examples(seed, split, size)):
       yield index, {"audio": clip, "label": plan["label"], "speaker": plan["speaker"]}
