@@ -7,26 +7,16 @@ Not run here (no internet on the build machines); its pipeline and a few
 steps are tested on a locally prepared stand-in of the same TFDS dataset.
 """
 
-from experiments._base import base_config
+from experiments._cifar10 import cifar10_config
 
 
 def get_config():
-  config = base_config()
-  config.total_steps = 40_000        # ~100 epochs at batch 128
-  config.batch_size = 128
-  config.eval_every = 2_000
-  config.checkpoint_every = 2_000
-
+  config = cifar10_config()
   config.optimizer.learning_rate = 2e-3
   config.optimizer.warmup_steps = 1_000
   config.optimizer.weight_decay = 5e-2   # decoupled (AdamW), so larger than SGD's 5e-4
 
-  config.data.name = "cifar10"
-  config.data.augment_shift = 4      # the usual pad-4 random crop
-  config.data.augment_flip = True
-
   config.model.name = "resnet"
-  config.model.num_classes = 10
   config.model.widths = (64, 128, 256, 512)   # ResNet-18 for 32x32 inputs
   config.model.blocks_per_stage = 2
   config.model.conv_attention = "cbam"

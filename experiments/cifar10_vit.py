@@ -8,27 +8,18 @@ steps are tested on a locally prepared stand-in of the same TFDS dataset.
 
 from ml_collections import config_dict
 
-from experiments._base import base_config
+from experiments._cifar10 import cifar10_config
 
 
 def get_config():
-  config = base_config()
-  config.total_steps = 40_000
-  config.batch_size = 128
-  config.eval_every = 2_000
-  config.checkpoint_every = 2_000
+  config = cifar10_config()
   config.label_smoothing = 0.1
 
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 2_000
   config.optimizer.weight_decay = 0.05
 
-  config.data.name = "cifar10"
-  config.data.augment_shift = 4
-  config.data.augment_flip = True
-
   config.model.name = "vit"
-  config.model.num_classes = 10
   config.model.patch_size = 4
   config.model.hidden_dim = 256
   config.model.num_layers = 6

@@ -7,24 +7,18 @@ The CPU-sized counterpart of ``cifar10_pixel_transformer`` (Long Range Arena
 structure it learns through attention over 785 positions.
 """
 
-from experiments._base import base_config
+from experiments._mnist import mnist_config
 
 
 def get_config():
-  config = base_config()
-  config.total_steps = 3_000
+  config = mnist_config()
   config.batch_size = 32
-  config.eval_every = 500
-  config.checkpoint_every = 500
 
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 200
   config.optimizer.weight_decay = 0.01
 
-  config.data.name = "mnist_offline"
-
   config.model.name = "pixel_transformer"
-  config.model.num_classes = 10
   # LRA's image-task Transformer size (1 layer, 1 head, width 32, MLP 64).
   config.model.hidden_dim = 32
   config.model.num_layers = 1

@@ -6,26 +6,21 @@ Target: at least 97% test accuracy within 10 minutes on a 2-core CPU.
 
 from ml_collections import config_dict
 
-from experiments._base import base_config
+from experiments._mnist import mnist_config
 
 
 def get_config():
-  config = base_config()
-  config.total_steps = 3000
+  config = mnist_config()
   config.batch_size = 128
-  config.eval_every = 500
-  config.checkpoint_every = 500
   config.label_smoothing = 0.0
 
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 200
   config.optimizer.weight_decay = 0.05
 
-  config.data.name = "mnist_offline"
   config.data.augment_shift = 2      # ViT lacks translation invariance; 4k digits teach little of it
 
   config.model.name = "vit"
-  config.model.num_classes = 10
   config.model.patch_size = 4        # 7x7 = 49 patches + CLS
   config.model.hidden_dim = 64
   config.model.num_layers = 4
