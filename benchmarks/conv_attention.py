@@ -2,7 +2,7 @@
 
 Trains ``experiments/mnist_cnn.py`` once per setting with the same seed(s),
 steps and batch size, each in its own process, then prints a table of test
-accuracy, parameters and training speed, and writes it into the README
+accuracy, parameters and training speed, and writes it into docs/results.md
 between the ``conv-attention-ablation`` markers.
 
   python benchmarks/conv_attention.py                  # seed 0, default budget
@@ -37,7 +37,7 @@ flags.DEFINE_string("seeds", "0", "comma-separated seeds; every setting runs eac
 flags.DEFINE_string("readme", os.path.join(ROOT, "docs", "results.md"),
                     "file whose marked table is replaced ('' to only print)")
 flags.DEFINE_list("overrides", [], "extra --config.* overrides for every run, e.g. "
-                  "total_steps=300 (for a quick look; the README table uses the defaults)")
+                  "total_steps=300 (for a quick look; the published table uses the defaults)")
 
 
 def _train(kind: str, seed: int) -> dict:

@@ -4,7 +4,7 @@ Command: python run.py --experiment=mnist_cnn --workdir=runs/mnist_cnn_cbam \
            --config.model.conv_attention=cbam      # or none, se, eca
 Target: CBAM at least 98.5% test accuracy on the 1,000 held-out digits within
 15 minutes on a 2-core CPU. ``python benchmarks/conv_attention.py`` runs all
-four settings with this budget and writes the ablation table in the README.
+four settings with this budget and writes the ablation table in docs/results.md.
 """
 
 from experiments._mnist import mnist_config

@@ -165,8 +165,8 @@ def test_cifar10_experiments_train_on_local_stand_in(tmp_path, cifar_dir, name, 
 
 @pytest.mark.slow
 def test_mnist_cnn_with_cbam_reaches_target(tmp_path, data_dir):
-  """The README's target for the convolutional attention ablation: CBAM
-  >= 98.5% on the 1,000 held-out digits (about 4 minutes: README)."""
+  """The target in docs/results.md for the convolutional attention ablation:
+  CBAM >= 98.5% on the 1,000 held-out digits (about 4 minutes: docs/results.md)."""
   config = experiments.get_config("mnist_cnn")
   config.data.data_dir = data_dir
   config.model.conv_attention = "cbam"

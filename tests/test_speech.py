@@ -418,7 +418,7 @@ def test_front_end_is_the_log_mel_in_evaluation_and_warps_per_example_in_trainin
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["speech_kwt", "speech_conformer"])
 def test_speech_experiments_reach_target_on_unheard_voices(tmp_path, name):
-  """>= 95% on the 2,400 test clips, data prepared afresh (times: README)."""
+  """>= 95% on the 2,400 test clips, data prepared afresh (times: docs/results.md)."""
   config = experiments.get_config(name)
   config.data.data_dir = str(tmp_path / "tfds")
   results = train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -157,8 +157,9 @@ def test_imdb_bytes_experiment_trains_on_local_stand_in(tmp_path, imdb_dir):
 
 @pytest.mark.slow
 def test_listops_transformer_reaches_target(tmp_path):
-  """The README's target: >= 37% on the 2,000 test expressions of ListOps
-  ``short``, data generated afresh (about 45 minutes on 2 CPU cores: README)."""
+  """The target in docs/results.md: >= 37% on the 2,000 test expressions of
+  ListOps ``short``, data generated afresh (about 45 minutes on 2 CPU cores:
+  docs/results.md)."""
   config = experiments.get_config("listops_transformer")
   config.data.data_dir = str(tmp_path / "tfds")
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -167,8 +168,8 @@ def test_listops_transformer_reaches_target(tmp_path):
 
 @pytest.mark.slow
 def test_dates_bahdanau_reaches_target(tmp_path):
-  """The README's target: >= 99% exact match on the 2,000 test dates (unseen
-  days), data generated afresh (about 2 minutes: README)."""
+  """The target in docs/results.md: >= 99% exact match on the 2,000 test dates
+  (unseen days), data generated afresh (about 2 minutes: docs/results.md)."""
   config = experiments.get_config("dates_bahdanau")
   config.data.data_dir = str(tmp_path / "tfds")
   results = train.train_and_evaluate(config, str(tmp_path / "run"))

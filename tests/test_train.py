@@ -229,7 +229,8 @@ def test_kill_during_an_async_save_leaves_only_complete_checkpoints(tmp_path, wh
 
 @pytest.mark.slow
 def test_mnist_vit_reaches_target(tmp_path, data_dir):
-  """The README's main job: >= 97% on the 1,000 held-out digits (about 8 min here)."""
+  """mnist_vit's target in docs/results.md: >= 97% on the 1,000 held-out digits
+  (about 8 min here)."""
   import experiments
   config = experiments.get_config("mnist_vit")
   config.data.data_dir = data_dir
