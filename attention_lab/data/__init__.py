@@ -57,6 +57,8 @@ DATASETS: Dict[str, DatasetSpec] = {
                                 vocabulary=text.BYTE_VOCABULARY),
     "dates_offline": DatasetSpec("dates_offline", text.dates_inputs,
                                  len(text.dates.CHARS), vocabulary=text.dates.CHARS),
+    "numbers_offline": DatasetSpec("numbers_offline", text.numbers_inputs,
+                                   len(text.numbers.CHARS), vocabulary=text.numbers.CHARS),
     "speech_commands_offline": DatasetSpec("speech_commands_offline", audio.speech_inputs,
                                            12, audio.augmentation,
                                            class_names=audio.LABELS),

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from attention_lab.data.builders.dates_offline import DatesOffline
 from attention_lab.data.builders.listops_offline import ListopsOffline
 from attention_lab.data.builders.mnist_offline import MnistOffline
+from attention_lab.data.builders.numbers_offline import NumbersOffline
 from attention_lab.data.builders.speech_commands_offline import SpeechCommandsOffline
 
 # Builders prepared locally from packaged or generated data (no network).
@@ -21,6 +22,7 @@ LOCAL_BUILDERS = {
     "mnist_offline": MnistOffline,
     "listops_offline": ListopsOffline,
     "dates_offline": DatesOffline,
+    "numbers_offline": NumbersOffline,
     "speech_commands_offline": SpeechCommandsOffline,
 }
 

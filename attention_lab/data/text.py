@@ -1,4 +1,5 @@
-"""Text inputs: ListOps symbols, IMDB reviews as bytes, dates as characters.
+"""Text inputs: ListOps symbols, IMDB reviews as bytes, dates and number
+words as characters.
 
 Classification batches hold ``inputs`` int32 ``[batch, max_length]`` (0 =
 padding) and ``label`` int32 ``[batch]``. Translation batches hold ``inputs``
@@ -13,6 +14,8 @@ import numpy as np
 
 from attention_lab.data import dates
 from attention_lab.data import listops
+from attention_lab.data import numbers
+from attention_lab.data.builders.numbers_offline import language_of
 from attention_lab.data.pipeline import Arrays
 
 # Byte-level text (the Long Range Arena "Text" task): id = byte + 1, 0 = padding.
@@ -69,4 +72,18 @@ def dates_inputs(split: Arrays, data_config) -> Arrays:
   source_length = data_config.max_length or dates.MAX_SOURCE_LENGTH
   source = dates.encode(_strings(split["source"]), source_length, add_eos=False)
   target = dates.encode(_strings(split["target"]), dates.TARGET_LENGTH, add_eos=True)
+  return {"inputs": {"source": source, "target": target}, "label": target}
+
+
+def numbers_inputs(split: Arrays, data_config) -> Arrays:
+  """``source``/``target`` number words -> character ids.
+
+  The source is padded to ``config.data.max_length`` (0: the longest English
+  number); the target to its language's ``numbers.TARGET_LENGTHS`` (the
+  longest number + ``<eos>``), the language read from ``config.data.name``.
+  """
+  source_length = data_config.max_length or numbers.MAX_SOURCE_LENGTH
+  target_length = numbers.TARGET_LENGTHS[language_of(data_config.name)]
+  source = numbers.encode(_strings(split["source"]), source_length, add_eos=False)
+  target = numbers.encode(_strings(split["target"]), target_length, add_eos=True)
   return {"inputs": {"source": source, "target": target}, "label": target}
