@@ -10,7 +10,8 @@ real audio).
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Dict
 
 import flax.linen as nn
 import jax
@@ -169,7 +170,38 @@ def spec_augment(rng, log_mel, *, time_masks: int = 2, time_width: int = 10,
   return jnp.where(mask, mean, log_mel)
 
 
-class LogMelFrontEnd(nn.Module):
+class LogMelSettings(nn.Module, kw_only=True):
+  """The front end's six settings, declared once: ``LogMelFrontEnd`` and each
+  speech model that builds one inherit them, so a config's ``model.num_mels``
+  (and the others) reaches the front end under the same name everywhere.
+
+  Keyword-only, so they can follow a model's required fields (``num_classes``).
+
+  Attributes:
+    num_mels: mel bands.
+    max_warp: in training, each example's frequency axis is warped by a
+      factor drawn from ``[1 - max_warp, 1 + max_warp]`` (0: off), which
+      imitates other vocal tracts.
+    time_masks, time_width, freq_masks, freq_width: SpecAugment in training
+      (``time_masks = freq_masks = 0`` turns it off).
+  """
+  num_mels: int = 40
+  max_warp: float = 0.0
+  time_masks: int = 2
+  time_width: int = 10
+  freq_masks: int = 2
+  freq_width: int = 5
+
+  def front_end_settings(self) -> Dict[str, Any]:
+    """``{field: value}`` of the six settings, to build a ``LogMelFrontEnd``."""
+    return {field: getattr(self, field) for field in FRONT_END_FIELDS}
+
+
+FRONT_END_FIELDS = tuple(f.name for f in dataclasses.fields(LogMelSettings)
+                         if f.name not in ("parent", "name"))
+
+
+class LogMelFrontEnd(LogMelSettings):
   """Raw clips -> normalised log-mel frames, with SpecAugment in training.
 
   The spectrogram (before normalisation) is sown as ``spectrogram`` for
@@ -178,14 +210,8 @@ class LogMelFrontEnd(nn.Module):
   loudness contour over time and the spectral shape, which separate speech
   from noise.
 
-  Attributes:
-    num_mels: mel bands.
+  Attributes (besides the keyword-only ``LogMelSettings``):
     sample_rate: of the clips.
-    time_masks, time_width, freq_masks, freq_width: SpecAugment in training
-      (``time_masks = freq_masks = 0`` turns it off).
-    max_warp: in training, each example's frequency axis is warped by a
-      factor drawn from ``[1 - max_warp, 1 + max_warp]`` (0: off), which
-      imitates other vocal tracts.
     dtype: dtype of the frames it returns (None: float32). The front end
       itself always computes in float32: it is numerically sensitive (power
       spectra span many orders of magnitude before the log, and bfloat16's
@@ -194,13 +220,7 @@ class LogMelFrontEnd(nn.Module):
 
   Training draws both from the ``dropout`` rng stream.
   """
-  num_mels: int = 40
   sample_rate: int = 16000
-  max_warp: float = 0.0
-  time_masks: int = 2
-  time_width: int = 10
-  freq_masks: int = 2
-  freq_width: int = 5
   dtype: Any = None
 
   @nn.compact

@@ -23,6 +23,7 @@ from attention_lab.layers import AttentionPooling
 from attention_lab.layers.conformer import ConformerBlock
 from attention_lab.layers.conformer import RelativePositionBias
 from attention_lab.layers.spectrogram import LogMelFrontEnd
+from attention_lab.layers.spectrogram import LogMelSettings
 from attention_lab.models.token_classifier import TokenClassifier
 
 
@@ -33,27 +34,16 @@ def _log_mel(module, audio, train: bool):
   if audio.ndim != 2:
     raise ValueError(f"{type(module).__name__} expects audio clips [batch, samples], "
                      f"got shape {tuple(audio.shape)}")
-  return LogMelFrontEnd(module.num_mels, max_warp=module.max_warp,
-                        time_masks=module.time_masks,
-                        time_width=module.time_width, freq_masks=module.freq_masks,
-                        freq_width=module.freq_width, dtype=module.dtype,
+  return LogMelFrontEnd(**module.front_end_settings(), dtype=module.dtype,
                         name="front_end")(audio, train=train)
 
 
-class KeywordTransformer(TokenClassifier):
+class KeywordTransformer(TokenClassifier, LogMelSettings):
   """KWT: log-mel frames as tokens (98 per second at a 10 ms hop), CLS, encoder.
 
-  Attributes (besides ``TokenClassifier``'s):
-    num_mels: mel bands per frame.
-    max_warp: frequency warp in training (``LogMelFrontEnd``).
-    time_masks, time_width, freq_masks, freq_width: SpecAugment in training.
+  Attributes: ``TokenClassifier``'s and the front end's (``LogMelSettings``:
+  ``num_mels`` bands per frame, frequency warp and SpecAugment in training).
   """
-  num_mels: int = 40
-  max_warp: float = 0.0
-  time_masks: int = 2
-  time_width: int = 10
-  freq_masks: int = 2
-  freq_width: int = 5
 
   @nn.compact
   def __call__(self, audio, *, train: bool = False):
@@ -63,7 +53,7 @@ class KeywordTransformer(TokenClassifier):
     return self._classify(x, train)
 
 
-class ConformerClassifier(nn.Module):
+class ConformerClassifier(LogMelSettings):
   """Conformer encoder with attention pooling over time.
 
   Two 3x3 stride-2 convolutions subsample the spectrogram four times in
@@ -77,8 +67,8 @@ class ConformerClassifier(nn.Module):
     subsample_channels: channels of the subsampling convolutions.
     attention_units: hidden width of the additive pooling score.
     max_distance: relative positions beyond it share a bias.
-    num_mels, max_warp, time_masks, time_width, freq_masks, freq_width: front
-      end (``LogMelFrontEnd``).
+    num_mels, max_warp, time_masks, time_width, freq_masks, freq_width: the
+      front end's (``LogMelSettings``), keyword-only.
     kernel: attention kernel name (None: the backend's default).
     dtype: compute dtype after the front end (None: float32); the front end,
       parameters and logits are float32.
@@ -94,12 +84,6 @@ class ConformerClassifier(nn.Module):
   max_distance: int = 32
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  num_mels: int = 40
-  max_warp: float = 0.0
-  time_masks: int = 2
-  time_width: int = 10
-  freq_masks: int = 2
-  freq_width: int = 5
   kernel: Optional[str] = None
   dtype: Any = None
 
