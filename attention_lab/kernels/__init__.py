@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 
 from attention_lab.kernels import checks
+from attention_lab.kernels import linear
 from attention_lab.kernels import dispatch
 from attention_lab.kernels import registry
 from attention_lab.kernels import masks
@@ -37,9 +38,11 @@ from attention_lab.kernels.dispatch import check_supported
 from attention_lab.kernels.dispatch import dot_product_attention
 from attention_lab.kernels.dispatch import requested_features
 from attention_lab.kernels.dispatch import select
+from attention_lab.kernels.dispatch import attention_weights
 from attention_lab.kernels.jax_nn import jax_nn_attention
+from attention_lab.kernels.linear import linear_attention
+from attention_lab.kernels.linear import linear_attention_weights
 from attention_lab.kernels.pallas import pallas_attention
-from attention_lab.kernels.reference import attention_weights
 from attention_lab.kernels.reference import reference_attention
 from attention_lab.kernels.registry import FEATURES
 from attention_lab.kernels.registry import PLATFORMS
@@ -123,6 +126,11 @@ register(KernelSpec(
     automatic=False,
     description="sequence-parallel ring attention over a mesh axis (shard_map + ppermute); "
                 "kv_lengths for padding"))
+register(KernelSpec(
+    name="linear", fn=linear_attention, features=frozenset({"causal"}),
+    automatic=False, semantics=linear.SEMANTICS, weights=linear_attention_weights,
+    description="ELU+1 linear attention (not softmax; O(length), causal by a chunked "
+                "scan); only when named"))
 
 # Automatic dispatch, per platform the computation is lowered for: the first
 # kernel that can run a call wins. The fused kernels lead; the materialised
@@ -136,7 +144,8 @@ set_preference("tpu", ["splash", "pallas", "jax_nn", "blockwise", "reference"])
 __all__ = [
     "FEATURES", "KernelSpec", "PLATFORMS", "attention_fn", "attention_weights",
     "blockwise_attention", "capabilities", "check_supported", "checks", "cudnn_available",
-    "dot_product_attention", "get", "jax_nn_attention", "masks", "mods", "names",
+    "dot_product_attention", "get", "jax_nn_attention", "linear", "linear_attention",
+    "linear_attention_weights", "masks", "mods", "names",
     "pallas_attention", "preference", "reference_attention", "register",
     "requested_features", "ring_attention", "select", "set_preference", "softmax",
     "splash_attention",

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from attention_lab.kernels import checks
 from attention_lab.kernels import masks
 from attention_lab.kernels import registry
-from attention_lab.kernels.reference import attention_weights
+from attention_lab.kernels import reference
 
 JAX_IMPLEMENTATIONS = registry.JAX_IMPLEMENTATIONS
 # platform_dependent's platform names -> the registry's.
@@ -363,8 +363,26 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
     module.sow("intermediates", "attention_weights", attention_weights(
         query, key, bias, _with_lengths(mask, q_lengths, kv_lengths, shape), scale=scale,
         is_causal=is_causal, local_window_size=local_window_size, score_mod=score_mod,
-        mask_mod=mask_mod))
+        mask_mod=mask_mod, implementation=implementation))
   return out
+
+
+def attention_weights(query, key, bias=None, mask=None, *, implementation=None, **kwargs):
+  """The weights ``[batch..., heads, q_length, kv_length]`` of the attention
+  that kernel choice ``implementation`` computes: softmax weights
+  (``reference.attention_weights``, whatever softmax kernel ran) unless a
+  kernel with other semantics is named, which then gives its own. Pictures
+  call this, so they show what the model computed.
+
+  ``kwargs``: ``scale``, ``is_causal``, ``local_window_size``, ``precision``,
+  ``score_mod``, ``mask_mod`` as ``reference.attention_weights`` takes them.
+  """
+  if registry.semantics_of(implementation) == registry.SOFTMAX:
+    return reference.attention_weights(query, key, bias, mask, **kwargs)
+  choice = registry.parse_choice(implementation)
+  name = choice if isinstance(choice, str) else next(iter(choice.values()))
+  kwargs = {k: v for k, v in kwargs.items() if v is not None and v is not False}
+  return registry.get(name).weights(query, key, bias, mask, **kwargs)
 
 
 def _with_lengths(mask, q_lengths, kv_lengths, shape):

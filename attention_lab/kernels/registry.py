@@ -16,6 +16,10 @@ from attention_lab.kernels import checks
 FEATURES = ("mask", "bias", "causal", "window", "dropout", "weights", "residual",
             "score_mod", "mask_mod")
 PLATFORMS = ("cpu", "gpu", "tpu")
+# The function a kernel computes: exact softmax attention (checked against
+# float64 softmax), or another attention with its own definition (checked
+# against that definition, and drawn with its own weights).
+SOFTMAX = "softmax"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,13 @@ class KernelSpec:
     per_device: a ``pallas_call`` inside: GSPMD cannot partition it, so
       under a mesh with a ``data`` axis dispatch runs it per device
       (``shard_map`` over the batch).
+    semantics: ``SOFTMAX`` for exact softmax attention, else the name of the
+      function it computes instead (e.g. ``"linear_elu"``). Only softmax
+      kernels take part in automatic dispatch, so a model never changes
+      function by changing platform.
+    weights: for non-softmax kernels, ``fn(query, key, bias, mask, *,
+      is_causal, ...) -> [batch..., heads, q_length, kv_length]``, the
+      weights it gives (what pictures show).
   """
   name: str
   fn: Callable
@@ -48,6 +59,8 @@ class KernelSpec:
   applies: Optional[Callable[[checks.AttentionShape], bool]] = None
   automatic: bool = True
   per_device: bool = False
+  semantics: str = SOFTMAX
+  weights: Optional[Callable] = None
 
   def supports(self, feature: str) -> bool:
     return feature in self.features
@@ -67,6 +80,9 @@ def register(spec: KernelSpec) -> None:
   unknown = set(spec.features) - set(FEATURES)
   if unknown:
     raise ValueError(f"kernel {spec.name!r} declares unknown features {sorted(unknown)}")
+  if spec.semantics != SOFTMAX and (spec.weights is None or spec.automatic):
+    raise ValueError(f"kernel {spec.name!r} computes {spec.semantics!r}, not softmax "
+                     f"attention: it needs weights= (for pictures) and automatic=False")
   _REGISTRY[spec.name] = spec
 
 
@@ -78,6 +94,9 @@ def set_preference(platform: str, order: List[str]) -> None:
     spec = get(name)
     if platform not in spec.platforms:
       raise ValueError(f"kernel {name!r} does not run on {platform!r}")
+    if spec.semantics != SOFTMAX:
+      raise ValueError(f"kernel {name!r} computes {spec.semantics!r}, not softmax "
+                       f"attention; automatic dispatch orders softmax kernels only")
   _PREFERENCE[platform] = list(order)
 
 
@@ -155,4 +174,22 @@ def parse_choice(choice):
       raise ValueError(f"kernel choice {choice!r}: kernel {name!r} does not run on "
                        f"{platform!r} (platforms: {', '.join(get(name).platforms)})")
     pins[platform] = name
+  semantics = {get(name).semantics for name in pins.values()}
+  if len(pins) < len(PLATFORMS):
+    semantics.add(SOFTMAX)           # the unpinned platforms choose automatically
+  if len(semantics) > 1:
+    raise ValueError(f"kernel choice {choice!r} mixes attention functions "
+                     f"({', '.join(sorted(semantics))}): a model would compute a different "
+                     f"function on each platform; name one kernel for all")
   return pins
+
+
+def semantics_of(choice) -> str:
+  """The attention function a kernel choice computes (``SOFTMAX`` unless a
+  non-softmax kernel is named)."""
+  parsed = parse_choice(choice)
+  if parsed is None:
+    return SOFTMAX
+  if isinstance(parsed, str):
+    return get(parsed).semantics
+  return get(next(iter(parsed.values()))).semantics

@@ -103,7 +103,7 @@ class MultiHeadAttention(nn.Module):
           else masks.padding_mask(q_lengths, query.shape[-3])[..., None, :, None])
       self.sow("intermediates", "attention_weights", kernels.attention_weights(
           query, key, bias, padding, is_causal=self.is_causal,
-          local_window_size=self.local_window_size))
+          local_window_size=self.local_window_size, implementation=self.kernel))
     return nn.DenseGeneral(
         features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
