@@ -1,7 +1,7 @@
-"""Entry point: ``python run.py --experiment=NAME --workdir=DIR [--mode=train|eval|visualize]``.
+"""Entry point: ``python run.py --experiment=NAME --workdir=DIR [--mode=train|eval|visualize|predict]``.
 
 Any config field can be overridden: ``--config.total_steps=100``,
-``--config.model.kernel=reference``. The experiment's config is loaded before
+``--config.model.attention.kernel=reference``. The experiment's config is loaded before
 flags are parsed, so overrides are checked against its real fields, and the
 whole config is validated (``attention_lab/train/validation.py``) before
 TensorFlow or JAX start and before anything is written to the workdir. Each
@@ -23,7 +23,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import experiments  # noqa: E402
 
-MODES = ("train", "eval", "visualize")
+MODES = ("train", "eval", "visualize", "predict")
 CONFIG_ERROR_STATUS = 2   # a usage error, as for flags absl rejects
 
 
@@ -86,8 +86,11 @@ def _define_flags(argv):
   config.lock()  # an override of a field that does not exist is an error
   flags.DEFINE_string("experiment", None, "experiment name (experiments/NAME.py)")
   flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, pictures")
-  flags.DEFINE_enum("mode", "train", MODES, "train (resumes), eval (latest checkpoint) or visualize "
-                    "(latest checkpoint's attention pictures into WORKDIR/attention)")
+  flags.DEFINE_enum("mode", "train", MODES, "train (resumes), eval (latest checkpoint), visualize "
+                    "(latest checkpoint's attention pictures into WORKDIR/attention) or "
+                    "predict (translations of --inputs by the latest checkpoint; seq2seq)")
+  flags.DEFINE_multi_string("inputs", [], "--mode=predict: a text to translate; repeat the "
+                            "flag for more")
   try:
     config_flags.DEFINE_config_dict("config", config,
                                     "experiment config; override fields with --config.a.b=value")
@@ -120,7 +123,8 @@ def main(argv):
   logging.info("experiment %s, mode %s, workdir %s\n%s", config.experiment,
                flags.FLAGS.mode, workdir, config)
   run_mode = {"train": train.train_and_evaluate, "eval": train.evaluate_checkpoint,
-              "visualize": train.visualize_checkpoint}[flags.FLAGS.mode]
+              "visualize": train.visualize_checkpoint,
+              "predict": _predict}[flags.FLAGS.mode]
   try:
     run_mode(config, workdir)
   except (FileNotFoundError, train.WorkdirError, train.CheckpointError,
@@ -128,6 +132,18 @@ def main(argv):
     # Faults with a clear cause end in one line, not a traceback: saved
     # checkpoints are untouched (see docs/running.md, "Faults").
     sys.exit(f"error: {e}")
+
+
+def _predict(config, workdir):
+  """Prints ``input -> translation``, one line per ``--inputs``."""
+  from attention_lab import train
+  texts = flags.FLAGS.inputs
+  try:
+    translations = train.predict_checkpoint(config, workdir, texts)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  for text, translation in zip(texts, translations):
+    print(f"{text} -> {translation}")
 
 
 class _QuietLibraries:

@@ -5,6 +5,7 @@ experiment file: the loop has no defaults of its own.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -65,3 +66,34 @@ def base_config() -> ml_collections.ConfigDict:
   config.viz.kind = "image"
   config.viz.num_examples = 4
   return config
+
+
+def attention_config(**settings) -> ml_collections.ConfigDict:
+  """``config.model.attention``: every field of ``layers.AttentionConfig``,
+  so any of them can be set from the command line
+  (``--config.model.attention.score_mod=alibi``), with ``settings`` applied.
+
+  kernel: a registry name or per-platform pin; unset: each platform's
+    automatic choice. window: ``w`` or ``(left, right)``. score_mod /
+    mask_mod: names from ``kernels.mods.names()`` (their keyword arguments in
+    ``score_mod_args`` / ``mask_mod_args``). rotary: ``1d`` or ``2d``.
+    num_kv_heads: grouped-query attention. options: kernel options.
+  """
+  attention = ml_collections.ConfigDict()
+  attention.kernel = config_dict.placeholder(str)
+  attention.dropout_rate = 0.0
+  attention.window = config_dict.placeholder(object)
+  attention.score_mod = config_dict.placeholder(str)
+  attention.score_mod_args = ml_collections.ConfigDict()
+  attention.mask_mod = config_dict.placeholder(str)
+  attention.mask_mod_args = ml_collections.ConfigDict()
+  attention.rotary = config_dict.placeholder(str)
+  attention.rotary_base = 10000.0
+  attention.qk_norm = False
+  attention.num_kv_heads = config_dict.placeholder(int)
+  attention.options = ml_collections.ConfigDict()
+  for key, value in settings.items():
+    if key not in attention:
+      raise ValueError(f"attention_config: no field {key!r}; fields: {', '.join(attention)}")
+    attention[key] = value
+  return attention

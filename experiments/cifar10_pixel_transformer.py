@@ -11,8 +11,8 @@ internet on the build machines); its pipeline and a few steps are tested on a
 locally prepared stand-in of the same TFDS dataset.
 """
 
-from ml_collections import config_dict
 
+from experiments._base import attention_config
 from experiments._base import base_config
 
 
@@ -41,7 +41,6 @@ def get_config():
   config.model.num_heads = 1
   config.model.mlp_dim = 64
   config.model.dropout_rate = 0.3
-  config.model.attention_dropout_rate = 0.2
-  config.model.kernel = config_dict.placeholder(str)
+  config.model.attention = attention_config(dropout_rate=0.2)
   config.model.pool = "cls"
   return config

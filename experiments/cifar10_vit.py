@@ -6,8 +6,8 @@ Not run here (no internet on the build machines); its pipeline and a few
 steps are tested on a locally prepared stand-in of the same TFDS dataset.
 """
 
-from ml_collections import config_dict
 
+from experiments._base import attention_config
 from experiments._cifar10 import cifar10_config
 
 
@@ -26,8 +26,7 @@ def get_config():
   config.model.num_heads = 8
   config.model.mlp_dim = 512
   config.model.dropout_rate = 0.1    # 50k images: a ViT this size overfits without it
-  config.model.attention_dropout_rate = 0.0
-  config.model.kernel = config_dict.placeholder(str)
+  config.model.attention = attention_config()
   config.model.pool = "cls"
   config.model.stem = "conv"
   return config

@@ -32,7 +32,7 @@ def get_config():
   config.model.name = "seq2seq"
   config.model.vocab_size = len(dates.CHARS)       # pad, bos, eos + characters
   config.model.target_length = dates.TARGET_LENGTH  # "YYYY-MM-DD" + <eos>
-  config.model.attention = "bahdanau"
+  config.model.score = "bahdanau"
   config.model.embed_dim = 32
   config.model.hidden_dim = 64        # per encoder direction; the decoder has 128
   config.model.attention_units = 64

@@ -1,7 +1,7 @@
 """Dates to ISO 8601 with Luong (multiplicative) attention and input feeding.
 
 Command: python run.py --experiment=dates_luong --workdir=runs/dates_luong
-Same data and budget as ``dates_bahdanau``; ``--config.model.attention``
+Same data and budget as ``dates_bahdanau``; ``--config.model.score``
 picks ``luong_general`` (``s W h``, the default) or ``luong_dot`` (``s . h``).
 Target: at least 99% exact match on unseen test dates within 15 minutes.
 """
@@ -11,5 +11,5 @@ from experiments import dates_bahdanau
 
 def get_config():
   config = dates_bahdanau.get_config()
-  config.model.attention = "luong_general"
+  config.model.score = "luong_general"
   return config

@@ -12,8 +12,8 @@ setting. Not run on the build machines (no internet); the pipeline and a few
 steps are tested on a locally prepared stand-in of the TFDS dataset.
 """
 
-from ml_collections import config_dict
 
+from experiments._base import attention_config
 from experiments._base import base_config
 
 
@@ -45,9 +45,8 @@ def get_config():
   config.model.num_heads = 4
   config.model.mlp_dim = 1024
   config.model.dropout_rate = 0.1
-  config.model.attention_dropout_rate = 0.1
+  config.model.attention = attention_config(dropout_rate=0.1)
   config.model.pool = "cls"
-  config.model.kernel = config_dict.placeholder(str)
 
   config.viz.kind = "text"
   return config

@@ -11,6 +11,7 @@ the end on the 2-core build machine (a few steps are tested).
 """
 
 from experiments import listops_transformer
+from experiments._base import attention_config
 
 
 def get_config():
@@ -30,5 +31,5 @@ def get_config():
   config.model.num_heads = 8
   config.model.mlp_dim = 1024
   config.model.dropout_rate = 0.1
-  config.model.kernel = None          # the backend's fast kernel at 2,000 tokens
+  config.model.attention = attention_config()   # each backend's fast kernel at 2,000 tokens
   return config

@@ -8,8 +8,8 @@ TFDS reads the WAV files with pydub; clips shorter than one second are
 padded with silence (``data.audio.FIXED_LENGTHS``).
 """
 
-from ml_collections import config_dict
 
+from experiments._base import attention_config
 from experiments._speech import speech_config
 
 
@@ -30,8 +30,7 @@ def get_config():
   config.model.num_heads = 1
   config.model.mlp_dim = 256
   config.model.dropout_rate = 0.0
-  config.model.attention_dropout_rate = 0.0
-  config.model.kernel = config_dict.placeholder(str)
+  config.model.attention = attention_config()
   config.model.pool = "cls"
   config.model.time_width = 25       # SpecAugment widths of the KWT paper
   config.model.freq_width = 7

@@ -5,8 +5,8 @@ Command: python run.py --experiment=speech_conformer --workdir=runs/speech_confo
 Target: at least 95% test accuracy within 20 minutes on a 2-core CPU.
 """
 
-from ml_collections import config_dict
 
+from experiments._base import attention_config
 from experiments._speech import speech_config
 
 
@@ -24,6 +24,5 @@ def get_config():
   config.model.attention_units = 64
   config.model.max_distance = 32
   config.model.dropout_rate = 0.1
-  config.model.attention_dropout_rate = 0.0
-  config.model.kernel = config_dict.placeholder(str)
+  config.model.attention = attention_config()
   return config

@@ -5,8 +5,8 @@ Command: python run.py --experiment=speech_kwt --workdir=runs/speech_kwt
 Target: at least 95% test accuracy within 20 minutes on a 2-core CPU.
 """
 
-from ml_collections import config_dict
 
+from experiments._base import attention_config
 from experiments._speech import speech_config
 
 
@@ -20,7 +20,6 @@ def get_config():
   config.model.num_heads = 2
   config.model.mlp_dim = 128
   config.model.dropout_rate = 0.0
-  config.model.attention_dropout_rate = 0.0
-  config.model.kernel = config_dict.placeholder(str)
+  config.model.attention = attention_config()
   config.model.pool = "cls"
   return config

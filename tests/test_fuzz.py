@@ -14,6 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from attention_lab import kernels
+from attention_lab.layers import AttentionConfig
 from attention_lab.layers import SelfAttention
 
 # The kernels that run natively on CPU (Pallas is fuzzed only through its
@@ -207,7 +208,7 @@ def test_self_attention_layer_with_padding_and_empty_rows(batch, length, feature
   x = jnp.asarray(rng.normal(size=(batch, length, features)), jnp.float32)
   valid = np.arange(length)[None, :] < rng.integers(0, length + 1, batch)[:, None]
   mask = jnp.asarray(valid[:, None, None, :])
-  layer = SelfAttention(num_heads=heads, kernel="blockwise")
+  layer = SelfAttention(num_heads=heads, attention=AttentionConfig(kernel="blockwise"))
   params = layer.init(jax.random.key(0), x, mask=mask)
   out = np.asarray(layer.apply(params, x, mask=mask))
   assert out.shape == x.shape and np.all(np.isfinite(out))
@@ -217,7 +218,7 @@ def test_self_attention_layer_with_padding_and_empty_rows(batch, length, feature
 
 
 def test_self_attention_layer_names_a_mask_of_the_wrong_shape():
-  layer = SelfAttention(num_heads=2, kernel="reference")
+  layer = SelfAttention(num_heads=2, attention=AttentionConfig(kernel="reference"))
   x = jnp.ones((2, 5, 8))
   params = layer.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"mask shape \(2, 1, 1, 4\) does not broadcast"):

@@ -61,7 +61,7 @@ def test_our_multi_head_attention_equals_flax_with_the_same_parameters():
   params = flax_mha.init(jax.random.key(1), X)
   mask = nn.make_attention_mask(jnp.ones_like(VALID), VALID)
   for name in MASKABLE:
-    ours = layers.MultiHeadAttention(num_heads=4, kernel=name)
+    ours = layers.MultiHeadAttention(num_heads=4, attention=layers.AttentionConfig(kernel=name))
     np.testing.assert_allclose(ours.apply(params, X, mask=mask),
                                flax_mha.apply(params, X, mask=mask), rtol=1e-5, atol=1e-5)
 
@@ -88,7 +88,8 @@ def test_layer_output_equals_float64_numpy_with_every_kernel(name, form):
   weights sown for pictures are that softmax too, whichever kernel ran."""
   kwargs, needs = FORMS[form]
   is_causal = "causal" in needs
-  module = layers.SelfAttention(num_heads=4, kernel=name, is_causal=is_causal)
+  module = layers.SelfAttention(num_heads=4, attention=layers.AttentionConfig(kernel=name),
+                                is_causal=is_causal)
   params = module.init(jax.random.key(3), X)
   want_out, want_weights = numpy_self_attention(params["params"], X, is_causal=is_causal,
                                                 **kwargs)
@@ -113,9 +114,9 @@ def test_kv_lengths_equal_the_dense_key_padding_mask(name):
   another form (one the fused kernels take): same output, padded query rows
   included, and the same sown weights; ``q_lengths`` then zeroes only the
   padded rows' attention and their weight rows."""
-  module = layers.SelfAttention(num_heads=4, kernel=name)
+  module = layers.SelfAttention(num_heads=4, attention=layers.AttentionConfig(kernel=name))
   params = module.init(jax.random.key(3), X)
-  dense = layers.SelfAttention(num_heads=4, kernel="reference")
+  dense = layers.SelfAttention(num_heads=4, attention=layers.AttentionConfig(kernel="reference"))
   want, want_state = dense.apply(params, X, mask=KEY_PADDING, mutable=["intermediates"])
   got, state = module.apply(params, X, kv_lengths=LENGTHS, mutable=["intermediates"])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -140,9 +141,9 @@ def test_an_explicit_mask_still_works_beside_kv_lengths(name):
   """A mask that lengths cannot express (a hole mid-sequence) is still taken,
   and combines with ``kv_lengths`` as the logical AND of the two masks."""
   hole = jnp.array([True, False, True, True, True])[None, None, None, :]
-  module = layers.SelfAttention(num_heads=4, kernel=name)
+  module = layers.SelfAttention(num_heads=4, attention=layers.AttentionConfig(kernel=name))
   params = module.init(jax.random.key(3), X)
-  want = layers.SelfAttention(num_heads=4, kernel="reference").apply(
+  want = layers.SelfAttention(num_heads=4, attention=layers.AttentionConfig(kernel="reference")).apply(
       params, X, mask=hole & KEY_PADDING)
   np.testing.assert_allclose(module.apply(params, X, mask=hole, kv_lengths=LENGTHS), want,
                              rtol=1e-5, atol=1e-5)
@@ -172,7 +173,8 @@ def test_cross_attention_shapes_and_heads_check():
 
 def test_multi_head_attention_unknown_kernel():
   with pytest.raises(ValueError, match="unknown attention kernel 'nope'"):
-    layers.SelfAttention(num_heads=4, kernel="nope").init(jax.random.key(0), X)
+    layers.SelfAttention(num_heads=4, attention=layers.AttentionConfig(kernel="nope")).init(
+        jax.random.key(0), X)
 
 
 def test_scores_match_their_formulas():
@@ -247,7 +249,7 @@ def test_encoder_and_sinusoids():
 
 def test_vit_builds_from_config_and_checks_inputs():
   config = {"name": "vit", "num_classes": 10, "patch_size": 7, "hidden_dim": 16,
-            "num_layers": 1, "num_heads": 2, "mlp_dim": 16, "kernel": "reference"}
+            "num_layers": 1, "num_heads": 2, "mlp_dim": 16, "attention": {"kernel": "reference"}}
   model = models.build(config)
   images = jnp.zeros((3, 28, 28, 1))
   params = model.init(jax.random.key(0), images)

@@ -6,7 +6,6 @@ keys, normalised per query), not against softmax; the registry's semantics
 keep it out of automatic dispatch and give pictures its own weights.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -137,7 +136,7 @@ def test_bad_input_gets_one_line_naming_it():
 
 
 def test_a_transformer_runs_it_from_the_config():
-  """``config.model.kernel = "linear"`` reaches the kernel: the text
+  """``config.model.attention.kernel = "linear"`` reaches the kernel: the text
   Transformer's loss and gradients are finite, and with the same parameters
   its gradients and sown weights differ from the softmax model's."""
   from attention_lab import models
@@ -145,7 +144,7 @@ def test_a_transformer_runs_it_from_the_config():
 
   def build(kernel):
     model_config = get_config("imdb_bytes_transformer").model
-    model_config.kernel = kernel
+    model_config.attention.kernel = kernel
     model_config.num_layers, model_config.hidden_dim, model_config.mlp_dim = 1, 16, 32
     model_config.dtype = "float32"
     return models.build(model_config)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from attention_lab import models
+from attention_lab.layers import AttentionConfig
 
 _PRODUCT = re.compile(r"stablehlo\.(dot_general|convolution)\b.*?: \(tensor<([^>]*)>, tensor<([^>]*)>\)")
 _DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": "float64"}
@@ -89,10 +90,10 @@ FAMILIES = {
     "rnn_attention": (dict(num_classes=10, vocab_size=20, embed_dim=8, hidden_dim=16,
                            attention_units=8, cell="lstm"), _TOKENS, 10),
     "seq2seq_bahdanau": (dict(name="seq2seq", vocab_size=20, target_length=5, embed_dim=8,
-                              hidden_dim=16, attention_units=8, attention="bahdanau"),
+                              hidden_dim=16, attention_units=8, score="bahdanau"),
                          {"source": _TOKENS, "target": _TOKENS[:, :5]}, 20),
     "seq2seq_luong": (dict(name="seq2seq", vocab_size=20, target_length=5, embed_dim=8,
-                           hidden_dim=16, attention="luong_general", cell="lstm"),
+                           hidden_dim=16, score="luong_general", cell="lstm"),
                       {"source": _TOKENS, "target": _TOKENS[:, :5]}, 20),
     "kwt": (dict(num_classes=12, num_mels=20, **_ENCODER), _CLIPS, 12),
     "conformer": (dict(num_classes=12, num_mels=20, subsample_channels=4, attention_units=8,
@@ -188,7 +189,8 @@ def test_every_experiment_has_a_model_dtype():
 def test_float16_forward_pass_runs():
   # The reference kernel: XLA's CPU dot_general has no float16 product with
   # float32 accumulation, which jax.nn's attention asks for under jit.
-  model = _build("vit", "float16").clone(kernel="reference")
+  model = _build("vit", "float16").clone(
+      attention=AttentionConfig(kernel="reference"))
   _, images, _ = FAMILIES["vit"]
   variables = jax.jit(model.init)(jax.random.key(0), images)
   logits = jax.jit(model.apply)(variables, images)

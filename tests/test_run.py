@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import experiments
+from attention_lab import layers
 from attention_lab import models
 from attention_lab import train
 from attention_lab.train import validation
@@ -29,9 +30,11 @@ def test_every_experiment_defines_the_common_fields():
     assert config.experiment == name
     for field in ("seed", "total_steps", "batch_size", "eval_every", "checkpoint_every"):
       assert field in config, f"{name} lacks {field}"
-    # Every model with dot-product attention takes its kernel from the config.
-    model_fields = {f.name for f in dataclasses.fields(models.MODELS[config.model.name])}
-    assert ("kernel" in config.model) == ("kernel" in model_fields), name
+    # Every model with dot-product attention takes its attention settings
+    # (kernel, mods, ...) from the config, all of them.
+    if models.takes_attention_config(models.MODELS[config.model.name]):
+      assert set(config.model.attention) == {
+          f.name for f in dataclasses.fields(layers.AttentionConfig)}, name
 
 
 def test_unknown_experiment_exits_listing_the_available_ones(tmp_path):
@@ -75,11 +78,19 @@ BAD_CONFIGS = {
     "unknown_key": (["--config.learning_rate=0.1"], "error: config.learning_rate=0.1:",
                     "did you mean config.optimizer.learning_rate?"),
     "unknown_model_key": (["--config.model.depthh", "3"], "error: config.model.depthh=3:",
-                          "config.model has: attention_dropout_rate"),
-    "unknown_kernel": (["--config.model.kernel=nope"], "error: config.model.kernel='nope':",
+                          "config.model has: attention"),
+    "unknown_kernel": (["--config.model.attention.kernel=nope"],
+                       "error: config.model.attention.kernel='nope':",
                        "known kernels: blockwise"),
-    "kernel_typo": (["--config.model.kernel=blockwize"],
-                    "error: config.model.kernel='blockwize':", "did you mean blockwise?"),
+    "kernel_typo": (["--config.model.attention.kernel=blockwize"],
+                    "error: config.model.attention.kernel='blockwize':",
+                    "did you mean blockwise?"),
+    "unknown_score_mod": (["--config.model.attention.score_mod=alibj"],
+                          "error: config.model.attention.score_mod='alibj':",
+                          "unknown attention mod 'alibj'"),
+    "mask_as_score_mod": (["--config.model.attention.score_mod=causal"],
+                          "error: config.model.attention.score_mod='causal':",
+                          "set it as attention.mask_mod"),
     "zero_learning_rate": (["--config.optimizer.learning_rate=0.0"],
                            "error: config.optimizer.learning_rate=0.0:", "> 0"),
     "warmup_past_the_end": (["--config.optimizer.warmup_steps=3"],
@@ -119,10 +130,10 @@ def test_every_problem_gets_its_own_line_in_every_mode(tmp_path):
   for mode in ("train", "eval", "visualize"):
     proc = _run("--experiment=mnist_vit", f"--workdir={workdir}", f"--mode={mode}",
                 "--config.total_steps=0", "--config.keep_checkpoints=0",
-                "--config.model.kernel=nope")
+                "--config.model.attention.kernel=nope")
     lines = _config_error_lines(proc)
     assert [line.split(": ")[1] for line in lines] == [
-        "config.total_steps=0", "config.keep_checkpoints=0", "config.model.kernel='nope'"], mode
+        "config.total_steps=0", "config.keep_checkpoints=0", "config.model.attention.kernel='nope'"], mode
     assert not workdir.exists()
 
 
@@ -133,7 +144,7 @@ def test_existing_empty_workdir_is_left_empty(tmp_path):
 
 
 def test_library_callers_get_the_same_lines_as_a_value_error(tmp_path, tiny_config):
-  config = tiny_config(total_steps=-5, batch_size=0, **{"model.kernel": "nope"})
+  config = tiny_config(total_steps=-5, batch_size=0, **{"model.attention.kernel": "nope"})
   workdir = tmp_path / "run"
   for run_mode in (train.train_and_evaluate, train.evaluate_checkpoint,
                    train.visualize_checkpoint):
@@ -141,7 +152,7 @@ def test_library_callers_get_the_same_lines_as_a_value_error(tmp_path, tiny_conf
       run_mode(config, str(workdir))
     assert str(error.value).splitlines() == validation.problems(config)
     assert [line.split(": ")[0] for line in error.value.lines] == [
-        "config.total_steps=-5", "config.batch_size=0", "config.model.kernel='nope'"]
+        "config.total_steps=-5", "config.batch_size=0", "config.model.attention.kernel='nope'"]
     assert not workdir.exists()
 
 
@@ -192,7 +203,7 @@ def test_overrides_reach_the_run(tmp_path, data_dir):
               "--config.batch_size=8", "--config.log_every=1",
               "--config.model.num_layers=1", "--config.model.hidden_dim=16",
               "--config.model.patch_size=7", "--config.model.stem=patch",
-              "--config.model.kernel=reference",
+              "--config.model.attention.kernel=reference",
               "--config.viz.num_examples=1")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 2/2" in proc.stderr and "steps/s" in proc.stderr and "ETA" in proc.stderr

@@ -97,7 +97,7 @@ def test_ring_kernel_inside_a_model(tmp_path, data_dir, one_device_run):
   single-device run (17 tokens: not divisible by the ring; padded inside)."""
   _, params = one_device_run
   out = _child(4, data_dir, tmp_path / "run", tmp_path / "p.npz",
-               **{"model.kernel": "ring", "mesh.sequence": 2})
+               **{"model.attention.kernel": "ring", "mesh.sequence": 2})
   for a, b in zip(params, _params(tmp_path / "p.npz")):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 

@@ -213,7 +213,7 @@ def test_speech_models_shapes_sown_maps_and_kernel_independence(name):
   else:
     assert [w.shape for w in weights if w.ndim == 4] == [(2, 2, 23, 23)] * 2   # 98 -> 23
     assert [w.shape for w in weights if w.ndim == 3] == [(2, 1, 23)]
-  reference = models.build({"name": name, **fields, "kernel": "reference"})
+  reference = models.build({"name": name, **fields, "attention": {"kernel": "reference"}})
   np.testing.assert_allclose(reference.apply(variables, clips), logits, atol=2e-5)
   with pytest.raises(ValueError, match=r"audio clips \[batch, samples\]"):
     model.apply(variables, clips[0])

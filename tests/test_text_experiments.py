@@ -93,7 +93,7 @@ def test_listops_experiments_train_resume_and_draw(tmp_path, text_dir, name, shr
                                             ("dates_luong", "luong_general"),
                                             ("dates_luong", "luong_dot")])
 def test_dates_experiments_train_and_draw_alignments(tmp_path, text_dir, name, attention):
-  config = _dates(name, text_dir, **{"model.attention": attention})
+  config = _dates(name, text_dir, **{"model.score": attention})
   workdir = str(tmp_path)
   results = train.train_and_evaluate(config, workdir)
   assert results["step"] == 4

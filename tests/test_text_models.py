@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from attention_lab.layers import AttentionConfig
 from attention_lab.layers import Encoder
-from attention_lab.models.seq2seq import ATTENTIONS
+from attention_lab.models.seq2seq import SCORES
 from attention_lab.models.seq2seq import BOS_ID
 from attention_lab.models.seq2seq import EOS_ID
 from attention_lab.models.seq2seq import PAD_ID
@@ -38,7 +39,8 @@ def _perturb(params, path, fn):
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_text_transformer_ignores_padding(pool):
   model = TextTransformer(num_classes=5, vocab_size=16, hidden_dim=16, num_layers=2,
-                          num_heads=2, mlp_dim=32, pool=pool, kernel="reference")
+                          num_heads=2, mlp_dim=32, pool=pool,
+                          attention=AttentionConfig(kernel="reference"))
   params = model.init(jax.random.key(0), TOKENS)["params"]
   params = _perturb(params, ("head", "kernel"),
                     lambda k: jax.random.normal(jax.random.key(1), k.shape))
@@ -59,12 +61,13 @@ def test_text_transformer_ignores_padding(pool):
 
 def test_text_transformer_same_logits_with_every_kernel():
   model = TextTransformer(num_classes=5, vocab_size=16, hidden_dim=16, num_layers=1,
-                          num_heads=2, mlp_dim=32, kernel="reference")
+                          num_heads=2, mlp_dim=32,
+                          attention=AttentionConfig(kernel="reference"))
   params = model.init(jax.random.key(0), TOKENS)["params"]
   params = _perturb(params, ("head", "kernel"),
                     lambda k: jax.random.normal(jax.random.key(1), k.shape))
   want = model.apply({"params": params}, TOKENS)
-  fast = model.clone(kernel="blockwise")
+  fast = model.clone(attention=AttentionConfig(kernel="blockwise"))
   np.testing.assert_allclose(fast.apply({"params": params}, TOKENS), want, rtol=1e-4,
                              atol=1e-5)
 
@@ -86,7 +89,8 @@ def test_text_transformer_padding_as_lengths_equals_the_dense_mask(pool, kernel)
   """Padding travels to attention as lengths (which the fused kernels take):
   logits and the sown weights of the pictures equal the dense-mask model's."""
   model = TextTransformer(num_classes=5, vocab_size=16, hidden_dim=16, num_layers=2,
-                          num_heads=2, mlp_dim=32, pool=pool, kernel=kernel)
+                          num_heads=2, mlp_dim=32, pool=pool,
+                          attention=AttentionConfig(kernel=kernel))
   params = model.init(jax.random.key(0), TOKENS)["params"]
   params = _perturb(params, ("head", "kernel"),
                     lambda k: jax.random.normal(jax.random.key(1), k.shape))
@@ -132,13 +136,13 @@ TARGET = jnp.array([[5, 6, 7, 2, 0], [8, 9, 10, 11, 2]])
 
 
 def _seq2seq(attention, cell="gru"):
-  model = Seq2Seq(vocab_size=20, target_length=5, attention=attention, embed_dim=8,
+  model = Seq2Seq(vocab_size=20, target_length=5, score=attention, embed_dim=8,
                   hidden_dim=8, attention_units=8, cell=cell)
   inputs = {"source": SOURCE, "target": TARGET}
   return model, model.init(jax.random.key(0), inputs)["params"], inputs
 
 
-@pytest.mark.parametrize("attention,cell", [(a, c) for a in ATTENTIONS for c in ("gru", "lstm")])
+@pytest.mark.parametrize("attention,cell", [(a, c) for a in SCORES for c in ("gru", "lstm")])
 def test_teacher_forcing_is_causal(attention, cell):
   model, params, inputs = _seq2seq(attention, cell)
   logits = model.apply({"params": params}, inputs, train=True)["logits"]
@@ -182,8 +186,8 @@ def test_greedy_decoding_ignores_target_and_stops_at_eos(attention, cell):
 
 def test_seq2seq_rejects_bad_attention_and_shapes():
   model, params, inputs = _seq2seq("bahdanau")
-  with pytest.raises(ValueError, match="unknown attention"):
-    model.clone(attention="cosine").init(jax.random.key(0), inputs)
+  with pytest.raises(ValueError, match="unknown score"):
+    model.clone(score="cosine").init(jax.random.key(0), inputs)
   with pytest.raises(ValueError, match="target"):
     model.apply({"params": params}, {"source": SOURCE, "target": TARGET[:, :3]})
 

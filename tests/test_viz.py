@@ -98,7 +98,7 @@ def test_vit_attention_and_its_pictures_are_float64_attention_with_every_kernel(
   config = dict(name="vit", num_classes=10, patch_size=7, hidden_dim=16, num_layers=2,
                 num_heads=2, mlp_dim=16)
   images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
-  params = models.build(dict(config, kernel="reference")).init(jax.random.key(1), images)
+  params = models.build(dict(config, attention={"kernel": "reference"})).init(jax.random.key(1), images)
   seen = {}                                      # layer path -> (input, output)
 
   def record(next_fun, args, kwargs, context):
@@ -109,7 +109,7 @@ def test_vit_attention_and_its_pictures_are_float64_attention_with_every_kernel(
     return out
 
   with nn.intercept_methods(record):
-    logits, sown = models.build(dict(config, kernel=kernel)).apply(
+    logits, sown = models.build(dict(config, attention={"kernel": kernel})).apply(
         params, images, mutable=["intermediates"])
   weights = sown_lib.collect_attention(sown["intermediates"])
   assert len(seen) == len(weights) == 2
@@ -122,7 +122,7 @@ def test_vit_attention_and_its_pictures_are_float64_attention_with_every_kernel(
     np.testing.assert_allclose(sown_weights, want_weights, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
   if kernel != "reference":
-    want_logits = models.build(dict(config, kernel="reference")).apply(params, images)
+    want_logits = models.build(dict(config, attention={"kernel": "reference"})).apply(params, images)
     np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
   # The pictures are drawn from these weights: one head grid per example.
   pictures = images_viz.draw_image_examples(

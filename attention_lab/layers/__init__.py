@@ -5,7 +5,9 @@ from attention_lab.layers.pooling import masked_mean
 from attention_lab.layers.recurrent_attention import AdditiveAttention
 from attention_lab.layers.recurrent_attention import LuongAttention
 from attention_lab.layers import conv_attention
+from attention_lab.layers import rotary
 from attention_lab.layers import spectrogram
+from attention_lab.layers.attention import AttentionConfig
 from attention_lab.layers.attention import CrossAttention
 from attention_lab.layers.attention import MultiHeadAttention
 from attention_lab.layers.attention import SelfAttention
@@ -19,8 +21,8 @@ from attention_lab.layers.transformer import MlpBlock
 from attention_lab.layers.transformer import sinusoidal_positions
 
 __all__ = [
-    "AdditiveAttention", "AttentionPooling", "CBAM", "CrossAttention", "ECA",
+    "AdditiveAttention", "AttentionConfig", "AttentionPooling", "CBAM", "CrossAttention", "ECA",
     "Encoder", "EncoderBlock", "LearnedPositionEmbedding", "LuongAttention",
     "MlpBlock", "MultiHeadAttention", "SelfAttention", "SqueezeExcite",
-    "conv_attention", "masked_mean", "sinusoidal_positions", "spectrogram",
+    "conv_attention", "masked_mean", "rotary", "sinusoidal_positions", "spectrogram",
 ]

@@ -9,12 +9,13 @@ plays the same role.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from attention_lab.layers.attention import AttentionConfig
 from attention_lab.layers.attention import SelfAttention
 from attention_lab.layers.transformer import MlpBlock
 
@@ -70,14 +71,13 @@ class ConformerBlock(nn.Module):
   Attributes:
     num_heads, mlp_dim: attention heads and feed-forward width.
     conv_kernel_size: depthwise convolution width.
-    kernel: attention kernel name (None: the backend's default).
+    attention: the self-attention's settings (``AttentionConfig``).
   """
   num_heads: int
   mlp_dim: int
   conv_kernel_size: int = 15
   dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  kernel: Optional[str] = None
+  attention: AttentionConfig = AttentionConfig()
   dtype: Any = None
 
   @nn.compact
@@ -93,8 +93,7 @@ class ConformerBlock(nn.Module):
 
     x = x + half_step(x, "ff_in")
     y = nn.LayerNorm(dtype=self.dtype)(x)
-    y = SelfAttention(num_heads=self.num_heads, kernel=self.kernel,
-                      dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+    y = SelfAttention(num_heads=self.num_heads, attention=self.attention, dtype=self.dtype,
                       name="attention")(y, bias=bias, deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     x = x + ConvModule(self.conv_kernel_size, self.dropout_rate, self.dtype,

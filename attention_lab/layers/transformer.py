@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from attention_lab.layers.attention import AttentionConfig
 from attention_lab.layers.attention import SelfAttention
 
 
@@ -58,14 +59,12 @@ class EncoderBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  kernel: Optional[str] = None
+  attention: AttentionConfig = AttentionConfig()
   is_causal: bool = False
-  local_window_size: Any = None
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x, *, mask=None, q_lengths=None, kv_lengths=None,
+  def __call__(self, x, *, mask=None, q_lengths=None, kv_lengths=None, positions=None,
                deterministic: bool = True):
     """``x [batch, length, features]`` -> ``[batch, length, features]``.
 
@@ -75,14 +74,14 @@ class EncoderBlock(nn.Module):
         padding) as ``MultiHeadAttention`` takes it: ``kv_lengths`` alone
         hides padded keys and leaves padded rows computed, as the mask
         ``valid[:, None, None, :]``, while the fused kernels still run.
+      positions: rotary positions, when ``attention.rotary`` is set.
     """
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = SelfAttention(
-        num_heads=self.num_heads, kernel=self.kernel,
-        dropout_rate=self.attention_dropout_rate, is_causal=self.is_causal,
-        local_window_size=self.local_window_size, dtype=self.dtype,
-        name="attention")(y, mask=mask, q_lengths=q_lengths, kv_lengths=kv_lengths,
-                          deterministic=deterministic)
+        num_heads=self.num_heads, attention=self.attention, is_causal=self.is_causal,
+        dtype=self.dtype, name="attention")(
+            y, mask=mask, q_lengths=q_lengths, kv_lengths=kv_lengths, positions=positions,
+            deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = nn.LayerNorm(dtype=self.dtype)(x)
     return x + MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
@@ -95,24 +94,20 @@ class Encoder(nn.Module):
   num_heads: int
   mlp_dim: int
   dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  kernel: Optional[str] = None
+  attention: AttentionConfig = AttentionConfig()
   is_causal: bool = False
-  local_window_size: Any = None
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x, *, mask=None, q_lengths=None, kv_lengths=None,
+  def __call__(self, x, *, mask=None, q_lengths=None, kv_lengths=None, positions=None,
                deterministic: bool = True):
-    """``x [batch, length, features]`` -> same; ``mask``, ``q_lengths`` and
-    ``kv_lengths`` reach every block's attention (see ``EncoderBlock``)."""
+    """``x [batch, length, features]`` -> same; ``mask``, ``q_lengths``,
+    ``kv_lengths`` and ``positions`` reach every block's attention (see
+    ``EncoderBlock``)."""
     for i in range(self.num_layers):
       x = EncoderBlock(
-          num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-          dropout_rate=self.dropout_rate,
-          attention_dropout_rate=self.attention_dropout_rate,
-          kernel=self.kernel, is_causal=self.is_causal,
-          local_window_size=self.local_window_size, dtype=self.dtype,
-          name=f"block_{i}")(x, mask=mask, q_lengths=q_lengths,
-                             kv_lengths=kv_lengths, deterministic=deterministic)
+          num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+          attention=self.attention, is_causal=self.is_causal, dtype=self.dtype,
+          name=f"block_{i}")(x, mask=mask, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                             positions=positions, deterministic=deterministic)
     return nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)

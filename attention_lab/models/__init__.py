@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attention_lab.layers import AttentionConfig
 from attention_lab.models.image import PixelTransformer
 from attention_lab.models.image import ResNet
 from attention_lab.models.image import ViT
@@ -78,4 +79,13 @@ def build(model_config) -> nn.Module:
         f"model {name!r} has no field(s) {unknown}; its fields: {', '.join(sorted(known))}")
   if "dtype" in fields:
     fields["dtype"] = compute_dtype(fields["dtype"])
+  if "attention" in fields and takes_attention_config(cls):
+    fields["attention"] = AttentionConfig.from_config(fields["attention"])
   return cls(**fields)
+
+
+def takes_attention_config(cls) -> bool:
+  """Whether a model's ``attention`` field is an ``AttentionConfig`` (the
+  RNN translator's attention is its score, a name)."""
+  field = {f.name: f for f in dataclasses.fields(cls)}.get("attention")
+  return field is not None and isinstance(field.default, AttentionConfig)

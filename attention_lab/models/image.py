@@ -4,7 +4,7 @@ with convolutional attention in every block."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -56,8 +56,9 @@ class ViT(TokenClassifier):
           f"ViT: image size {height}x{width} is not divisible by patch_size "
           f"{self.patch_size}")
     x = self._embed(images)
+    grid = x.shape[1:3]
     x = x.reshape(x.shape[0], -1, self.hidden_dim)       # [batch, patches, hidden]
-    return self._classify(x, train)
+    return self._classify(x, train, grid=grid)
 
 
 class PixelTransformer(TokenClassifier):

@@ -32,7 +32,7 @@ from attention_lab.models.text import bidirectional_rnn
 from attention_lab.models.text import rnn_cell
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-ATTENTIONS = ("bahdanau", "luong_dot", "luong_general")
+SCORES = ("bahdanau", "luong_dot", "luong_general")
 
 
 class DecoderStep(nn.Module):
@@ -48,7 +48,7 @@ class DecoderStep(nn.Module):
   vocab_size: int
   embed_dim: int
   dim: int
-  attention: str
+  score: str
   attention_units: int
   cell: str
   dtype: Any = None
@@ -61,7 +61,7 @@ class DecoderStep(nn.Module):
     embedded = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype,
                         name="token_embedding")(token)
     cell = rnn_cell(self.cell, self.dim, self.dtype, name="cell")
-    if self.attention == "bahdanau":
+    if self.score == "bahdanau":
       # Attend with the state that has not yet seen this token, then update.
       context, weights = AdditiveAttention(self.attention_units, dtype=self.dtype,
                                            name="attention")(
@@ -71,8 +71,8 @@ class DecoderStep(nn.Module):
           jnp.concatenate([output, context, embedded], -1)))
     else:
       state, output = cell(state, jnp.concatenate([embedded, feed], -1))
-      score = self.attention.split("_", 1)[1]
-      context, weights = LuongAttention(score, dtype=self.dtype, name="attention")(
+      form = self.score.split("_", 1)[1]                  # dot or general
+      context, weights = LuongAttention(form, dtype=self.dtype, name="attention")(
           output, memory, mask=memory_valid)
       hidden = nn.tanh(nn.Dense(self.dim, use_bias=False, dtype=self.dtype,
                                 name="attentional")(jnp.concatenate([context, output], -1)))
@@ -96,7 +96,8 @@ class Seq2Seq(nn.Module):
   Attributes:
     vocab_size: shared source/target character vocabulary (0 pad, 1 bos, 2 eos).
     target_length: decoding steps (the longest target plus ``<eos>``).
-    attention: one of ``ATTENTIONS``.
+    score: the attention score, one of ``SCORES``: ``bahdanau`` (additive),
+      ``luong_dot`` or ``luong_general`` (multiplicative).
     embed_dim: character embedding width.
     hidden_dim: encoder RNN width per direction; the decoder is twice as wide
       so Luong's dot score can compare its state with the encoder's.
@@ -109,7 +110,7 @@ class Seq2Seq(nn.Module):
   """
   vocab_size: int
   target_length: int
-  attention: str = "bahdanau"
+  score: str = "bahdanau"
   embed_dim: int = 32
   hidden_dim: int = 64
   attention_units: int = 64
@@ -135,8 +136,8 @@ class Seq2Seq(nn.Module):
       ``<eos>``. The alignment of the translation (teacher-forced in
       training) is sown as ``intermediates/alignment``.
     """
-    if self.attention not in ATTENTIONS:
-      raise ValueError(f"Seq2Seq: unknown attention {self.attention!r}; use one of {ATTENTIONS}")
+    if self.score not in SCORES:
+      raise ValueError(f"Seq2Seq: unknown score {self.score!r}; use one of {SCORES}")
     source, target = inputs["source"], inputs["target"]
     if source.ndim != 2 or target.ndim != 2 or target.shape[1] != self.target_length:
       raise ValueError(
@@ -165,7 +166,7 @@ class Seq2Seq(nn.Module):
     decoder = nn.scan(DecoderStep, variable_broadcast="params", split_rngs={"params": False},
                       in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1)(
         vocab_size=self.vocab_size, embed_dim=self.embed_dim, dim=dim,
-        attention=self.attention, attention_units=self.attention_units, cell=self.cell,
+        score=self.score, attention_units=self.attention_units, cell=self.cell,
         dtype=self.dtype, name="decoder")
     forced = jnp.ones((batch, steps), bool)
     _, (logits, alignment, _) = decoder(carry, (teacher, forced), memory, valid)

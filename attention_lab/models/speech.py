@@ -14,11 +14,12 @@ Inputs are int16 (or float) ``[batch, samples]``; outputs logits
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from attention_lab.layers import AttentionConfig
 from attention_lab.layers import AttentionPooling
 from attention_lab.layers.conformer import ConformerBlock
 from attention_lab.layers.conformer import RelativePositionBias
@@ -69,7 +70,7 @@ class ConformerClassifier(LogMelSettings):
     max_distance: relative positions beyond it share a bias.
     num_mels, max_warp, time_masks, time_width, freq_masks, freq_width: the
       front end's (``LogMelSettings``), keyword-only.
-    kernel: attention kernel name (None: the backend's default).
+    attention: the blocks' attention settings (``AttentionConfig``).
     dtype: compute dtype after the front end (None: float32); the front end,
       parameters and logits are float32.
   """
@@ -83,8 +84,7 @@ class ConformerClassifier(LogMelSettings):
   attention_units: int = 64
   max_distance: int = 32
   dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  kernel: Optional[str] = None
+  attention: AttentionConfig = AttentionConfig()
   dtype: Any = None
 
   @nn.compact
@@ -104,8 +104,8 @@ class ConformerClassifier(LogMelSettings):
     bias = RelativePositionBias(self.num_heads, self.max_distance, name="relative_bias")(frames)
     for i in range(self.num_layers):
       x = ConformerBlock(self.num_heads, self.mlp_dim, self.conv_kernel_size,
-                         self.dropout_rate, self.attention_dropout_rate, self.kernel,
-                         self.dtype, name=f"block{i}")(x, bias=bias, train=train)
+                         self.dropout_rate, self.attention, self.dtype,
+                         name=f"block{i}")(x, bias=bias, train=train)
     pooled, _ = AttentionPooling(self.attention_units, dtype=self.dtype, name="pooling")(x)
     pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=not train)
     return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(pooled)   # float32 logits

@@ -6,14 +6,16 @@ turn their input into tokens; everything after that lives here.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from attention_lab.layers import AttentionConfig
 from attention_lab.layers import Encoder
 from attention_lab.layers import LearnedPositionEmbedding
 from attention_lab.layers import masked_mean
+from attention_lab.layers import rotary
 
 
 class TokenClassifier(nn.Module):
@@ -23,8 +25,10 @@ class TokenClassifier(nn.Module):
     num_classes: output logits.
     hidden_dim: token width.
     num_layers, num_heads, mlp_dim: encoder shape.
-    dropout_rate, attention_dropout_rate: regularisation.
-    kernel: attention kernel name (None: backend default).
+    dropout_rate: dropout on the embeddings, residuals and MLPs.
+    attention: every attention setting (``AttentionConfig``: kernel,
+      attention dropout, window, mods, rotary, qk-norm, K/V heads), from
+      ``config.model.attention``.
     pool: ``cls`` (a learned class token) or ``mean`` (average of the valid
       tokens).
     dtype: compute dtype of the embedding and the encoder (None: float32);
@@ -36,18 +40,19 @@ class TokenClassifier(nn.Module):
   num_heads: int = 4
   mlp_dim: int = 128
   dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  kernel: Optional[str] = None
+  attention: AttentionConfig = AttentionConfig()
   pool: str = "cls"
   dtype: Any = None
 
-  def _classify(self, x, train: bool, valid=None):
+  def _classify(self, x, train: bool, valid=None, grid=None):
     """tokens ``[batch, tokens, hidden_dim]`` -> logits ``[batch, num_classes]``.
 
     Args:
       valid: optional bool ``[batch, tokens]``, False at padding, which must
         trail the tokens (True on a prefix, as the text pipelines pad). The
         padding is hidden from every attention row and from mean pooling.
+      grid: ``(height, width)`` when the tokens are image patches in row-major
+        order: the positions of 2-D rotary embeddings.
     """
     name = type(self).__name__
     if self.pool == "cls":
@@ -67,9 +72,10 @@ class TokenClassifier(nn.Module):
     lengths = None if valid is None else valid.sum(axis=-1, dtype=jnp.int32)
     x = Encoder(
         num_layers=self.num_layers, num_heads=self.num_heads,
-        mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate, kernel=self.kernel,
-        dtype=self.dtype, name="encoder")(x, kv_lengths=lengths, deterministic=not train)
+        mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, attention=self.attention,
+        dtype=self.dtype, name="encoder")(x, kv_lengths=lengths,
+                                          positions=self._positions(grid),
+                                          deterministic=not train)
     if self.pool == "cls":
       x = x[:, 0]
     elif valid is None:
@@ -80,3 +86,13 @@ class TokenClassifier(nn.Module):
     # is one small matrix.
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
                     dtype=jnp.float32, name="head")(x)
+
+  def _positions(self, grid):
+    """Rotary positions: None for ``"1d"`` (the encoder counts tokens), the
+    patch grid (after the CLS token) for ``"2d"``."""
+    if self.attention.rotary != "2d":
+      return None
+    if grid is None:
+      raise ValueError(f"{type(self).__name__}: attention.rotary='2d' needs image patches; "
+                       "use '1d' for sequences")
+    return rotary.grid_positions(*grid, leading=1 if self.pool == "cls" else 0)

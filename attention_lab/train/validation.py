@@ -26,7 +26,8 @@ from attention_lab import kernels
 from attention_lab import models
 from attention_lab.data import sources
 from attention_lab.layers.conv_attention import CONV_ATTENTIONS
-from attention_lab.models.seq2seq import ATTENTIONS as SEQ2SEQ_ATTENTIONS
+from attention_lab.layers import AttentionConfig
+from attention_lab.models.seq2seq import SCORES as SEQ2SEQ_SCORES
 from attention_lab.train import tasks as tasks_lib
 from attention_lab.viz import drawers
 
@@ -43,7 +44,7 @@ MODEL_POSITIVE_INTS = ("num_classes", "vocab_size", "target_length", "hidden_dim
                        "spatial_kernel", "num_mels", "conv_kernel_size",
                        "subsample_channels", "max_distance")
 MODEL_NON_NEGATIVE_INTS = ("time_masks", "time_width", "freq_masks", "freq_width")
-MODEL_RATES = ("dropout_rate", "attention_dropout_rate")     # probabilities in [0, 1)
+MODEL_RATES = ("dropout_rate",)     # probabilities in [0, 1)
 
 
 class ConfigError(ValueError):
@@ -163,19 +164,10 @@ def _model(check: "_Checker") -> None:
       check.missing(f"model.{key}", f"model {name!r} needs it")
 
   present = lambda key: key in given and key in fields
-  if present("kernel"):
-    kernel = check.value("model.kernel")
-    if kernel is not None:
-      try:
-        kernels.registry.parse_choice(kernel)
-      except ValueError as e:
-        # ml_collections reads --config.model.kernel=None as the string "None".
-        hint = ("; 'None' on the command line is a string: leave the flag out instead"
-                if kernel == "None" else _did_you_mean(kernel, kernels.names()))
-        check.problem("model.kernel", f"{e}; or None (unset) for each platform's "
-                      f"automatic choice{hint}")
-  if present("attention") and name == "seq2seq":
-    check.one_of("model.attention", SEQ2SEQ_ATTENTIONS)
+  if present("attention") and models.takes_attention_config(models.MODELS[name]):
+    _attention(check)
+  if present("score") and name == "seq2seq":
+    check.one_of("model.score", SEQ2SEQ_SCORES)
   if present("conv_attention"):
     check.one_of("model.conv_attention", CONV_ATTENTIONS)
   dtypes = getattr(models, "COMPUTE_DTYPE_NAMES", None)   # names models.build accepts
@@ -200,6 +192,38 @@ def _model(check: "_Checker") -> None:
       and hidden >= 1 and heads >= 1 and hidden % heads):
     check.problem("model.num_heads", f"must divide model.hidden_dim ({hidden}): each head "
                   "takes an equal slice of it")
+
+
+def _attention(check: "_Checker") -> None:
+  """``config.model.attention``: the fields of ``AttentionConfig``, each value
+  checked as the layers will use it."""
+  known = {f.name for f in dataclasses.fields(AttentionConfig)}
+  given = check.keys("model.attention")
+  for key in sorted(set(given) - known):
+    check.problem(f"model.attention.{key}", f"attention has no such field; its fields: "
+                  f"{', '.join(sorted(known))}{_did_you_mean(key, known)}")
+  kernel = check.value("model.attention.kernel")
+  if kernel is not None:
+    try:
+      kernels.registry.parse_choice(kernel)
+    except ValueError as e:
+      # ml_collections reads --config.model.attention.kernel=None as the string "None".
+      hint = ("; 'None' on the command line is a string: leave the flag out instead"
+              if kernel == "None" else _did_you_mean(kernel, kernels.names()))
+      check.problem("model.attention.kernel", f"{e}; or None (unset) for each platform's "
+                    f"automatic choice{hint}")
+  if "dropout_rate" in given:
+    check.number("model.attention.dropout_rate", low=0.0, high=1.0, high_open=True)
+  settings = {k: check.value(f"model.attention.{k}") for k in given
+              if k in known and k not in ("kernel", "dropout_rate")}
+  try:
+    problems = AttentionConfig(**settings).problems()
+  except (TypeError, ValueError) as e:
+    problems = [str(e).removeprefix("AttentionConfig: ")]
+  for problem in problems:
+    field = problem.split(":")[0].split(" ")[0]
+    path = f"model.attention.{field}" if field in known else "model.attention"
+    check.problem(path, problem)
 
 
 def dotted_keys(config, prefix: str = "", sections: bool = False) -> List[str]:
