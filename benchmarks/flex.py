@@ -31,10 +31,8 @@ marked "within noise" when the two spreads overlap.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -42,6 +40,11 @@ sys.path.insert(0, ROOT)
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
+
+from benchmarks.timing import Spread  # noqa: E402
+from benchmarks.timing import cpu_description  # noqa: E402
+from benchmarks.timing import pin_threads  # noqa: E402
+from benchmarks.timing import time_rotating  # noqa: E402
 
 flags.DEFINE_list("lengths", ["1024", "2048", "4096"], "sequence lengths")
 flags.DEFINE_integer("batch", 1, "batch size")
@@ -64,51 +67,6 @@ BASELINE = {
     "causal+softcap": "causal", "documents mask_mod": None,
     "documents traced ids": "documents mask_mod", "documents dense mask": "documents mask_mod",
 }
-
-
-class Spread:
-  """Seconds of the timed rounds of one case."""
-
-  def __init__(self, times):
-    self.times = tuple(times)
-
-  @property
-  def median(self) -> float:
-    return statistics.median(self.times)
-
-  def overlaps(self, other: "Spread") -> bool:
-    return min(self.times) <= max(other.times) and min(other.times) <= max(self.times)
-
-  def ms(self) -> str:
-    return f"{self.median * 1e3:.1f} ({min(self.times) * 1e3:.1f}-{max(self.times) * 1e3:.1f})"
-
-
-def cpu_description() -> str:
-  """The CPU model (first of /proc/cpuinfo), as benchmarks/kernels.py prints it."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-          return f"cpu {value.strip()}"
-  except OSError:
-    pass
-  return "cpu unknown"
-
-
-def time_rotating(candidates: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, Spread]:
-  """One warm-up call each, then ``repeats`` rounds, the order rotated by one each round."""
-  for fn in candidates.values():
-    fn()
-  order = list(candidates)
-  times = {name: [] for name in order}
-  for round_ in range(repeats):
-    shift = round_ % len(order)
-    for name in order[shift:] + order[:shift]:
-      start = time.perf_counter()
-      candidates[name]()
-      times[name].append(time.perf_counter() - start)
-  return {name: Spread(t) for name, t in times.items()}
 
 
 def document_ids(length: int, count: int, seed: int = 0):
@@ -177,10 +135,7 @@ def main(argv):
     for name, value in QUICK.items():
       if not FLAGS[name].present:
         FLAGS[name].value = value
-  cpus = sorted(os.sched_getaffinity(0))
-  if 0 < FLAGS.threads < len(cpus):          # before JAX sizes its thread pool
-    cpus = cpus[:FLAGS.threads]
-    os.sched_setaffinity(0, cpus)
+  _, cpus = pin_threads(FLAGS.threads)       # before JAX sizes its thread pool
   import jax
   import jaxlib
   from attention_lab.kernels import masks
@@ -206,8 +161,8 @@ def main(argv):
     fwd, bwd = {}, {}
     for name, (fn, extra) in cases.items():
       fwd[name], bwd[name] = runners(fn, extra, q, k, v)
-    f_times = time_rotating(fwd, FLAGS.repeats)
-    b_times = time_rotating(bwd, FLAGS.repeats) if FLAGS.backward else {}
+    f_times, _ = time_rotating(fwd, FLAGS.repeats)
+    b_times = time_rotating(bwd, FLAGS.repeats)[0] if FLAGS.backward else {}
     ids = document_ids(length, FLAGS.documents)
     block_q, block_k = min(256, length), min(512, length)    # blockwise's defaults here
     static = {"causal mask_mod": mods.causal(), "documents mask_mod": mods.document(ids)}

@@ -48,11 +48,10 @@ process.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -64,6 +63,11 @@ sys.path.insert(0, ROOT)
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
+
+from benchmarks import timing  # noqa: E402
+from benchmarks.timing import Spread  # noqa: E402
+from benchmarks.timing import cpu_description  # noqa: E402
+from benchmarks.timing import pin_threads  # noqa: E402
 
 flags.DEFINE_list("lengths", ["512", "1024", "2048", "4096", "8192"], "sequence lengths for speed")
 flags.DEFINE_list("memory_lengths", ["16384", "32768", "65536"],
@@ -99,73 +103,12 @@ PLAIN_JAX = "jax.nn"       # jax.nn.dot_product_attention itself, for comparison
 TORCH_DEVICE = "cpu"       # set by import_torch to the device the JAX kernels use
 
 
-@dataclasses.dataclass(frozen=True)
-class Spread:
-  """Seconds of the timed rounds of one candidate."""
-  times: Tuple[float, ...]
-
-  @property
-  def median(self) -> float:
-    return statistics.median(self.times)
-
-  def overlaps(self, other: "Spread") -> bool:
-    return min(self.times) <= max(other.times) and min(other.times) <= max(self.times)
-
-  def ms(self) -> str:
-    return (f"{self.median * 1e3:.1f} ({min(self.times) * 1e3:.1f}-"
-            f"{max(self.times) * 1e3:.1f})")
 
 
 # ---------------------------------------------------------------- the machine
 
-def pin_threads(requested: int) -> Tuple[int, List[int]]:
-  """Pins this process to ``requested`` CPUs (0: all it may use) before JAX or
-  torch start, so both libraries size their pools from the same CPUs.
-
-  XLA's CPU client sizes its intra-op pool from the CPUs the process may run
-  on (the affinity mask), and has no thread-count flag of its own;
-  ``--xla_cpu_multi_thread_eigen=false`` makes its Eigen work single-threaded
-  when one thread is asked for. torch's OpenMP workers wait passively unless
-  ``OMP_WAIT_POLICY`` is set. Returns ``(threads, cpus)``.
-  """
-  cpus = sorted(os.sched_getaffinity(0))
-  threads = len(cpus) if requested <= 0 else min(requested, len(cpus))
-  if requested > len(cpus):
-    print(f"(--threads={requested}, but this process may use only {len(cpus)} CPUs)")
-  if threads < len(cpus):
-    cpus = cpus[:threads]
-    os.sched_setaffinity(0, cpus)
-  if threads == 1 and "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false").strip()
-  # torch's OpenMP workers otherwise spin after each call, on the same CPUs the
-  # XLA candidate timed next needs; on a busy machine spinning also stalls torch
-  # itself (measured on the shared 2-core machine: a 256-token SDPA took 10-16
-  # ms with the default policy, 0.24 ms passive). Set it in the environment to
-  # measure another policy; the threads line prints it.
-  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-  return threads, cpus
 
 
-def cpu_description() -> str:
-  """Model name and matmul-relevant flags (first CPU of /proc/cpuinfo)."""
-  model, cpu_flags = None, None
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and model is None:
-          model = value.strip()
-        elif key.strip() == "flags" and cpu_flags is None:
-          cpu_flags = set(value.split())
-  except OSError:
-    pass
-  if cpu_flags is None:
-    return f"cpu {model or 'unknown'} (flags unknown: no /proc/cpuinfo flags)"
-  shown = {"avx512f": "avx512f" in cpu_flags, "avx512_bf16": "avx512_bf16" in cpu_flags,
-           "amx": any(f.startswith("amx") for f in cpu_flags)}
-  flags_text = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in shown.items())
-  return f"cpu {model or 'unknown'} ({flags_text})"
 
 
 def import_torch(threads: int, backend: str):
@@ -338,26 +281,9 @@ def _torch_inputs(length):
 
 def time_rotating(candidates: Dict[str, Callable], args_for: Dict[str, tuple],
                   repeats: int) -> Tuple[Dict[str, Spread], Dict[str, str]]:
-  """One warm-up (compile) call each, then ``repeats`` rounds that time every
-  candidate once, the order rotated by one per round.
-
-  Returns ``({name: Spread}, {name: error line})`` for those that raised.
-  """
-  failed = {}
-  for name, fn in candidates.items():
-    try:
-      fn(args_for[name])
-    except Exception as e:  # a kernel that cannot run this shape: listed, not fatal
-      failed[name] = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-  order = [n for n in candidates if n not in failed]
-  times = {name: [] for name in order}
-  for round_ in range(repeats):
-    shift = round_ % max(len(order), 1)
-    for name in order[shift:] + order[:shift]:
-      start = time.perf_counter()
-      candidates[name](args_for[name])
-      times[name].append(time.perf_counter() - start)
-  return {name: Spread(tuple(t)) for name, t in times.items()}, failed
+  """``timing.time_rotating`` of each candidate called on its own arguments."""
+  return timing.time_rotating(
+      {name: functools.partial(fn, args_for[name]) for name, fn in candidates.items()}, repeats)
 
 
 def _vs_torch(spreads: Dict[str, Spread], name: str) -> str:

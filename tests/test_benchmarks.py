@@ -35,3 +35,15 @@ def test_kernels_benchmark_default_command_in_quick_mode():
   memory = [line for line in lines if line.startswith("| 1024 | ")]
   assert {line.split(" | ")[1] for line in memory} >= {"blockwise", "reference"}
   assert all(float(line.split(" | ")[2]) > 0 for line in memory)   # temp GiB
+
+
+def test_flex_benchmark_quick_mode_prints_every_case():
+  proc = subprocess.run([sys.executable, os.path.join("benchmarks", "flex.py"), "--quick"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert next(line for line in lines if line.startswith("machine: ")).count("avx512f ") == 1
+  rows = {line.split(" | ")[1] for line in lines if line.startswith("| 256 | ")}
+  assert rows == {"causal", "causal mask_mod", "causal+alibi", "causal+softcap",
+                  "documents mask_mod", "documents traced ids", "documents dense mask"}
