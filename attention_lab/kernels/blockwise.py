@@ -51,21 +51,12 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def _compact(x, batch: Tuple[int, ...], flat: int, fill, q_pad: int, kv_pad: int):
-  """Mask or bias ``[batch..., heads, q, kv]`` (broadcastable) -> 4-D, padded.
-
-  Dimensions of size one stay size one (nothing is materialised that the
-  caller did not pass); batch dims collapse to ``flat`` or 1.
-  """
+def _compact(x, batch: Tuple[int, ...], fill, q_pad: int, kv_pad: int):
+  """Mask or bias ``[batch..., heads, q, kv]`` (broadcastable) -> 4-D
+  (``checks.collapse_batch``), its query and key dims padded with ``fill``."""
   if x is None:
     return None
-  x = jnp.asarray(x)
-  x = x.reshape((1,) * (len(batch) + 3 - x.ndim) + x.shape)
-  lead, tail = x.shape[:len(batch)], x.shape[len(batch):]
-  if all(d == 1 for d in lead):
-    x = x.reshape((1,) + tail)
-  else:
-    x = jnp.broadcast_to(x, batch + tail).reshape((flat,) + tail)
+  x = checks.collapse_batch(x, batch)
   pads = [(0, 0), (0, 0),
           (0, q_pad if x.shape[2] != 1 else 0),
           (0, kv_pad if x.shape[3] != 1 else 0)]
@@ -581,8 +572,8 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
   k = heads_major(key, len(batch), st.kv_padded)                    # [b, kv_heads, ...]
   v = heads_major(value, len(batch), st.kv_padded)
   q_pad, kv_pad = st.q_padded - shape.q_length, st.kv_padded - shape.kv_length
-  mask_c = _compact(mask, batch, flat, False, q_pad, kv_pad)
-  bias_c = _compact(bias, batch, flat, 0.0, q_pad, kv_pad)
+  mask_c = _compact(mask, batch, False, q_pad, kv_pad)
+  bias_c = _compact(bias, batch, 0.0, q_pad, kv_pad)
   if bias_c is not None:
     bias_c = bias_c.astype(jnp.promote_types(bias_c.dtype, jnp.float32))
   as_flat = lambda x: None if x is None else jnp.asarray(x, jnp.int32).reshape(flat)

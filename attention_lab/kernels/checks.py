@@ -122,3 +122,17 @@ def kv_lengths_vector(who: str, kv_lengths, shape: AttentionShape):
     return jnp.full((flat,), shape.kv_length, jnp.int32)
   check_lengths(who, "kv_lengths", kv_lengths, shape.batch)
   return jnp.clip(jnp.asarray(kv_lengths, jnp.int32).reshape(flat), 0, shape.kv_length)
+
+
+def collapse_batch(x, batch: Tuple[int, ...]):
+  """A mask or bias broadcastable to ``[batch..., heads, q, kv]`` as 4-D
+  ``[1 or prod(batch), heads | 1, q | 1, kv | 1]``, the layout the fused kernels
+  slice per block: size-one dims stay size one (nothing is materialised that
+  the caller did not pass), and the batch dims collapse to one, or to 1 when
+  the array is shared by every sequence."""
+  x = jnp.asarray(x)
+  x = x.reshape((1,) * (len(batch) + 3 - x.ndim) + x.shape)
+  lead, tail = x.shape[:len(batch)], x.shape[len(batch):]
+  if all(d == 1 for d in lead):
+    return x.reshape((1,) + tail)
+  return jnp.broadcast_to(x, batch + tail).reshape((-1,) + tail)

@@ -383,14 +383,7 @@ def _bias_4d(bias, shape, q_padded, kv_padded):
   """A bias broadcastable to ``[batch..., heads, q, kv]`` as float32
   ``[1 or flat batch, 1 or heads, q_padded, kv_padded]`` (zero padding; padded
   keys are masked anyway)."""
-  batch = shape.batch
-  bias = jnp.asarray(bias)
-  bias = bias.reshape((1,) * (len(batch) + 3 - bias.ndim) + bias.shape)
-  lead, tail = bias.shape[:len(batch)], bias.shape[len(batch):]
-  if all(d == 1 for d in lead):
-    bias = bias.reshape((1,) + tail)
-  else:
-    bias = jnp.broadcast_to(bias, batch + tail).reshape((-1,) + tail)
+  bias = checks.collapse_batch(bias, shape.batch)
   bias = jnp.broadcast_to(bias, bias.shape[:2] + (shape.q_length, shape.kv_length))
   pads = [(0, 0), (0, 0), (0, q_padded - shape.q_length), (0, kv_padded - shape.kv_length)]
   return jnp.pad(bias.astype(jnp.float32), pads)
