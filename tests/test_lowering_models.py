@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 import experiments
 from attention_lab import models
 from attention_lab.data import dates
+from attention_lab.data import numbers
 from attention_lab.data.synthetic_speech_commands import CLIP_SAMPLES
 from attention_lab.kernels import dispatch
 from attention_lab.kernels import lowering
@@ -68,6 +69,10 @@ KERNELS = {
     "mnist_cnn": (NONE, NONE, "CNN: CBAM gates channels and positions with convolutions"),
     "mnist_pixel_transformer": (FUSED, FUSED, ""),
     "mnist_vit": (FUSED, FUSED, ""),
+    "numbers_bahdanau": (NONE, NONE, "RNN decoder, additive scores (layers.recurrent_attention), no kernel"),
+    # Causal self-attention, cross-attention over kv_lengths, and in the eval
+    # step the cached decoding step (one query over the cache's kv_lengths).
+    "numbers_transformer": (FUSED, FUSED, ""),
     "speech_commands_kwt": (FUSED, FUSED, ""),
     # The learned relative-position bias [1, heads, T, T] is read by our
     # Pallas kernel (splash takes no bias).
@@ -112,6 +117,11 @@ def batch_spec(config, batch=BATCH):
     source = config.data.max_length or dates.MAX_SOURCE_LENGTH
     inputs = {"source": jax.ShapeDtypeStruct((batch, source), jnp.int32),
               "target": jax.ShapeDtypeStruct((batch, dates.TARGET_LENGTH), jnp.int32)}
+    label = inputs["target"]
+  elif data == "numbers_offline":
+    source = config.data.max_length or numbers.MAX_SOURCE_LENGTH
+    inputs = {"source": jax.ShapeDtypeStruct((batch, source), jnp.int32),
+              "target": jax.ShapeDtypeStruct((batch, config.model.target_length), jnp.int32)}
     label = inputs["target"]
   elif data in ("speech_commands", "speech_commands_offline"):
     inputs = jax.ShapeDtypeStruct((batch, CLIP_SAMPLES), jnp.int16)

@@ -18,6 +18,7 @@ from attention_lab.models.speech import ConformerClassifier
 from attention_lab.models.speech import KeywordTransformer
 from attention_lab.models.text import RnnAttentionClassifier
 from attention_lab.models.text import TextTransformer
+from attention_lab.models.transformer_seq2seq import TransformerSeq2Seq
 
 MODELS: Dict[str, Type[nn.Module]] = {
     "conformer": ConformerClassifier,
@@ -27,6 +28,7 @@ MODELS: Dict[str, Type[nn.Module]] = {
     "rnn_attention": RnnAttentionClassifier,
     "seq2seq": Seq2Seq,
     "text_transformer": TextTransformer,
+    "transformer_seq2seq": TransformerSeq2Seq,
     "vit": ViT,
 }
 

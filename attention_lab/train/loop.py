@@ -17,7 +17,7 @@ import functools
 import json
 import os
 import socket
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -88,12 +88,14 @@ def train_step(state: TrainState, batch, *, model, task, config, schedule,
   return new_state, metrics
 
 
-def eval_step(model_variables, batch, *, model, task):
-  """Weighted metric sums over one evaluation batch."""
+def eval_step(model_variables, batch, *, model, task, with_predictions: bool = False):
+  """Weighted metric sums over one evaluation batch; with ``with_predictions``
+  ``(sums, task.predict(outputs))``, for metrics of the whole split
+  (``Task.corpus_metrics``)."""
   outputs = model.apply(model_variables, batch["inputs"], train=False)
   sums = task.eval_sums(outputs, batch)
   sums["count"] = batch["weight"].sum()
-  return sums
+  return (sums, task.predict(outputs)) if with_predictions else sums
 
 
 def _first(inputs, n: int):
@@ -139,7 +141,8 @@ class Trainer:
                           schedule=self.schedule, dropout_key=self.dropout_key),
         out_shardings=(self.state_sharding, replicated), donate_argnums=0))
     self.eval_step = self._under_mesh(jax.jit(
-        functools.partial(eval_step, model=self.model, task=self.task),
+        functools.partial(eval_step, model=self.model, task=self.task,
+                          with_predictions=self.task.corpus_metrics is not None),
         out_shardings=replicated))
     self.apply_for_pictures = self._under_mesh(jax.jit(
         lambda v, x: self.model.apply(v, x, train=False, mutable=["intermediates"]),
@@ -161,15 +164,27 @@ class Trainer:
                jax.tree_util.tree_leaves(self.initial_state.params))
 
   def evaluate(self, state) -> Dict[str, float]:
-    """Metrics of ``state`` over the whole eval split (every example counted once)."""
+    """Metrics of ``state`` over the whole eval split (every example counted
+    once), and the task's ``corpus_metrics`` of all its predictions."""
     totals: Dict[str, float] = {}
     model_variables = variables(state)
+    corpus = self.task.corpus_metrics is not None
+    predictions, labels = [], []
     for batch in data_lib.eval_batches(self.data.eval, self.eval_batch_size):
       sums = jax.device_get(self.eval_step(model_variables, self.batch(batch)))
+      if corpus:
+        sums, predicted = sums
+        real = batch["weight"] > 0                # not the last batch's filling
+        predictions.append(np.asarray(predicted)[real])
+        labels.append(np.asarray(batch["label"])[real])
       for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     count = totals.pop("count")
-    return {k: v / count for k, v in totals.items()}
+    metrics = {k: v / count for k, v in totals.items()}
+    if corpus:
+      metrics.update(self.task.corpus_metrics(np.concatenate(predictions),
+                                              np.concatenate(labels), self.data.vocabulary))
+    return metrics
 
 
 def _checkpoints(config, workdir):
@@ -420,6 +435,56 @@ def visualize_checkpoint(config, workdir: str):
   logging.info("drew %d pictures of step %d into %s (open index.html)",
                len(pictures), int(state.step), out_dir)
   return sorted(pictures) + [os.path.join(out_dir, "index.html")]
+
+
+def predict_checkpoint(config, workdir: str, texts: Sequence[str]) -> List[str]:
+  """``--mode=predict``: the latest checkpoint's greedy translation of each of
+  ``texts`` (seq2seq over a character vocabulary: dates, number words).
+
+  Raises:
+    validation.ConfigError: a bad config value (one line each).
+    ValueError: a task other than seq2seq, no texts, or a text the model
+      cannot read (a character outside the vocabulary, or too long), named.
+    FileNotFoundError: when ``workdir`` has no checkpoint.
+  """
+  validation.validate(config)
+  if config.task != "seq2seq":
+    raise ValueError(f"--mode=predict translates text: it needs a seq2seq experiment, "
+                     f"and {config.experiment} is {config.task}")
+  if not texts:
+    raise ValueError("--mode=predict needs --inputs: the texts to translate")
+  trainer, state = _restore_latest(config, workdir)
+  source_length = trainer.data.eval["inputs"]["source"].shape[1]
+  source = character_ids(texts, trainer.data.vocabulary, source_length)
+  target = np.zeros((len(texts),) + trainer.data.eval["inputs"]["target"].shape[1:], np.int32)
+  outputs = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False))(
+      variables(state), {"source": source, "target": target})
+  translations = [tasks_lib.token_text(row, trainer.data.vocabulary)
+                  for row in np.asarray(jax.device_get(trainer.task.predict(outputs)))]
+  for text, translation in zip(texts, translations):
+    logging.info("%s -> %s", text, translation)
+  return translations
+
+
+def character_ids(texts: Sequence[str], vocabulary: Sequence[str], length: int) -> np.ndarray:
+  """``texts`` as ids ``int32 [len(texts), length]`` of their characters in
+  ``vocabulary``, padded with id 0.
+
+  Raises:
+    ValueError: naming a text with a character outside ``vocabulary`` or
+      longer than ``length``.
+  """
+  ids = {token: i for i, token in enumerate(vocabulary)}
+  out = np.zeros((len(texts), length), np.int32)
+  for row, text in enumerate(texts):
+    unknown = sorted({c for c in text if c not in ids})
+    if unknown:
+      raise ValueError(f"input {text!r} has characters {unknown} the model never saw")
+    if len(text) > length:
+      raise ValueError(f"input {text!r} has {len(text)} characters; the model reads at "
+                       f"most {length}")
+    out[row, :len(text)] = [ids[c] for c in text]
+  return out
 
 
 class NonFiniteError(FloatingPointError):

@@ -7,7 +7,9 @@ the same for all of them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
 
 import jax.numpy as jnp
 import optax
@@ -21,10 +23,17 @@ class Task:
   """``train_loss(outputs, batch, config) -> (loss, {name: scalar})``,
   ``eval_sums(outputs, batch) -> {name: weighted sum}`` (eval metrics are the
   sums divided by the summed ``weight``) and ``predict(outputs) -> labels``
-  (class ids, or token ids for seq2seq) for pictures."""
+  (class ids, or token ids for seq2seq) for pictures.
+
+  ``corpus_metrics(predictions, labels, vocabulary) -> {name: value}``, when
+  set, scores the whole eval split at once on the host (metrics that are not
+  sums over examples, such as corpus BLEU): ``predictions`` and ``labels``
+  are the ``predict`` outputs and labels of every eval example, in order.
+  """
   train_loss: Callable
   eval_sums: Callable
   predict: Callable
+  corpus_metrics: Optional[Callable] = None
 
 
 def _classification_train_loss(logits, batch, config):
@@ -83,6 +92,44 @@ def _seq2seq_eval_sums(outputs, batch):
           "loss": (loss * weight).sum()}
 
 
+def token_text(ids, vocabulary: Sequence[str]) -> str:
+  """The string of one row of token ids: up to the first ``<eos>``, with
+  padding and ``<bos>`` left out (the text a translation reads as)."""
+  chars = []
+  for i in np.asarray(ids).tolist():
+    token = vocabulary[i]
+    if token == "<eos>":
+      break
+    if token not in ("<pad>", "<bos>"):
+      chars.append(token)
+  return "".join(chars)
+
+
+# BLEU over characters: the targets are single compound words in German
+# ("dreihundertzweiundvierzig"), where word n-grams would not exist.
+BLEU_TOKENIZE = "char"
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+  """Corpus BLEU (0-100) of ``hypotheses`` against one reference each,
+  computed by sacrebleu (its standard brevity penalty and n-gram counts up to
+  4) over characters (``BLEU_TOKENIZE``)."""
+  from sacrebleu.metrics import BLEU  # late: only seq2seq evaluation needs it
+  if len(hypotheses) != len(references):
+    raise ValueError(f"corpus_bleu: {len(hypotheses)} hypotheses but "
+                     f"{len(references)} references")
+  return float(BLEU(tokenize=BLEU_TOKENIZE).corpus_score(
+      list(hypotheses), [list(references)]).score)
+
+
+def _seq2seq_corpus_metrics(predictions, labels, vocabulary):
+  """``bleu``: character-level corpus BLEU of the greedy translations."""
+  if vocabulary is None:
+    raise ValueError("seq2seq corpus metrics need the dataset's vocabulary")
+  return {"bleu": corpus_bleu([token_text(p, vocabulary) for p in predictions],
+                              [token_text(t, vocabulary) for t in labels])}
+
+
 def _argmax(logits):
   return jnp.argmax(logits, -1)
 
@@ -93,7 +140,8 @@ def _greedy_tokens(outputs):
 
 TASKS: Dict[str, Task] = {
     "classification": Task(_classification_train_loss, _classification_eval_sums, _argmax),
-    "seq2seq": Task(_seq2seq_train_loss, _seq2seq_eval_sums, _greedy_tokens),
+    "seq2seq": Task(_seq2seq_train_loss, _seq2seq_eval_sums, _greedy_tokens,
+                    _seq2seq_corpus_metrics),
 }
 
 

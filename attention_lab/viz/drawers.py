@@ -19,6 +19,7 @@ from attention_lab.viz.cnn import draw_cnn_examples
 from attention_lab.viz.images import draw_image_examples
 from attention_lab.viz.speech import draw_speech_examples
 from attention_lab.viz.text import draw_text_examples
+from attention_lab.viz.translation import draw_translation_examples
 
 
 class Drawer(Protocol):
@@ -48,6 +49,7 @@ class Drawer(Protocol):
 DRAWERS: Dict[str, Drawer] = {
     "alignment": draw_alignment_examples,
     "cnn": draw_cnn_examples,
+    "cross_attention": draw_translation_examples,
     "image": draw_image_examples,
     "speech": draw_speech_examples,
     "text": draw_text_examples,
