@@ -383,3 +383,13 @@ def test_decoding_benchmark_runs_in_quick_mode():
     cached, recompute, ratio = row.strip("| ").split(" | ")[1:]
     assert float(cached.split()[0]) > 0 and float(recompute.split()[0]) > 0
     assert ratio.endswith("x")
+
+
+@pytest.mark.slow
+def test_numbers_transformer_reaches_target(tmp_path):
+  """The target in docs/results.md: >= 95% exact match on the 2,000 held-out
+  numbers, data generated afresh (about 6 minutes: docs/results.md)."""
+  config = experiments.get_config("numbers_transformer")
+  config.data.data_dir = str(tmp_path / "tfds")
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["eval_exact_match"] >= 0.95
