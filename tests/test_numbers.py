@@ -276,6 +276,16 @@ def test_model_builds_from_the_experiment_config_and_checks_shapes():
     _tiny_model().init(jax.random.key(0), _batch(target_length=9))
 
 
+def test_decoder_names_an_attention_setting_it_cannot_cache():
+  from attention_lab.layers import AttentionConfig
+  model = _tiny_model(attention=AttentionConfig(rotary="1d"))
+  with pytest.raises(ValueError, match=r"attention.rotary='1d' is not supported by the cached"):
+    model.init(jax.random.key(0), _batch())
+  # What it does take passes: kernel, attention dropout, kernel options.
+  from attention_lab.models.transformer_seq2seq import check_decoder_attention
+  check_decoder_attention(AttentionConfig(kernel="reference", dropout_rate=0.1))
+
+
 # --- BLEU ------------------------------------------------------------------------
 
 def test_corpus_bleu_against_the_formula_worked_by_hand():
