@@ -13,13 +13,14 @@ each self-attention layer keeps a cache of the keys and values of the tokens
 written so far, ``[batch, max_length, heads, head_dim]`` of fixed shape,
 filled one row per step inside a ``scan``, so a step costs one token's
 projections plus attention over the cache, instead of a pass over the whole
-prefix. ``generate_by_recompute`` is that slower pass, kept as the
-reference the cache is tested and benchmarked against.
+prefix. ``generate`` is greedy, ``generate_beam`` beam search on the same
+cache; ``generate_by_recompute`` is the slower pass, kept as the reference
+the cache is tested and benchmarked against.
 
 Evaluation (``train=False``) returns the greedy translation decoded from
 ``<bos>`` without reading the target. When ``intermediates`` are mutable the
 decoder is run once more over its own translation, so the cross-attention
-weights sown last (``decoder/block_i/cross_attention/attention_weights``,
+weights sown last (``decoder_block_i/cross_attention/attention_weights``,
 ``[batch, heads, target_length, source_length]``) are those of the
 translation the model wrote, not of the reference target.
 """
