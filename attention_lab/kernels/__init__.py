@@ -54,6 +54,7 @@ from attention_lab.kernels.registry import register
 from attention_lab.kernels.registry import set_preference
 from attention_lab.kernels.ring import ring_attention
 from attention_lab.kernels.splash import splash_attention
+from attention_lab.kernels.splash import splash_refusal
 
 
 def preference(platform=None):
@@ -101,10 +102,10 @@ register(KernelSpec(
                 "kv_lengths for padding, hashed dropout, additive bias"))
 register(KernelSpec(
     name="splash", fn=splash_attention,
-    features=frozenset({"causal", "window"}),
+    features=frozenset({"causal", "window", "mask_mod"}), refuses=splash_refusal,
     platforms=("tpu",), dtypes=("float32", "bfloat16"), per_device=True,
     applies=lambda s: s.head_dim == s.value_dim,
-    description="JAX's splash attention (TPU): block-sparse static masks, kv_lengths as "
+    description="JAX's splash attention (TPU): block-sparse static masks (static mask_mods too), kv_lengths as "
                 "segment ids, grouped K/V heads"))
 register(KernelSpec(
     name="cudnn", fn=functools.partial(jax_nn_attention, jax_implementation="cudnn"),

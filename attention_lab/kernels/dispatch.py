@@ -45,7 +45,7 @@ def requested_features(*, mask=None, bias=None, is_causal=False,
 
 
 def _why_not(spec: registry.KernelSpec, features, dtype, shape,
-             kv_lengths: bool = False) -> Optional[str]:
+             kv_lengths: bool = False, mask_mod=None) -> Optional[str]:
   """None if ``spec`` can run this call, else the reason it cannot."""
   if not spec.automatic:
     return "only when named"
@@ -59,20 +59,23 @@ def _why_not(spec: registry.KernelSpec, features, dtype, shape,
     return f"not for {dtype}"
   if shape is not None and spec.applies is not None and not spec.applies(shape):
     return "not for this shape"
+  if shape is not None and spec.refuses is not None and mask_mod is not None:
+    return spec.refuses(shape, mask_mod)
   return None
 
 
 def select(features: FrozenSet[str], platform: Optional[str] = None, dtype=None,
            shape: Optional[checks.AttentionShape] = None,
-           kv_lengths: bool = False) -> registry.KernelSpec:
+           kv_lengths: bool = False, mask_mod=None) -> registry.KernelSpec:
   """The preferred kernel on ``platform`` (default: the lowering target) that
-  can run this call. Every skipped kernel is named, with the reason, in the
-  (once per choice) log."""
+  can run this call (``mask_mod``: the call's, for kernels that take only
+  some). Every skipped kernel is named, with the reason, in the (once per
+  choice) log."""
   platform = platform or target_platform()
   skipped = []
   for name in registry.preference(platform):
     spec = registry.get(name)
-    reason = _why_not(spec, features, dtype, shape, kv_lengths)
+    reason = _why_not(spec, features, dtype, shape, kv_lengths, mask_mod)
     if reason:
       skipped.append(f"{name} ({reason})")
       continue
@@ -321,6 +324,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
     check_supported(spec, features | lengths_as_mask(spec),
                     platform=None if not interpreted else spec.platforms[0],
                     dtype=query.dtype)
+    _check_refusal(spec, shape, mask_mod)
     choices = {p: spec for p in registry.PLATFORMS}
   else:
     choices = {}
@@ -329,9 +333,11 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
         spec = registry.get(choice[p])
         check_supported(spec, features | lengths_as_mask(spec), platform=p,
                         dtype=query.dtype)
+        _check_refusal(spec, shape, mask_mod)
         choices[p] = spec
       else:
-        choices[p] = select(features, p, query.dtype, shape, kv_lengths is not None)
+        choices[p] = select(features, p, query.dtype, shape, kv_lengths is not None,
+                            mask_mod)
   for spec in set(choices.values()):
     unknown = [k for k in kwargs if not spec.takes(k)]
     if unknown:
@@ -383,6 +389,14 @@ def attention_weights(query, key, bias=None, mask=None, *, implementation=None, 
   name = choice if isinstance(choice, str) else next(iter(choice.values()))
   kwargs = {k: v for k, v in kwargs.items() if v is not None and v is not False}
   return registry.get(name).weights(query, key, bias, mask, **kwargs)
+
+
+def _check_refusal(spec: registry.KernelSpec, shape, mask_mod) -> None:
+  """A named kernel that cannot take this form of a feature: ValueError."""
+  if spec.refuses is not None and mask_mod is not None:
+    reason = spec.refuses(shape, mask_mod)
+    if reason:
+      raise ValueError(f"attention kernel {spec.name!r} cannot run this call: {reason}")
 
 
 def _with_lengths(mask, q_lengths, kv_lengths, shape):

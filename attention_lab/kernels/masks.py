@@ -9,6 +9,7 @@ smallest shape that does, so they can be combined with ``combine_masks``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from typing import Optional, Tuple, Union
 
@@ -226,7 +227,7 @@ def block_mask(mask_mod, batch: int, heads: int, q_length: int, kv_length: int,
   kv_pad = nk * block_k - kv_length
   state = np.zeros((nq, nk), np.int8)
   k_pos = np.arange(kv_length)
-  with jax.ensure_compile_time_eval():
+  with _evaluate_now():
     for qi in range(nq):
       q_pos = np.arange(qi * block_q, min((qi + 1) * block_q, q_length))
       try:
@@ -256,3 +257,75 @@ def block_mask(mask_mod, batch: int, heads: int, q_length: int, kv_length: int,
     while len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
       _BLOCK_MASKS.popitem(last=False)
   return result
+
+
+@contextlib.contextmanager
+def _evaluate_now():
+  """Evaluates a mod's JAX ops eagerly on the host while a step is traced,
+  also under the abstract mesh of a cross-lowering (which refuses eager
+  computation that could land on its devices): these are mask shapes, not
+  device work."""
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    with jax.ensure_compile_time_eval():
+      yield
+
+
+_TRACED = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+           jax.errors.TracerIntegerConversionError)
+_STATIC_MASKS: "collections.OrderedDict" = collections.OrderedDict()
+_STATIC_MASK_CACHE_SIZE = 16
+
+
+def mod_dependence(mask_mod, batch: int, heads: int) -> Optional[Tuple[bool, bool]]:
+  """Whether ``mask_mod`` varies with the batch index and with the head,
+  read off the shape of its answer on a one-position grid (a mod broadcasts
+  only over the indices it uses); None when it reads traced arrays."""
+  with _evaluate_now():
+    try:
+      visible = mask_mod(*mod_index_grid(batch, heads, [0], [0]))
+    except _TRACED:
+      return None
+  if isinstance(visible, jax.core.Tracer):
+    return None
+  shape = (1,) * (4 - np.ndim(visible)) + np.shape(visible)
+  return shape[0] != 1, shape[1] != 1
+
+
+def static_mask(mask_mod, batch: int, heads: int, q_length: int, kv_length: int, *,
+                is_causal: bool = False,
+                window: Optional[Tuple[int, int]] = None) -> Optional[np.ndarray]:
+  """``mask_mod`` (with causal / window) evaluated once into NumPy: bool
+  ``[batch | 1, heads | 1, q_length, kv_length]``, size one along the indices
+  it does not read; None when it reads traced arrays. For kernels that take a
+  mask as static data (splash); cached like ``block_mask``."""
+  cache_key = (mask_mod, batch, heads, q_length, kv_length, bool(is_causal), window)
+  try:
+    hash(cache_key)
+  except TypeError:
+    cache_key = None
+  if cache_key is not None and cache_key in _STATIC_MASKS:
+    _STATIC_MASKS.move_to_end(cache_key)
+    return _STATIC_MASKS[cache_key]
+  q_pos, k_pos = np.arange(q_length), np.arange(kv_length)
+  with _evaluate_now():
+    try:
+      visible = mask_mod(*mod_index_grid(batch, heads, q_pos, k_pos))
+    except _TRACED:
+      return None
+  if isinstance(visible, jax.core.Tracer):
+    return None
+  visible = np.asarray(visible, bool)
+  visible = visible.reshape((1,) * (4 - visible.ndim) + visible.shape)
+  visible = np.broadcast_to(visible, visible.shape[:2] + (q_length, kv_length))
+  band = np.ones((q_length, kv_length), bool)
+  if is_causal:
+    band &= k_pos[None, :] <= q_pos[:, None]
+  if window is not None:
+    left, right = window
+    band &= (k_pos[None, :] >= q_pos[:, None] - left) & (k_pos[None, :] <= q_pos[:, None] + right)
+  visible = visible & band
+  if cache_key is not None:
+    _STATIC_MASKS[cache_key] = visible
+    while len(_STATIC_MASKS) > _STATIC_MASK_CACHE_SIZE:
+      _STATIC_MASKS.popitem(last=False)
+  return visible

@@ -49,6 +49,10 @@ class KernelSpec:
     weights: for non-softmax kernels, ``fn(query, key, bias, mask, *,
       is_causal, ...) -> [batch..., heads, q_length, kv_length]``, the
       weights it gives (what pictures show).
+    refuses: optional ``fn(AttentionShape, mask_mod) -> reason or None``, for
+      a feature the kernel has only in some forms (splash takes a static
+      mask_mod, not one that reads traced arrays): automatic dispatch skips
+      the kernel with that reason, and naming it raises it.
   """
   name: str
   fn: Callable
@@ -61,6 +65,7 @@ class KernelSpec:
   per_device: bool = False
   semantics: str = SOFTMAX
   weights: Optional[Callable] = None
+  refuses: Optional[Callable] = None
 
   def supports(self, feature: str) -> bool:
     return feature in self.features
