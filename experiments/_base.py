@@ -90,6 +90,7 @@ def attention_config(**settings) -> ml_collections.ConfigDict:
   attention.rotary = config_dict.placeholder(str)
   attention.rotary_base = 10000.0
   attention.qk_norm = False
+  attention.sinks = False
   attention.num_kv_heads = config_dict.placeholder(int)
   attention.options = ml_collections.ConfigDict()
   for key, value in settings.items():

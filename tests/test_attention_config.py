@@ -146,3 +146,42 @@ def test_every_transformer_experiment_exposes_every_setting_and_validates_them()
   problems = validation.problems(config)
   assert any(p.startswith("config.model.attention.rotary='spiral'") for p in problems), problems
   assert any(p.startswith("config.model.attention.dropout_rate=1.5") for p in problems), problems
+
+
+@pytest.mark.parametrize("kernel", ["reference", "blockwise"])
+def test_sinks_take_weight_as_an_extra_key_with_zero_value(kernel):
+  """Against the softmax over [scores, sink] written out, the sink's column
+  dropped (its value is zero); the sink logits learn."""
+  layer = layers.SelfAttention(num_heads=2, attention=AttentionConfig(kernel=kernel, sinks=True))
+  variables = layer.init(jax.random.key(6), X)
+  params = dict(variables["params"], sinks=jnp.asarray([0.5, -1.0]))
+  got, sown = layer.apply({"params": params}, X, mutable=["intermediates"])
+
+  p = {k: np.asarray(v["kernel"], np.float64) for k, v in params.items() if k != "sinks"}
+  b = {k: np.asarray(v["bias"], np.float64) for k, v in params.items() if k != "sinks"}
+  x = np.asarray(X, np.float64)
+  q, k, v = (np.einsum("btf,fnd->btnd", x, p[n]) + b[n] for n in ("query", "key", "value"))
+  s = np.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(q.shape[-1])
+  sink = np.broadcast_to(np.asarray([0.5, -1.0])[None, :, None, None], s.shape[:3] + (1,))
+  full = np.concatenate([s, sink], -1)
+  w = np.exp(full - full.max(-1, keepdims=True))
+  w = (w / w.sum(-1, keepdims=True))[..., :-1]
+  want = np.einsum("btnd,ndf->btf", np.einsum("bnts,bsnd->btnd", w, v), p["out"]) + b["out"]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  sown_weights = np.asarray(jax.tree.leaves(sown["intermediates"])[0])
+  np.testing.assert_allclose(sown_weights, w, rtol=1e-4, atol=1e-6)
+  assert np.all(sown_weights.sum(-1) < 1.0)
+  grads = jax.grad(lambda p: layer.apply({"params": p}, X).sum())(params)
+  assert np.all(np.abs(np.asarray(grads["sinks"])) > 0)
+
+
+def test_t5_buckets_from_the_config():
+  layer = layers.SelfAttention(num_heads=2, attention=AttentionConfig(
+      score_mod="t5_relative_bias", score_mod_args={"num_buckets": 16, "max_distance": 64},
+      kernel="blockwise"))
+  params = layer.init(jax.random.key(7), X)["params"]
+  assert params["t5_relative_bias"].shape == (2, 16)
+  grads = jax.grad(lambda p: layer.apply({"params": p}, X).sum())(params)
+  used = np.abs(np.asarray(grads["t5_relative_bias"])).sum(0) > 0
+  # 12 tokens: distances up to 11 each way; 8 buckets a direction, 4 exact.
+  assert used.sum() > 8

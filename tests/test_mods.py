@@ -403,3 +403,22 @@ def test_flex_benchmark_runs_in_quick_mode():
   assert {line.split(" | ")[1] for line in rows} == {
       "causal", "causal mask_mod", "causal+alibi", "causal+softcap", "documents mask_mod",
       "documents traced ids", "documents dense mask"}
+
+
+def test_t5_buckets_match_values_worked_by_hand():
+  """32 buckets, max distance 128. Bidirectional: 16 per direction, 8 exact
+  (0..7), then 8 + floor(8 log(n/8) / log(16)): n=9 -> 8 + floor(0.34) = 8,
+  n=15 -> 8 + floor(1.81) = 9, n=16 -> 10, n=127 -> 8 + floor(7.98) = 15, and
+  15 beyond; keys after the query add 16. Causal: 16 exact, then
+  16 + floor(16 log(n/16) / log(8)): n=127 -> 16 + floor(15.94) = 31; later
+  keys all 0."""
+  relative = np.array([0, -1, -7, -8, -9, -15, -16, -127, -1000, 1, 7, 8, 100])
+  both = [0, 1, 7, 8, 8, 9, 10, 15, 15, 17, 23, 24, 31]
+  np.testing.assert_array_equal(mods.t5_bucket(relative), both)
+  causal = [0, 1, 7, 8, 9, 15, 16, 31, 31, 0, 0, 0, 0]
+  np.testing.assert_array_equal(mods.t5_bucket(relative, bidirectional=False), causal)
+  table = np.arange(64, dtype=np.float32).reshape(2, 32)
+  score = mods.t5_relative_bias(table)(jnp.zeros((1, 2, 1, 3)), None,
+                                       jnp.arange(2).reshape(1, 2, 1, 1),
+                                       jnp.full((1, 1, 1, 1), 9), jnp.asarray([[[[0, 9, 18]]]]))
+  np.testing.assert_array_equal(score[0, :, 0], [[8, 0, 24], [40, 32, 56]])   # n = 9, 0, -9

@@ -206,6 +206,51 @@ def relative_bias(table, max_distance: int):
   return score_mod
 
 
+def t5_bucket(relative_position, bidirectional: bool = True, num_buckets: int = 32,
+              max_distance: int = 128):
+  """T5's relative-position bucket (Raffel et al. 2020) of ``kv - q``, int32.
+
+  Half the buckets (per direction when ``bidirectional``) hold the exact
+  distances ``0 .. num_buckets/2 - 1``; the rest cover larger distances on a
+  log scale up to ``max_distance``, beyond which all share the last bucket.
+  Keys after the query get buckets of their own when ``bidirectional``;
+  otherwise they share bucket 0 (a causal decoder never sees them).
+  """
+  n = -jnp.asarray(relative_position, jnp.int32)            # query minus key
+  offset = jnp.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    offset = jnp.where(n < 0, num_buckets, 0)
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  exact = num_buckets // 2
+  # log(n / exact) / log(max_distance / exact) of the remaining buckets; n is
+  # at least 1 inside the log (small n take the exact branch anyway).
+  scaled = (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / exact)
+            / np.log(max_distance / exact) * (num_buckets - exact))
+  large = jnp.minimum(exact + scaled.astype(jnp.int32), num_buckets - 1)
+  return offset + jnp.where(n < exact, n, large)
+
+
+def t5_relative_bias(table, bidirectional: bool = True, max_distance: int = 128):
+  """T5's learned bias per head and relative-position bucket.
+
+  Args:
+    table: ``[heads, num_buckets]``, learned.
+    bidirectional / max_distance: as ``t5_bucket``.
+
+  Reference: ``score[b, h, i, j] + table[h, t5_bucket(j - i)]``.
+  """
+  num_buckets = np.shape(table)[-1]
+
+  def score_mod(score, batch, head, q_idx, kv_idx):
+    bucket = t5_bucket(kv_idx - q_idx, bidirectional, num_buckets, max_distance)
+    return score + jnp.asarray(table)[head, bucket].astype(score.dtype)
+
+  return score_mod
+
+
 # ---------------------------------------------------------------- mask mods
 # Factories with hashable arguments are cached so one shape computes its
 # block mask once however often a model builds the mod.
@@ -340,7 +385,8 @@ def kind(name: str) -> str:
 
 for _name, _factory, _kind in (
     ("alibi", alibi, SCORE_MOD), ("softcap", softcap, SCORE_MOD),
-    ("relative_bias", relative_bias, SCORE_MOD), ("causal", causal, MASK_MOD),
+    ("relative_bias", relative_bias, SCORE_MOD),
+    ("t5_relative_bias", t5_relative_bias, SCORE_MOD), ("causal", causal, MASK_MOD),
     ("sliding_window", sliding_window, MASK_MOD), ("prefix_lm", prefix_lm, MASK_MOD),
     ("document", document, MASK_MOD)):
   register(_name, _factory, _kind)

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,6 +56,10 @@ class AttentionConfig:
       (patch rows and columns; the model passes them).
     rotary_base: the rotary frequencies' base.
     qk_norm: RMS-normalise queries and keys per head before the scores.
+    sinks: a learned logit per head that every query also attends to, with
+      a zero value ("attention sinks"): a query may put weight on nothing.
+      Computed from the kernel's log-sum-exp, so any kernel with a residual
+      runs it fused.
     num_kv_heads: K/V heads for grouped-query (or, at 1, multi-query)
       attention; None = one per query head. Kernels take the grouped K/V
       without repeating it.
@@ -70,6 +75,7 @@ class AttentionConfig:
   rotary: Optional[str] = None
   rotary_base: float = 10000.0
   qk_norm: bool = False
+  sinks: bool = False
   num_kv_heads: Optional[int] = None
   options: Tuple[Tuple[str, Any], ...] = ()
 
@@ -141,9 +147,17 @@ def _relative_bias(module, heads, is_causal, max_distance=32):
   return mods.relative_bias(table, max_distance)
 
 
+def _t5_relative_bias(module, heads, is_causal, num_buckets=32, max_distance=128):
+  """T5's learned bias per head and log-spaced distance bucket (zeros at the
+  start); bidirectional unless the layer is causal."""
+  table = module.param("t5_relative_bias", nn.initializers.zeros, (heads, num_buckets))
+  return mods.t5_relative_bias(table, bidirectional=not is_causal, max_distance=max_distance)
+
+
 # Mods whose state lives in the layer: built from (module, heads, is_causal,
 # **args). Every other registered mod is ``factory(**args)``.
-LAYER_MODS: Dict[str, Callable] = {"alibi": _alibi, "relative_bias": _relative_bias}
+LAYER_MODS: Dict[str, Callable] = {"alibi": _alibi, "relative_bias": _relative_bias,
+                                   "t5_relative_bias": _t5_relative_bias}
 
 
 class MultiHeadAttention(nn.Module):
@@ -241,17 +255,28 @@ class MultiHeadAttention(nn.Module):
         q_lengths=q_lengths, kv_lengths=kv_lengths, score_mod=score_mod, mask_mod=mask_mod,
         dropout_rate=config.dropout_rate if use_dropout else 0.0,
         dropout_rng=self.make_rng("dropout") if use_dropout else None,
-        deterministic=not use_dropout, **options)
+        deterministic=not use_dropout, return_residual=config.sinks, **options)
+    kept = None
+    if config.sinks:
+      # A sink joins the softmax's denominator: each weight (and so the
+      # output) shrinks by exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink).
+      out, lse = out
+      sink = self.param("sinks", nn.initializers.zeros, (self.num_heads,))
+      kept = jax.nn.sigmoid(lse - sink)                        # [batch..., q, heads]
+      out = out * kept[..., None].astype(out.dtype)
     if self.is_mutable_collection("intermediates"):
       padding = masks.combine_masks(
           mask,
           None if kv_lengths is None else masks.key_padding_mask(kv_lengths, key.shape[-3]),
           None if q_lengths is None
           else masks.padding_mask(q_lengths, query.shape[-3])[..., None, :, None])
-      self.sow("intermediates", "attention_weights", kernels.attention_weights(
+      weights = kernels.attention_weights(
           query, key, bias, padding, is_causal=self.is_causal,
           local_window_size=config.window, score_mod=score_mod, mask_mod=mask_mod,
-          implementation=config.kernel))
+          implementation=config.kernel)
+      if kept is not None:
+        weights = weights * jnp.swapaxes(kept, -1, -2)[..., None]   # what the sink took
+      self.sow("intermediates", "attention_weights", weights)
     return nn.DenseGeneral(
         features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
