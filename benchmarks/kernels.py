@@ -153,22 +153,10 @@ def print_machine(threads: int, cpus: Sequence[int], torch, no_torch: str) -> No
 
 def matmul_peak(size: int, repeats: int) -> Spread:
   """Seconds of one ``size x size`` matmul in ``--dtype`` under XLA, per round."""
-  import jax
-  import jax.numpy as jnp
-  a, b = (jax.random.normal(k, (size, size), jnp.dtype(FLAGS.dtype))
-          for k in jax.random.split(jax.random.key(1), 2))
-  matmul = jax.jit(jnp.matmul)
-  jax.block_until_ready(matmul(a, b))
-  times = []
-  for _ in range(max(repeats, 3)):
-    start = time.perf_counter()
-    jax.block_until_ready(matmul(a, b))
-    times.append(time.perf_counter() - start)
-  return Spread(tuple(times))
+  return timing.matmul_peak(size, repeats, FLAGS.dtype)
 
 
-def peak_gflops(spread: Spread, size: int) -> float:
-  return 2 * size ** 3 / spread.median / 1e9
+peak_gflops = timing.peak_gflops
 
 
 # ---------------------------------------------------------------- candidates

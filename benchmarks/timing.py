@@ -104,3 +104,24 @@ def time_rotating(candidates: Dict[str, Callable[[], object]],
       candidates[name]()
       times[name].append(time.perf_counter() - start)
   return {name: Spread(tuple(t)) for name, t in times.items()}, failed
+
+
+def matmul_peak(size: int, repeats: int, dtype: str = "float32") -> Spread:
+  """Seconds of one ``size x size`` matmul under XLA, per round: the roofline
+  the kernels and training steps are measured against."""
+  import jax
+  import jax.numpy as jnp
+  a, b = (jax.random.normal(k, (size, size), jnp.dtype(dtype))
+          for k in jax.random.split(jax.random.key(1), 2))
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, b))
+  times = []
+  for _ in range(max(repeats, 3)):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, b))
+    times.append(time.perf_counter() - start)
+  return Spread(tuple(times))
+
+
+def peak_gflops(spread: Spread, size: int) -> float:
+  return 2 * size ** 3 / spread.median / 1e9

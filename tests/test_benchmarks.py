@@ -47,3 +47,24 @@ def test_flex_benchmark_quick_mode_prints_every_case():
   rows = {line.split(" | ")[1] for line in lines if line.startswith("| 256 | ")}
   assert rows == {"causal", "causal mask_mod", "causal+alibi", "causal+softcap",
                   "documents mask_mod", "documents traced ids", "documents dense mask"}
+
+
+def test_train_benchmark_quick_mode_prints_throughput_and_mfu():
+  proc = subprocess.run([sys.executable, os.path.join("benchmarks", "train.py"), "--quick"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert any(line.startswith("XLA float32 matmul peak: 256x256") for line in lines)
+  row = next(line for line in lines if line.startswith("| 64 | 4 | ")).strip("| ").split(" | ")
+  steps_per_s, mfu, share = float(row[3]), float(row[5]), float(row[7])
+  assert steps_per_s > 0 and 0.0 < mfu < 2.0 and 0.0 < share < 1.5
+
+
+def test_model_flops_formula():
+  sys.path.insert(0, ROOT)
+  from benchmarks.train import model_flops
+  # One layer, width 4, MLP 8, 2 tokens of a 2-token sequence:
+  # per token 2 * (4 * 16 + 2 * 4 * 8) = 256 for the products, + 4 * 2 * 4 = 32
+  # for scores and values: 288; x 2 tokens x 3 (forward and backward).
+  assert model_flops(2, 2, 1, 4, 8) == 3 * 2 * 288
