@@ -25,6 +25,7 @@ import experiments
 from attention_lab import models
 from attention_lab.data import dates
 from attention_lab.data import numbers
+from attention_lab.data.builders import moving_digits_offline
 from attention_lab.data.synthetic_speech_commands import CLIP_SAMPLES
 from attention_lab.kernels import dispatch
 from attention_lab.kernels import lowering
@@ -78,6 +79,8 @@ KERNELS = {
     # Pallas kernel (splash takes no bias).
     "speech_conformer": (FUSED, FUSED, ""),
     "speech_kwt": (FUSED, FUSED, ""),
+    # Self-attention across the 32 frames of a clip, no mask.
+    "video_keyframes": (FUSED, FUSED, ""),
 }
 
 # The fused kernels' names in a lowered module: forward, and backward pieces.
@@ -125,6 +128,11 @@ def batch_spec(config, batch=BATCH):
     label = inputs["target"]
   elif data in ("speech_commands", "speech_commands_offline"):
     inputs = jax.ShapeDtypeStruct((batch, CLIP_SAMPLES), jnp.int16)
+  elif data == "moving_digits_offline":
+    settings = moving_digits_offline.SETTINGS
+    inputs = jax.ShapeDtypeStruct((batch, settings.frames, settings.size, settings.size, 1),
+                                  jnp.float32)
+    label = jax.ShapeDtypeStruct((batch, settings.frames), jnp.int32)
   else:
     raise AssertionError(f"batch_spec does not know dataset {data!r}: add its batch shapes")
   return {"inputs": inputs, "label": label,

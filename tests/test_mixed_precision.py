@@ -73,6 +73,7 @@ _TOKENS = np.array([[3, 4, 5, 6, 0, 0], [7, 8, 9, 10, 11, 12]], np.int32)
 _RNG = np.random.default_rng(0)
 _IMAGES = _RNG.random((2, 28, 28, 1), np.float32)
 _CLIPS = (_RNG.standard_normal((2, 16000)) * 2000).astype(np.int16)
+_VIDEO = _RNG.random((2, 4, 16, 16, 1), np.float32)     # 2 clips of 4 frames
 _ENCODER = dict(hidden_dim=16, num_layers=2, num_heads=2, mlp_dim=32)
 # name -> (model fields, inputs, logits width); small, but every kind of layer
 # each family has (conv stem, CBAM, LSTM + Luong, Conformer convolution...).
@@ -98,6 +99,8 @@ FAMILIES = {
     "kwt": (dict(num_classes=12, num_mels=20, **_ENCODER), _CLIPS, 12),
     "conformer": (dict(num_classes=12, num_mels=20, subsample_channels=4, attention_units=8,
                        **_ENCODER), _CLIPS, 12),
+    "keyframe_detector": (dict(widths=(8, 16), conv_attention="cbam", temporal="transformer",
+                               **_ENCODER), _VIDEO, 1),
 }
 
 

@@ -16,6 +16,7 @@ from attention_lab.data import images
 from attention_lab.data import pipeline
 from attention_lab.data import sources
 from attention_lab.data import text
+from attention_lab.data import videos
 from attention_lab.data.pipeline import TrainBatches
 from attention_lab.data.pipeline import eval_batches
 from attention_lab.data.pipeline import take
@@ -59,6 +60,7 @@ DATASETS: Dict[str, DatasetSpec] = {
                                  len(text.dates.CHARS), vocabulary=text.dates.CHARS),
     "numbers_offline": DatasetSpec("numbers_offline", text.numbers_inputs,
                                    len(text.numbers.CHARS), vocabulary=text.numbers.CHARS),
+    "moving_digits_offline": DatasetSpec("moving_digits_offline", videos.video_inputs, 2),
     "speech_commands_offline": DatasetSpec("speech_commands_offline", audio.speech_inputs,
                                            12, audio.augmentation,
                                            class_names=audio.LABELS),

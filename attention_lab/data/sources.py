@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from attention_lab.data.builders.dates_offline import DatesOffline
 from attention_lab.data.builders.listops_offline import ListopsOffline
 from attention_lab.data.builders.mnist_offline import MnistOffline
+from attention_lab.data.builders.moving_digits_offline import MovingDigitsOffline
 from attention_lab.data.builders.numbers_offline import NumbersOffline
 from attention_lab.data.builders.speech_commands_offline import SpeechCommandsOffline
 
@@ -22,6 +23,7 @@ LOCAL_BUILDERS = {
     "mnist_offline": MnistOffline,
     "listops_offline": ListopsOffline,
     "dates_offline": DatesOffline,
+    "moving_digits_offline": MovingDigitsOffline,
     "numbers_offline": NumbersOffline,
     "speech_commands_offline": SpeechCommandsOffline,
 }

@@ -19,9 +19,11 @@ from attention_lab.models.speech import KeywordTransformer
 from attention_lab.models.text import RnnAttentionClassifier
 from attention_lab.models.text import TextTransformer
 from attention_lab.models.transformer_seq2seq import TransformerSeq2Seq
+from attention_lab.models.video import KeyframeDetector
 
 MODELS: Dict[str, Type[nn.Module]] = {
     "conformer": ConformerClassifier,
+    "keyframe_detector": KeyframeDetector,
     "kwt": KeywordTransformer,
     "pixel_transformer": PixelTransformer,
     "resnet": ResNet,

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -130,6 +131,72 @@ def _seq2seq_corpus_metrics(predictions, labels, vocabulary):
                               [token_text(t, vocabulary) for t in labels])}
 
 
+def _keyframe_train_loss(logits, batch, config):
+  """Per-frame sigmoid cross-entropy of keyframe logits ``[batch, frames]``
+  against 0/1 labels, averaged over frames."""
+  del config  # no label smoothing for binary labels
+  labels = batch["label"]
+  logits = logits.astype(jnp.float32)
+  loss = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean()
+  accuracy = ((logits > 0) == (labels > 0)).mean()
+  return loss, {"loss": loss, "frame_accuracy": accuracy}
+
+
+def _keyframe_eval_sums(logits, batch):
+  """Per clip: mean frame loss and frame accuracy (at probability 0.5); F1
+  and average precision, which are not sums over clips, come from
+  ``_keyframe_corpus_metrics``."""
+  labels, weight = batch["label"], batch["weight"]
+  logits = logits.astype(jnp.float32)
+  loss = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean(-1)
+  accuracy = ((logits > 0) == (labels > 0)).astype(jnp.float32).mean(-1)
+  return {"loss": (loss * weight).sum(), "frame_accuracy": (accuracy * weight).sum()}
+
+
+def _sigmoid(logits):
+  """Keyframe probabilities ``[batch, frames]``: what the metrics rank and
+  the pictures plot."""
+  return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+
+# A frame is called a keyframe when its probability reaches this.
+KEYFRAME_THRESHOLD = 0.5
+
+
+def frame_scores(scores, labels, threshold: float = KEYFRAME_THRESHOLD) -> Dict[str, float]:
+  """Frame-level detection metrics over all frames of all clips.
+
+  Args:
+    scores: keyframe probabilities, any shape (``[clips, frames]``).
+    labels: 0/1 of the same shape, with at least one 1.
+    threshold: a frame with ``score >= threshold`` is predicted a keyframe.
+
+  Returns:
+    ``precision``, ``recall`` and ``f1`` of the thresholded predictions
+    (0 where undefined) and ``average_precision`` of the scores, all from
+    scikit-learn (its AP is the step-wise area under the precision-recall
+    curve, without interpolation).
+  """
+  from sklearn import metrics  # late: only keyframe evaluation needs it
+  scores, labels = np.ravel(scores), np.ravel(labels).astype(np.int64)
+  if scores.shape != labels.shape:
+    raise ValueError(f"frame_scores: {scores.size} scores but {labels.size} labels")
+  if not np.isin(labels, (0, 1)).all():
+    raise ValueError(f"frame_scores: labels must be 0 or 1, got {sorted(set(labels.tolist()))}")
+  if not labels.any():
+    raise ValueError("frame_scores: average precision needs at least one keyframe label")
+  predicted = (scores >= threshold).astype(np.int64)
+  precision, recall, f1, _ = metrics.precision_recall_fscore_support(
+      labels, predicted, average="binary", zero_division=0)
+  return {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+          "average_precision": float(metrics.average_precision_score(labels, scores))}
+
+
+def _keyframe_corpus_metrics(predictions, labels, vocabulary):
+  del vocabulary  # frames have no tokens
+  return frame_scores(predictions, labels)
+
+
 def _argmax(logits):
   return jnp.argmax(logits, -1)
 
@@ -142,6 +209,8 @@ TASKS: Dict[str, Task] = {
     "classification": Task(_classification_train_loss, _classification_eval_sums, _argmax),
     "seq2seq": Task(_seq2seq_train_loss, _seq2seq_eval_sums, _greedy_tokens,
                     _seq2seq_corpus_metrics),
+    "keyframes": Task(_keyframe_train_loss, _keyframe_eval_sums, _sigmoid,
+                      _keyframe_corpus_metrics),
 }
 
 

@@ -20,6 +20,7 @@ from attention_lab.viz.images import draw_image_examples
 from attention_lab.viz.speech import draw_speech_examples
 from attention_lab.viz.text import draw_text_examples
 from attention_lab.viz.translation import draw_translation_examples
+from attention_lab.viz.video import draw_video_examples
 
 
 class Drawer(Protocol):
@@ -53,6 +54,7 @@ DRAWERS: Dict[str, Drawer] = {
     "image": draw_image_examples,
     "speech": draw_speech_examples,
     "text": draw_text_examples,
+    "video": draw_video_examples,
 }
 
 
