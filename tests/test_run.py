@@ -107,9 +107,9 @@ BAD_CONFIGS = {
     "mesh": (["--config.mesh.sequence=0"], "error: config.mesh.sequence=0:",
              "must be a positive integer"),
     "viz_kind": (["--config.viz.kind=picture"], "error: config.viz.kind='picture':",
-                 "must be one of alignment, cnn, image, speech, text"),
+                 "must be one of alignment, cnn, cross_attention, image, speech, text, video"),
     "task": (["--config.task=regression"], "error: config.task='regression':",
-             "must be one of classification, seq2seq"),
+             "must be one of classification, keyframes, seq2seq"),
 }
 
 
@@ -209,7 +209,7 @@ def test_overrides_reach_the_run(tmp_path, data_dir):
   assert "step 2/2" in proc.stderr and "steps/s" in proc.stderr and "ETA" in proc.stderr
   with open(tmp_path / "config.json") as f:
     saved = json.load(f)
-  assert saved["model"]["kernel"] == "reference" and saved["total_steps"] == 2
+  assert saved["model"]["attention"]["kernel"] == "reference" and saved["total_steps"] == 2
   with open(tmp_path / "results.json") as f:
     assert json.load(f)["step"] == 2
 
