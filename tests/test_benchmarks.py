@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,6 +39,7 @@ def test_kernels_benchmark_default_command_in_quick_mode():
   assert all(float(line.split(" | ")[2]) > 0 for line in memory)   # temp GiB
 
 
+@pytest.mark.slow   # a script check; kernels.py's runs in the default suite
 def test_flex_benchmark_quick_mode_prints_every_case():
   proc = subprocess.run([sys.executable, os.path.join("benchmarks", "flex.py"), "--quick"],
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -49,6 +52,7 @@ def test_flex_benchmark_quick_mode_prints_every_case():
                   "documents mask_mod", "documents traced ids", "documents dense mask"}
 
 
+@pytest.mark.slow   # a script check; kernels.py's runs in the default suite
 def test_train_benchmark_quick_mode_prints_throughput_and_mfu():
   proc = subprocess.run([sys.executable, os.path.join("benchmarks", "train.py"), "--quick"],
                         cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -151,8 +151,10 @@ def test_cifar10_pipeline_on_local_stand_in(cifar_dir):
 
 @pytest.mark.parametrize("name,shrink", [
     ("cifar10_cnn_cbam", {"model.widths": (4, 8), "model.blocks_per_stage": 1}),
-    ("cifar10_vit", {"model.hidden_dim": 16, "model.num_layers": 1, "model.num_heads": 2,
-                     "model.mlp_dim": 16}),
+    # ViT trains end to end in the mnist_vit tests; this adds only the config: slow.
+    pytest.param("cifar10_vit", {"model.hidden_dim": 16, "model.num_layers": 1,
+                                 "model.num_heads": 2, "model.mlp_dim": 16},
+                 marks=pytest.mark.slow),
     ("cifar10_pixel_transformer", {}),
 ])
 def test_cifar10_experiments_train_on_local_stand_in(tmp_path, cifar_dir, name, shrink):

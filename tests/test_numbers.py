@@ -167,6 +167,7 @@ def test_cached_greedy_equals_recomputing_the_prefix_at_each_step(tiny):
   np.testing.assert_array_equal(np.asarray(outputs["tokens"]), ref_tokens)
 
 
+@pytest.mark.slow   # beam search is checked against a NumPy beam search in the default suite
 def test_beam_of_one_is_greedy_and_a_full_beam_finds_the_best_two_tokens(tiny):
   model, variables, inputs = tiny
   beam = lambda size, steps=None: jax.jit(lambda v, s: model.apply(

@@ -246,7 +246,10 @@ def _tiny(name, data_dir, **overrides):
   return override(config, **overrides)
 
 
-@pytest.mark.parametrize("name", ["speech_kwt", "speech_conformer"])
+# KWT is the token classifier the ViT tests train end to end; the speech front
+# end and pictures run with the Conformer in the default suite.
+@pytest.mark.parametrize("name", [pytest.param("speech_kwt", marks=pytest.mark.slow),
+                                  "speech_conformer"])
 def test_speech_experiments_train_resume_and_draw(tmp_path, speech_dir, name):
   config = _tiny(name, speech_dir, debug_nans=True)
   workdir = str(tmp_path)

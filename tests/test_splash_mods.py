@@ -41,7 +41,8 @@ def _written_out(kind, kv_lengths):
   return visible & (j[None, None] < np.asarray(kv_lengths)[:, None, None, None])
 
 
-@pytest.mark.parametrize("kind", ["prefix_lm", "banded_per_head"])
+@pytest.mark.parametrize("kind", [pytest.param("prefix_lm", marks=pytest.mark.slow),
+                                  "banded_per_head"])
 def test_splash_with_a_mask_mod_matches_float64(kind):
   mask_mod = mods.prefix_lm(50) if kind == "prefix_lm" else _banded_per_head
   q, k, v = _inputs(0)

@@ -69,7 +69,8 @@ def test_listops_too_short_max_length_is_a_clear_error(text_dir):
 
 @pytest.mark.parametrize("name,shrink", [
     ("listops_transformer", SMALL_TRANSFORMER),
-    ("listops_lra_transformer", SMALL_TRANSFORMER),
+    # The same text Transformer as listops_transformer's at LRA's length: slow.
+    pytest.param("listops_lra_transformer", SMALL_TRANSFORMER, marks=pytest.mark.slow),
     ("listops_attention_pooling", {"model.hidden_dim": 8, "model.embed_dim": 8,
                                    "model.attention_units": 8}),
 ])
@@ -147,6 +148,7 @@ def test_imdb_bytes_pipeline_on_local_stand_in(imdb_dir):
   assert bundle.eval["inputs"][0].tolist() == want
 
 
+@pytest.mark.slow   # the text Transformer trains in the listops tests; the bytes pipeline above
 def test_imdb_bytes_experiment_trains_on_local_stand_in(tmp_path, imdb_dir):
   config = _tiny("imdb_bytes_transformer", imdb_dir,
                  **{"data.max_length": 48, **SMALL_TRANSFORMER})
