@@ -19,7 +19,10 @@ from attention_lab.layers import SelfAttention
 
 # The kernels that run natively on CPU (Pallas is fuzzed only through its
 # fixed cases in test_pallas.py: its interpreter is too slow for hundreds).
-CPU_KERNELS = ("reference", "jax_nn", "blockwise")
+# The fused CPU kernel in the default suite; the materialised ones (checked
+# case by case in test_kernels.py) fuzzed with -m slow.
+CPU_KERNELS = (pytest.param("reference", marks=pytest.mark.slow),
+               pytest.param("jax_nn", marks=pytest.mark.slow), "blockwise")
 TOLERANCE = {"float32": 2e-5, "bfloat16": 3e-2}
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -84,6 +84,7 @@ def test_four_devices_train_like_one(tmp_path, data_dir, one_device_run):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow   # data parallelism trains like one device in the default suite
 def test_sharded_parameters_train_like_replicated(tmp_path, data_dir, one_device_run):
   _, params = one_device_run
   out = _child(4, data_dir, tmp_path / "run", tmp_path / "p.npz", **{"mesh.shard_params": True})
@@ -92,6 +93,7 @@ def test_sharded_parameters_train_like_replicated(tmp_path, data_dir, one_device
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow   # ring attention is checked on simulated devices in test_ring.py
 def test_ring_kernel_inside_a_model(tmp_path, data_dir, one_device_run):
   """ViT with the ring kernel on a (data 2, sequence 2) mesh trains like the
   single-device run (17 tokens: not divisible by the ring; padded inside)."""

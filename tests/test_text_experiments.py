@@ -91,7 +91,8 @@ def test_listops_experiments_train_resume_and_draw(tmp_path, text_dir, name, shr
 
 
 @pytest.mark.parametrize("name,attention", [("dates_bahdanau", "bahdanau"),
-                                            ("dates_luong", "luong_general"),
+                                            pytest.param("dates_luong", "luong_general",
+                                                         marks=pytest.mark.slow),
                                             ("dates_luong", "luong_dot")])
 def test_dates_experiments_train_and_draw_alignments(tmp_path, text_dir, name, attention):
   config = _dates(name, text_dir, **{"model.score": attention})
