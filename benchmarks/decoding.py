@@ -40,6 +40,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
+
 flags.DEFINE_list("lengths", ["16", "32", "64", "128", "256"], "output tokens per translation")
 flags.DEFINE_integer("batch", 32, "translations decoded at once")
 flags.DEFINE_integer("source_length", 56, "source characters (56: the corpus' longest)")
@@ -54,19 +56,6 @@ MODEL = {"num_layers": 2, "num_heads": 4, "hidden_dim": 128, "mlp_dim": 256}
 QUICK_MODEL = {"num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 16}
 
 Spread = Tuple[float, float, float]     # median, min, max
-
-
-def cpu_description() -> str:
-  """The CPU model (first of /proc/cpuinfo)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-          return value.strip()
-  except OSError:
-    pass
-  return "unknown cpu"
 
 
 def decoders(length: int, batch: int, source_length: int,
@@ -140,16 +129,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   if FLAGS.quick:
-    for name, value in QUICK.items():
-      if not FLAGS[name].present:
-        FLAGS[name].value = value
+    timing.apply_quick(FLAGS, QUICK)
   import jax
   lengths = [int(x) for x in FLAGS.lengths if x]
   if not lengths or min(lengths) < 1:
     raise app.UsageError(f"--lengths must be positive integers, got {FLAGS.lengths}")
   cpus = len(os.sched_getaffinity(0))
   fields = QUICK_MODEL if FLAGS.quick else MODEL
-  print(f"machine: {cpu_description()}; {cpus} of {os.cpu_count()} CPUs; "
+  print(f"machine: {timing.cpu_description()}; {cpus} of {os.cpu_count()} CPUs; "
         f"jax {jax.__version__} on {jax.default_backend()}")
   print(load_line("before", cpus))
   if FLAGS.quick:

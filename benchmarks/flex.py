@@ -41,6 +41,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from benchmarks.timing import Spread  # noqa: E402
 from benchmarks.timing import cpu_description  # noqa: E402
 from benchmarks.timing import pin_threads  # noqa: E402
@@ -132,9 +133,7 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.set_verbosity(logging.WARNING)
   if FLAGS.quick:
-    for name, value in QUICK.items():
-      if not FLAGS[name].present:
-        FLAGS[name].value = value
+    timing.apply_quick(FLAGS, QUICK)
   _, cpus = pin_threads(FLAGS.threads)       # before JAX sizes its thread pool
   import jax
   import jaxlib

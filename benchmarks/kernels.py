@@ -434,9 +434,7 @@ def process_memory_table(names: List[str], torch) -> None:
 
 def apply_quick() -> None:
   """``--quick``: tiny sizes and rounds, except for flags given explicitly."""
-  for name, value in QUICK.items():
-    if not FLAGS[name].present:
-      FLAGS[name].value = value
+  timing.apply_quick(FLAGS, QUICK)
 
 
 def main(argv):

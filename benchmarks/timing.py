@@ -125,3 +125,11 @@ def matmul_peak(size: int, repeats: int, dtype: str = "float32") -> Spread:
 
 def peak_gflops(spread: Spread, size: int) -> float:
   return 2 * size ** 3 / spread.median / 1e9
+
+
+def apply_quick(flag_values, quick: Dict[str, object]) -> None:
+  """``--quick``: sets each flag in ``quick`` to its tiny value, except the
+  flags given explicitly on the command line."""
+  for name, value in quick.items():
+    if not flag_values[name].present:
+      flag_values[name].value = value

@@ -107,9 +107,7 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.set_verbosity(logging.WARNING)
   if FLAGS.quick:
-    for name, value in QUICK.items():
-      if not FLAGS[name].present:
-        FLAGS[name].value = value
+    timing.apply_quick(FLAGS, QUICK)
   threads, cpus = timing.pin_threads(FLAGS.threads)   # before JAX sizes its pool
   import jax
 
