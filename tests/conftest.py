@@ -151,6 +151,25 @@ def train_stop_and_resume(config, workdir):
   return results
 
 
+def assert_matches_float64(f, dense, q, k, v, cot, *, atol, grad_atol):
+  """``f(q, k, v)`` and its gradients wrt q, k, v (of ``sum(out * cot)``)
+  against ``dense`` run in float64 on the same inputs. Returns ``f``'s output."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  got = f(q, k, v)
+  grads = jax.grad(lambda *a: jnp.sum(f(*a) * cot), (0, 1, 2))(q, k, v)
+  with jax.enable_x64(True):
+    as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    want = dense(as64(q), as64(k), as64(v))
+    want_grads = jax.grad(lambda *a: jnp.sum(dense(*a) * cot), (0, 1, 2))(
+        as64(q), as64(k), as64(v))
+  np.testing.assert_allclose(got, want, atol=atol)
+  for which, g, w in zip("qkv", grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=grad_atol, err_msg=which)
+  return got
+
+
 def numpy_self_attention(params, x, *, mask=None, bias=None, is_causal=False):
   """A ``MultiHeadAttention`` layer in float64 numpy from its parameters
   (``{"query", "key", "value", "out"}``, Flax's layout), written out:

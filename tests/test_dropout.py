@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from attention_lab import kernels
+from conftest import assert_matches_float64
 from attention_lab.kernels.blockwise import blockwise_attention
 from attention_lab.kernels.pallas import pallas_attention
 
@@ -79,17 +80,8 @@ def test_dropout_matches_its_written_out_mask_forward_and_gradients(broadcast, k
     w = jax.nn.softmax(s, axis=-1) * jnp.where(keep, 1 / (1 - rate), 0.0)
     return jnp.einsum("bnts,bsnd->btnd", w, v)
 
-  cot = data.normal(size=q.shape)
-  got = f(q, k, v)
-  grads = jax.grad(lambda *a: jnp.sum(f(*a) * cot), (0, 1, 2))(q, k, v)
-  with jax.enable_x64(True):
-    as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
-    want = dense(as64(q), as64(k), as64(v))
-    want_grads = jax.grad(lambda *a: jnp.sum(dense(*a) * cot), (0, 1, 2))(
-        as64(q), as64(k), as64(v))
-  np.testing.assert_allclose(got, want, atol=3e-5)
-  for which, g, w in zip("qkv", grads, want_grads):
-    np.testing.assert_allclose(g, w, atol=1e-4, err_msg=which)
+  assert_matches_float64(f, dense, q, k, v, data.normal(size=q.shape), atol=3e-5,
+                         grad_atol=1e-4)
   assert abs(keep.mean() - (1 - rate)) < 0.01                  # it drops what it says
   assert broadcast or not np.array_equal(keep[0, 0], keep[1, 1])
 

@@ -12,6 +12,7 @@ from attention_lab import kernels
 from attention_lab.kernels import lowering
 from attention_lab.kernels import mods
 from attention_lab.kernels.splash import splash_attention
+from conftest import assert_matches_float64
 
 T, HEADS, DIM = 200, 2, 8
 
@@ -60,17 +61,8 @@ def test_splash_with_a_mask_mod_matches_float64(kind):
     w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)   # no key: zeros
     return jnp.einsum("bnts,bsnd->btnd", w, v)
 
-  cot = np.random.default_rng(1).normal(size=q.shape)
-  got = f(q, k, v)
-  grads = jax.grad(lambda *a: jnp.sum(f(*a) * cot), (0, 1, 2))(q, k, v)
-  with jax.enable_x64(True):
-    as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
-    want = dense(as64(q), as64(k), as64(v))
-    want_grads = jax.grad(lambda *a: jnp.sum(dense(*a) * cot), (0, 1, 2))(
-        as64(q), as64(k), as64(v))
-  np.testing.assert_allclose(got, want, atol=2e-5)
-  for which, g, w in zip("qkv", grads, want_grads):
-    np.testing.assert_allclose(g, w, atol=1e-4, err_msg=which)
+  got = assert_matches_float64(f, dense, q, k, v, np.random.default_rng(1).normal(size=q.shape),
+                               atol=2e-5, grad_atol=1e-4)
   if kind == "banded_per_head":
     assert np.all(np.asarray(got)[:, 3::7] == 0.0)       # rows with no key: zeros
 
