@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from attention_lab.data import characters
+
 FIRST_DATE = datetime.date(1950, 1, 1)
 LAST_DATE = datetime.date(2049, 12, 31)
 TWO_DIGIT_YEAR_PIVOT = 50  # yy >= 50 -> 19yy, yy < 50 -> 20yy
@@ -82,7 +84,7 @@ FORMAT_NAMES = tuple(name for name, _ in FORMATS)
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 CHARS = SPECIAL_TOKENS + tuple(
     " ,-./0123456789ABCDEFGHIJLMNOPRSTUVWYabcdefghijlmnoprstuvy")
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+PAD_ID, BOS_ID, EOS_ID = characters.PAD_ID, characters.BOS_ID, characters.EOS_ID
 CHAR_IDS = {c: i for i, c in enumerate(CHARS)}
 
 # Longest source ("Wednesday, September 13 1950", 28 characters) + 1 spare
@@ -182,37 +184,13 @@ def make_splits(seed: Seed, sizes: Dict[str, int]) -> Dict[str, List[Example]]:
 
 
 def encode(texts: Sequence[str], max_length: int, *, add_eos: bool) -> np.ndarray:
-  """Character ids ``int32 [len(texts), max_length]``, padded with ``PAD_ID``.
-
-  With ``add_eos`` an ``<eos>`` follows the characters (targets: the decoder
-  learns where to stop). A text that does not fit, or has a character outside
-  ``CHARS``, is a ``ValueError`` naming it: silently cutting a date changes it.
-  """
-  ids = np.full((len(texts), max_length), PAD_ID, np.int32)
-  for row, text in enumerate(texts):
-    try:
-      codes = [CHAR_IDS[c] for c in text]
-    except KeyError as error:
-      raise ValueError(f"text {text!r} has character {error.args[0]!r} outside CHARS") from None
-    if add_eos:
-      codes.append(EOS_ID)
-    if len(codes) > max_length:
-      raise ValueError(f"text {text!r} needs {len(codes)} ids"
-                       f"{' with <eos>' if add_eos else ''}, more than max_length={max_length}")
-    ids[row, :len(codes)] = codes
-  return ids
+  """``characters.encode`` over this corpus's ``CHARS``: ``int32 [len(texts),
+  max_length]``; a text that does not fit or has a foreign character is a
+  ``ValueError`` naming it."""
+  return characters.encode(texts, max_length, CHAR_IDS, add_eos=add_eos)
 
 
 def decode(ids: Sequence[int]) -> str:
-  """The text of one row of ids: characters up to the first ``<eos>``.
-
-  ``<bos>`` and padding are skipped, so a decoder's output (which may start
-  with ``<bos>`` and run on after ``<eos>``) decodes as its answer.
-  """
-  chars = []
-  for i in np.asarray(ids).tolist():
-    if i == EOS_ID:
-      break
-    if i not in (PAD_ID, BOS_ID):
-      chars.append(CHARS[i])
-  return "".join(chars)
+  """``characters.decode`` over this corpus's ``CHARS``: the text up to the
+  first ``<eos>``."""
+  return characters.decode(ids, CHARS)

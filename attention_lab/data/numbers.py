@@ -20,6 +20,8 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 from num2words import num2words
 
+from attention_lab.data import characters
+
 SOURCE_LANGUAGE = "en"
 LANGUAGES = ("de", "fr")           # target languages
 LARGEST_NUMBER = 99_999            # numbers run from 0 to this
@@ -28,7 +30,7 @@ LARGEST_NUMBER = 99_999            # numbers run from 0 to this
 # German and French (a test checks a sample and the longest numbers).
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 CHARS = SPECIAL_TOKENS + tuple(" ,-abcdefghilmnopqrstuvwxyzßéöü")
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+PAD_ID, BOS_ID, EOS_ID = characters.PAD_ID, characters.BOS_ID, characters.EOS_ID
 CHAR_IDS = {c: i for i, c in enumerate(CHARS)}
 
 # Longest source below 100,000: 73,373 "seventy-three thousand, three hundred
@@ -106,33 +108,13 @@ def make_splits(seed: Seed, sizes: Dict[str, int], language: str,
 
 
 def encode(texts: Sequence[str], max_length: int, *, add_eos: bool) -> np.ndarray:
-  """Character ids ``int32 [len(texts), max_length]``, padded with ``PAD_ID``.
-
-  With ``add_eos`` an ``<eos>`` follows the characters. A text that does not
-  fit, or has a character outside ``CHARS``, is a ``ValueError`` naming it.
-  """
-  ids = np.full((len(texts), max_length), PAD_ID, np.int32)
-  for row, text in enumerate(texts):
-    try:
-      codes = [CHAR_IDS[c] for c in text]
-    except KeyError as error:
-      raise ValueError(f"text {text!r} has character {error.args[0]!r} outside CHARS") from None
-    if add_eos:
-      codes.append(EOS_ID)
-    if len(codes) > max_length:
-      raise ValueError(f"text {text!r} needs {len(codes)} ids"
-                       f"{' with <eos>' if add_eos else ''}, more than max_length={max_length}")
-    ids[row, :len(codes)] = codes
-  return ids
+  """``characters.encode`` over this corpus's ``CHARS``: ``int32 [len(texts),
+  max_length]``; a text that does not fit or has a foreign character is a
+  ``ValueError`` naming it."""
+  return characters.encode(texts, max_length, CHAR_IDS, add_eos=add_eos)
 
 
 def decode(ids: Sequence[int]) -> str:
-  """The text of one row of ids: characters up to the first ``<eos>``
-  (``<bos>`` and padding skipped)."""
-  chars = []
-  for i in np.asarray(ids).tolist():
-    if i == EOS_ID:
-      break
-    if i not in (PAD_ID, BOS_ID):
-      chars.append(CHARS[i])
-  return "".join(chars)
+  """``characters.decode`` over this corpus's ``CHARS``: the text up to the
+  first ``<eos>``."""
+  return characters.decode(ids, CHARS)
