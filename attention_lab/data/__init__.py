@@ -12,6 +12,7 @@ import dataclasses
 from typing import Callable, Dict, Optional, Sequence
 
 from attention_lab.data import audio
+from attention_lab.data import captions
 from attention_lab.data import images
 from attention_lab.data import pipeline
 from attention_lab.data import sources
@@ -61,6 +62,8 @@ DATASETS: Dict[str, DatasetSpec] = {
     "numbers_offline": DatasetSpec("numbers_offline", text.numbers_inputs,
                                    len(text.numbers.CHARS), vocabulary=text.numbers.CHARS),
     "moving_digits_offline": DatasetSpec("moving_digits_offline", videos.video_inputs, 2),
+    "mnist_captions_offline": DatasetSpec("mnist_captions_offline", captions.caption_inputs,
+                                          len(captions.WORDS), vocabulary=captions.WORDS),
     "speech_commands_offline": DatasetSpec("speech_commands_offline", audio.speech_inputs,
                                            12, audio.augmentation,
                                            class_names=audio.LABELS),

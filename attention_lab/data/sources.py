@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from attention_lab.data.builders.dates_offline import DatesOffline
 from attention_lab.data.builders.listops_offline import ListopsOffline
+from attention_lab.data.builders.mnist_captions_offline import MnistCaptionsOffline
 from attention_lab.data.builders.mnist_offline import MnistOffline
 from attention_lab.data.builders.moving_digits_offline import MovingDigitsOffline
 from attention_lab.data.builders.numbers_offline import NumbersOffline
@@ -24,6 +25,7 @@ LOCAL_BUILDERS = {
     "listops_offline": ListopsOffline,
     "dates_offline": DatesOffline,
     "moving_digits_offline": MovingDigitsOffline,
+    "mnist_captions_offline": MnistCaptionsOffline,
     "numbers_offline": NumbersOffline,
     "speech_commands_offline": SpeechCommandsOffline,
 }
