@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from attention_lab.layers import AttentionConfig
+from attention_lab.models.captioning import ShowAttendTell
+from attention_lab.models.captioning import TransformerCaptioner
 from attention_lab.models.image import PixelTransformer
 from attention_lab.models.image import ResNet
 from attention_lab.models.image import ViT
@@ -29,7 +31,9 @@ MODELS: Dict[str, Type[nn.Module]] = {
     "resnet": ResNet,
     "rnn_attention": RnnAttentionClassifier,
     "seq2seq": Seq2Seq,
+    "show_attend_tell": ShowAttendTell,
     "text_transformer": TextTransformer,
+    "transformer_captioner": TransformerCaptioner,
     "transformer_seq2seq": TransformerSeq2Seq,
     "vit": ViT,
 }

@@ -93,9 +93,10 @@ def _seq2seq_eval_sums(outputs, batch):
           "loss": (loss * weight).sum()}
 
 
-def token_text(ids, vocabulary: Sequence[str]) -> str:
+def token_text(ids, vocabulary: Sequence[str], separator: str = "") -> str:
   """The string of one row of token ids: up to the first ``<eos>``, with
-  padding and ``<bos>`` left out (the text a translation reads as)."""
+  padding and ``<bos>`` left out (the text a translation reads as), tokens
+  joined by ``separator`` (characters: none; words: a space)."""
   chars = []
   for i in np.asarray(ids).tolist():
     token = vocabulary[i]
@@ -103,7 +104,7 @@ def token_text(ids, vocabulary: Sequence[str]) -> str:
       break
     if token not in ("<pad>", "<bos>"):
       chars.append(token)
-  return "".join(chars)
+  return separator.join(chars)
 
 
 # BLEU over characters: the targets are single compound words in German
@@ -111,15 +112,17 @@ def token_text(ids, vocabulary: Sequence[str]) -> str:
 BLEU_TOKENIZE = "char"
 
 
-def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str],
+                tokenize: str = BLEU_TOKENIZE) -> float:
   """Corpus BLEU (0-100) of ``hypotheses`` against one reference each,
   computed by sacrebleu (its standard brevity penalty and n-gram counts up to
-  4) over characters (``BLEU_TOKENIZE``)."""
+  4) over characters (``BLEU_TOKENIZE``) or, with ``tokenize="13a"``
+  (sacrebleu's default), over words."""
   from sacrebleu.metrics import BLEU  # late: only seq2seq evaluation needs it
   if len(hypotheses) != len(references):
     raise ValueError(f"corpus_bleu: {len(hypotheses)} hypotheses but "
                      f"{len(references)} references")
-  return float(BLEU(tokenize=BLEU_TOKENIZE).corpus_score(
+  return float(BLEU(tokenize=tokenize).corpus_score(
       list(hypotheses), [list(references)]).score)
 
 
@@ -129,6 +132,31 @@ def _seq2seq_corpus_metrics(predictions, labels, vocabulary):
     raise ValueError("seq2seq corpus metrics need the dataset's vocabulary")
   return {"bleu": corpus_bleu([token_text(p, vocabulary) for p in predictions],
                               [token_text(t, vocabulary) for t in labels])}
+
+
+def _caption_train_loss(outputs, batch, config):
+  """The seq2seq loss plus the model's ``attention_penalty`` when it has one
+  (the doubly stochastic attention regulariser, already weighted by lambda
+  and per caption token)."""
+  loss, metrics = _seq2seq_train_loss(outputs, batch, config)
+  penalty = outputs.get("attention_penalty")
+  if penalty is None:
+    return loss, metrics
+  return loss + penalty, dict(metrics, cross_entropy=loss, loss=loss + penalty,
+                              attention_penalty=penalty)
+
+
+# Captions are words: BLEU-4 over them, tokenised as sacrebleu does by default.
+CAPTION_BLEU_TOKENIZE = "13a"
+
+
+def _caption_corpus_metrics(predictions, labels, vocabulary):
+  """``bleu``: word-level corpus BLEU-4 (0-100) of the greedy captions."""
+  if vocabulary is None:
+    raise ValueError("captioning corpus metrics need the dataset's vocabulary")
+  text = lambda ids: token_text(ids, vocabulary, separator=" ")
+  return {"bleu": corpus_bleu([text(p) for p in predictions], [text(t) for t in labels],
+                              tokenize=CAPTION_BLEU_TOKENIZE)}
 
 
 def _keyframe_train_loss(logits, batch, config):
@@ -209,6 +237,10 @@ TASKS: Dict[str, Task] = {
     "classification": Task(_classification_train_loss, _classification_eval_sums, _argmax),
     "seq2seq": Task(_seq2seq_train_loss, _seq2seq_eval_sums, _greedy_tokens,
                     _seq2seq_corpus_metrics),
+    # Exact caption match and token accuracy of the greedy caption are the
+    # seq2seq sums; BLEU is over words.
+    "captioning": Task(_caption_train_loss, _seq2seq_eval_sums, _greedy_tokens,
+                       _caption_corpus_metrics),
     "keyframes": Task(_keyframe_train_loss, _keyframe_eval_sums, _sigmoid,
                       _keyframe_corpus_metrics),
 }
