@@ -14,6 +14,7 @@ import numpy as np
 
 from attention_lab.viz import index
 from attention_lab.viz.alignment import draw_alignment_examples
+from attention_lab.viz.captions import draw_caption_examples
 from attention_lab.viz.canvas import Pictures
 from attention_lab.viz.cnn import draw_cnn_examples
 from attention_lab.viz.images import draw_image_examples
@@ -49,6 +50,7 @@ class Drawer(Protocol):
 # config.viz.kind -> the drawer of that model family.
 DRAWERS: Dict[str, Drawer] = {
     "alignment": draw_alignment_examples,
+    "caption": draw_caption_examples,
     "cnn": draw_cnn_examples,
     "cross_attention": draw_translation_examples,
     "image": draw_image_examples,

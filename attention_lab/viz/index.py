@@ -85,7 +85,11 @@ def describe(values, vocabulary=None, class_names=None) -> List[str]:
     return [class_names[v] for v in values.tolist()]
   if values.ndim == 1 or vocabulary is None:
     return [str(v) for v in values.tolist()]
-  return ["".join(t for t in tokens_of(row, vocabulary) if t != "<eos>") for row in values]
+  # Characters join as they are; words (any token longer than a character)
+  # with spaces.
+  separator = " " if any(len(t) > 1 for t in vocabulary if not t.startswith("<")) else ""
+  return [separator.join(t for t in tokens_of(row, vocabulary) if t != "<eos>")
+          for row in values]
 
 
 def describe_inputs(inputs, vocabulary=None):
