@@ -88,9 +88,11 @@ def _define_flags(argv):
   flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, pictures")
   flags.DEFINE_enum("mode", "train", MODES, "train (resumes), eval (latest checkpoint), visualize "
                     "(latest checkpoint's attention pictures into WORKDIR/attention) or "
-                    "predict (translations of --inputs by the latest checkpoint; seq2seq)")
-  flags.DEFINE_multi_string("inputs", [], "--mode=predict: a text to translate; repeat the "
-                            "flag for more")
+                    "predict (translations of --inputs by the latest checkpoint; seq2seq, "
+                    "or captions of them; captioning)")
+  flags.DEFINE_multi_string("inputs", [], "--mode=predict: a text to translate, or an "
+                            "eval-split index or image path to caption; repeat the flag "
+                            "for more")
   try:
     config_flags.DEFINE_config_dict("config", config,
                                     "experiment config; override fields with --config.a.b=value")

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import experiments
 from attention_lab import models
+from attention_lab.data import captions
 from attention_lab.data import dates
 from attention_lab.data import numbers
 from attention_lab.data.builders import moving_digits_offline
@@ -74,6 +75,8 @@ KERNELS = {
     # Causal self-attention, cross-attention over kv_lengths, and in the eval
     # step the cached decoding step (one query over the cache's kv_lengths).
     "numbers_transformer": (FUSED, FUSED, ""),
+    "mnist_captions_sat": (NONE, NONE, "LSTM decoder, additive scores over CNN regions (layers.recurrent_attention), no kernel"),
+    "mnist_captions_transformer": (FUSED, FUSED, ""),
     "speech_commands_kwt": (FUSED, FUSED, ""),
     # The learned relative-position bias [1, heads, T, T] is read by our
     # Pallas kernel (splash takes no bias).
@@ -124,6 +127,11 @@ def batch_spec(config, batch=BATCH):
   elif data == "numbers_offline":
     source = config.data.max_length or numbers.MAX_SOURCE_LENGTH
     inputs = {"source": jax.ShapeDtypeStruct((batch, source), jnp.int32),
+              "target": jax.ShapeDtypeStruct((batch, config.model.target_length), jnp.int32)}
+    label = inputs["target"]
+  elif data == "mnist_captions_offline":
+    side = captions.CANVAS
+    inputs = {"image": jax.ShapeDtypeStruct((batch, side, side, 1), jnp.float32),
               "target": jax.ShapeDtypeStruct((batch, config.model.target_length), jnp.int32)}
     label = inputs["target"]
   elif data in ("speech_commands", "speech_commands_offline"):

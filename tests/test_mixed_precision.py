@@ -74,6 +74,7 @@ _RNG = np.random.default_rng(0)
 _IMAGES = _RNG.random((2, 28, 28, 1), np.float32)
 _CLIPS = (_RNG.standard_normal((2, 16000)) * 2000).astype(np.int16)
 _VIDEO = _RNG.random((2, 4, 16, 16, 1), np.float32)     # 2 clips of 4 frames
+_SCENES = {"image": _IMAGES[:, :16, :16], "target": _TOKENS[:, :5]}
 _ENCODER = dict(hidden_dim=16, num_layers=2, num_heads=2, mlp_dim=32)
 # name -> (model fields, inputs, logits width); small, but every kind of layer
 # each family has (conv stem, CBAM, LSTM + Luong, Conformer convolution...).
@@ -101,6 +102,10 @@ FAMILIES = {
                        **_ENCODER), _CLIPS, 12),
     "keyframe_detector": (dict(widths=(8, 16), conv_attention="cbam", temporal="transformer",
                                **_ENCODER), _VIDEO, 1),
+    "show_attend_tell": (dict(vocab_size=20, target_length=5, widths=(4, 8), features=16,
+                              embed_dim=8, hidden_dim=16, attention_units=8), _SCENES, 20),
+    "transformer_captioner": (dict(vocab_size=20, target_length=5, widths=(4, 8), **_ENCODER),
+                              _SCENES, 20),
 }
 
 

@@ -439,20 +439,27 @@ def visualize_checkpoint(config, workdir: str):
 
 def predict_checkpoint(config, workdir: str, texts: Sequence[str]) -> List[str]:
   """``--mode=predict``: the latest checkpoint's greedy translation of each of
-  ``texts`` (seq2seq over a character vocabulary: dates, number words).
+  ``texts`` (seq2seq over a character vocabulary: dates, number words), or
+  for a captioning experiment the caption of each image ``texts`` name (an
+  eval-split index or an image file: ``caption_images``).
 
   Raises:
     validation.ConfigError: a bad config value (one line each).
-    ValueError: a task other than seq2seq, no texts, or a text the model
-      cannot read (a character outside the vocabulary, or too long), named.
+    ValueError: a task other than seq2seq or captioning, no texts, or a text
+      the model cannot read (a character outside the vocabulary, or too long;
+      an index or path that names no image), named.
     FileNotFoundError: when ``workdir`` has no checkpoint.
   """
   validation.validate(config)
-  if config.task != "seq2seq":
-    raise ValueError(f"--mode=predict translates text: it needs a seq2seq experiment, "
-                     f"and {config.experiment} is {config.task}")
+  if config.task not in ("seq2seq", "captioning"):
+    raise ValueError(f"--mode=predict translates text or captions images: it needs a "
+                     f"seq2seq or captioning experiment, and {config.experiment} is "
+                     f"{config.task}")
   if not texts:
-    raise ValueError("--mode=predict needs --inputs: the texts to translate")
+    raise ValueError("--mode=predict needs --inputs: the texts to translate (seq2seq), "
+                     "or eval-split indices or image paths to caption (captioning)")
+  if config.task == "captioning":
+    return _predict_captions(config, workdir, texts)
   trainer, state = _restore_latest(config, workdir)
   source_length = trainer.data.eval["inputs"]["source"].shape[1]
   source = character_ids(texts, trainer.data.vocabulary, source_length)
@@ -464,6 +471,53 @@ def predict_checkpoint(config, workdir: str, texts: Sequence[str]) -> List[str]:
   for text, translation in zip(texts, translations):
     logging.info("%s -> %s", text, translation)
   return translations
+
+
+def _predict_captions(config, workdir: str, texts: Sequence[str]) -> List[str]:
+  """``predict_checkpoint`` for captioning: the greedy caption of each image
+  ``caption_images`` reads."""
+  trainer, state = _restore_latest(config, workdir)
+  images = caption_images(texts, trainer.data.eval["inputs"]["image"])
+  target = np.zeros((len(texts),) + trainer.data.eval["inputs"]["target"].shape[1:], np.int32)
+  outputs = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False))(
+      variables(state), {"image": images, "target": target})
+  captions = [tasks_lib.token_text(row, trainer.data.vocabulary, separator=" ")
+              for row in np.asarray(jax.device_get(trainer.task.predict(outputs)))]
+  for text, caption in zip(texts, captions):
+    logging.info("%s -> %s", text, caption)
+  return captions
+
+
+def caption_images(texts: Sequence[str], eval_images: np.ndarray) -> np.ndarray:
+  """The images ``--inputs`` name, ``float32 [len(texts), height, width,
+  channels]`` in [0, 1] shaped as ``eval_images``: an integer is that
+  example of the eval split, anything else the path of an image file (read
+  by Pillow, converted to grey or RGB as the model reads, resized to the
+  model's size).
+
+  Raises:
+    ValueError: an index outside the eval split, or a path that is not an
+      image file, named.
+  """
+  from PIL import Image   # late: only captioning reads image files
+  count, height, width, channels = eval_images.shape
+  out = np.zeros((len(texts), height, width, channels), np.float32)
+  for row, text in enumerate(texts):
+    if text.strip().lstrip("-").isdigit():
+      index = int(text)
+      if not 0 <= index < count:
+        raise ValueError(f"input {text!r}: the eval split has examples 0..{count - 1}")
+      out[row] = eval_images[index]
+      continue
+    try:
+      with Image.open(text) as image:
+        image = image.convert("L" if channels == 1 else "RGB").resize((width, height))
+        pixels = np.asarray(image, np.float32) / 255.0
+    except (OSError, ValueError) as e:
+      raise ValueError(f"input {text!r} is neither an eval-split index nor an image file "
+                       f"({type(e).__name__})") from None
+    out[row] = pixels.reshape(height, width, channels)
+  return out
 
 
 def character_ids(texts: Sequence[str], vocabulary: Sequence[str], length: int) -> np.ndarray:
