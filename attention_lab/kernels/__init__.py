@@ -43,6 +43,7 @@ from attention_lab.kernels.jax_nn import jax_nn_attention
 from attention_lab.kernels.linear import linear_attention
 from attention_lab.kernels.linear import linear_attention_weights
 from attention_lab.kernels.pallas import pallas_attention
+from attention_lab.kernels.pallas import pallas_refusal
 from attention_lab.kernels.reference import reference_attention
 from attention_lab.kernels.registry import FEATURES
 from attention_lab.kernels.registry import PLATFORMS
@@ -96,10 +97,12 @@ register(KernelSpec(
     description="jax.nn.dot_product_attention, XLA formulation"))
 register(KernelSpec(
     name="pallas", fn=pallas_attention,
-    features=frozenset({"bias", "causal", "window", "residual", "dropout"}),
+    features=frozenset({"bias", "causal", "window", "residual", "dropout", "score_mod",
+                        "mask_mod"}), refuses=pallas_refusal,
     dtypes=("float32", "bfloat16", "float16"), per_device=True,
     description="our Pallas flash kernel: Triton on GPU, Mosaic on TPU, interpreted on CPU; "
-                "kv_lengths for padding, hashed dropout, additive bias"))
+                "kv_lengths for padding, hashed dropout, additive bias, score_mod / mask_mod "
+                "fused (no per-pair gathers)"))
 register(KernelSpec(
     name="splash", fn=splash_attention,
     features=frozenset({"causal", "window", "mask_mod"}), refuses=splash_refusal,
@@ -136,8 +139,9 @@ register(KernelSpec(
 # Automatic dispatch, per platform the computation is lowered for: the first
 # kernel that can run a call wins. The fused kernels lead; the materialised
 # ones catch what they cannot express (dense masks, biases, dropout, weights).
-# score_mod / mask_mod reach blockwise (plain JAX, O(length) memory) on every
-# platform before the materialised reference.
+# score_mod / mask_mod run fused in pallas on GPU and TPU where they can be
+# lowered (pallas_refusal says when not); the rest reach blockwise (plain
+# JAX, O(length) memory) on every platform before the materialised reference.
 set_preference("cpu", ["blockwise", "jax_nn", "reference"])
 set_preference("gpu", ["cudnn", "pallas", "jax_nn", "blockwise", "reference"])
 set_preference("tpu", ["splash", "pallas", "jax_nn", "blockwise", "reference"])

@@ -45,7 +45,7 @@ def requested_features(*, mask=None, bias=None, is_causal=False,
 
 
 def _why_not(spec: registry.KernelSpec, features, dtype, shape,
-             kv_lengths: bool = False, mask_mod=None) -> Optional[str]:
+             kv_lengths: bool = False, mask_mod=None, score_mod=None) -> Optional[str]:
   """None if ``spec`` can run this call, else the reason it cannot."""
   if not spec.automatic:
     return "only when named"
@@ -59,23 +59,24 @@ def _why_not(spec: registry.KernelSpec, features, dtype, shape,
     return f"not for {dtype}"
   if shape is not None and spec.applies is not None and not spec.applies(shape):
     return "not for this shape"
-  if shape is not None and spec.refuses is not None and mask_mod is not None:
-    return spec.refuses(shape, mask_mod)
+  if (shape is not None and spec.refuses is not None
+      and (mask_mod is not None or score_mod is not None)):
+    return spec.refuses(shape, mask_mod, score_mod)
   return None
 
 
 def select(features: FrozenSet[str], platform: Optional[str] = None, dtype=None,
            shape: Optional[checks.AttentionShape] = None,
-           kv_lengths: bool = False, mask_mod=None) -> registry.KernelSpec:
+           kv_lengths: bool = False, mask_mod=None, score_mod=None) -> registry.KernelSpec:
   """The preferred kernel on ``platform`` (default: the lowering target) that
-  can run this call (``mask_mod``: the call's, for kernels that take only
-  some). Every skipped kernel is named, with the reason, in the (once per
-  choice) log."""
+  can run this call (``mask_mod`` / ``score_mod``: the call's, for kernels
+  that take only some). Every skipped kernel is named, with the reason, in
+  the (once per choice) log."""
   platform = platform or target_platform()
   skipped = []
   for name in registry.preference(platform):
     spec = registry.get(name)
-    reason = _why_not(spec, features, dtype, shape, kv_lengths, mask_mod)
+    reason = _why_not(spec, features, dtype, shape, kv_lengths, mask_mod, score_mod)
     if reason:
       skipped.append(f"{name} ({reason})")
       continue
@@ -268,8 +269,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
       ``[1, heads, 1, 1]``, ``[1, 1, Q, 1]``, ``[1, 1, 1, K]`` (``B``: the
       batch dims flattened), over the whole matrix or one block of it;
       see ``attention_lab.kernels.mods``. Kernels without the feature are
-      skipped by automatic dispatch (``reference`` and ``blockwise`` have
-      both); naming one is a ValueError.
+      skipped by automatic dispatch (``reference`` and ``blockwise`` take
+      any; ``pallas`` those it can lower, ``splash`` static mask_mods);
+      naming one is a ValueError.
     **options: kernel-specific options, passed to kernels that name them.
 
   Returns:
@@ -324,7 +326,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
     check_supported(spec, features | lengths_as_mask(spec),
                     platform=None if not interpreted else spec.platforms[0],
                     dtype=query.dtype)
-    _check_refusal(spec, shape, mask_mod)
+    _check_refusal(spec, shape, mask_mod, score_mod)
     choices = {p: spec for p in registry.PLATFORMS}
   else:
     choices = {}
@@ -333,11 +335,11 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
         spec = registry.get(choice[p])
         check_supported(spec, features | lengths_as_mask(spec), platform=p,
                         dtype=query.dtype)
-        _check_refusal(spec, shape, mask_mod)
+        _check_refusal(spec, shape, mask_mod, score_mod)
         choices[p] = spec
       else:
         choices[p] = select(features, p, query.dtype, shape, kv_lengths is not None,
-                            mask_mod)
+                            mask_mod, score_mod)
   for spec in set(choices.values()):
     unknown = [k for k in kwargs if not spec.takes(k)]
     if unknown:
@@ -391,10 +393,10 @@ def attention_weights(query, key, bias=None, mask=None, *, implementation=None, 
   return registry.get(name).weights(query, key, bias, mask, **kwargs)
 
 
-def _check_refusal(spec: registry.KernelSpec, shape, mask_mod) -> None:
+def _check_refusal(spec: registry.KernelSpec, shape, mask_mod, score_mod=None) -> None:
   """A named kernel that cannot take this form of a feature: ValueError."""
-  if spec.refuses is not None and mask_mod is not None:
-    reason = spec.refuses(shape, mask_mod)
+  if spec.refuses is not None and (mask_mod is not None or score_mod is not None):
+    reason = spec.refuses(shape, mask_mod, score_mod)
     if reason:
       raise ValueError(f"attention kernel {spec.name!r} cannot run this call: {reason}")
 

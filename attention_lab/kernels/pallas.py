@@ -35,6 +35,7 @@ at exactly zero through the explicit ``where`` on the probabilities.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -45,6 +46,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from attention_lab.kernels import checks
+from attention_lab.kernels import fused_mods
 from attention_lab.kernels.dropout import dropout_keep
 from attention_lab.kernels.dropout import dropout_seed
 from attention_lab.kernels.masks import _window_sides
@@ -67,8 +69,11 @@ class _Setting:
   """Static facts of one call, shared by the three kernels."""
 
   def __init__(self, q_len, kv_len, block_q, block_k, scale, causal, window, tpu,
-               keep_prob=None, broadcast_dropout=True, heads=1, bias_shape=None):
+               keep_prob=None, broadcast_dropout=True, heads=1, bias_shape=None,
+               score_split=None, mask_split=None):
     self.q_len, self.kv_len = q_len, kv_len
+    # score_mod / mask_mod split at the block (fused_mods.Split), or None.
+    self.score_split, self.mask_split = score_split, mask_split
     # Dropout on the weights: None, or the probability of keeping one.
     self.keep_prob, self.broadcast_dropout, self.heads = keep_prob, broadcast_dropout, heads
     # A dense bias [bias_batch, bias_heads, Tp, Sp] (each 1 or full), or None.
@@ -132,6 +137,45 @@ class _Setting:
     keep = dropout_keep(*dropout[:2], q_pos, k_pos, dropout[2], self.keep_prob)
     return jnp.where(keep, x * (1.0 / self.keep_prob), 0.0)
 
+  @property
+  def n_score(self):
+    return len(self.score_split.values) if self.score_split else 0
+
+  @property
+  def n_mask(self):
+    return len(self.mask_split.values) if self.mask_split else 0
+
+  def grads_in(self, kernel):
+    """Indices of the score_mod values whose cotangents ``kernel`` ("dq" or
+    "dkdv") sums: per key column in dK/dV (its programs own a key block),
+    the rest in dQ (they own a query block)."""
+    if self.score_split is None:
+      return []
+    values = self.score_split.values
+    return [i for i in self.score_split.grads if values[i].per_k == (kernel == "dkdv")]
+
+  def mods(self, s, ok, qi, kj, score_refs, mask_refs, with_vjp=False):
+    """The mods on one ``[bq, bk]`` block: ``(s, ok, back)`` with ``ok``
+    narrowed by the mask_mod, ``s`` the score_mod's score and ``back`` (with
+    ``with_vjp``) its vjp (``fused_mods.Split.inside_vjp``)."""
+    q_start, k_start = qi * self.bq, kj * self.bk
+    if self.mask_split is not None:
+      values = _block_values(self.mask_split, mask_refs, qi, kj)
+      ok = ok & self.mask_split.inside(None, q_start, k_start, values)
+    back = None
+    if self.score_split is not None:
+      if self.bias_shape:
+        # A key hidden by a -inf bias stays hidden; the mod sees 0 there.
+        hidden = s == -jnp.inf
+        ok = ok & ~hidden
+        s = jnp.where(hidden, 0.0, s)
+      values = _block_values(self.score_split, score_refs, qi, kj)
+      if with_vjp:
+        s, back = self.score_split.inside_vjp(s, q_start, k_start, values)
+      else:
+        s = self.score_split.inside(s, q_start, k_start, values)
+    return s, ok, back
+
   def rows(self, i, size):
     """A dynamic slice of ``size`` rows starting at block ``i`` (aligned)."""
     return pl.ds(pl.multiple_of(i * size, size), size)
@@ -144,6 +188,16 @@ class _Setting:
   def store_rows(self, ref, column):
     """Stores a ``[bq, 1]`` statistic into its ``[bq, lanes]`` block."""
     ref[...] = jnp.broadcast_to(column, (column.shape[0], self.lanes))
+
+
+def _block_values(split, refs, qi, kj):
+  """A program's ``[a, c]`` block of each of ``split``'s values, read from
+  their ``[nq | 1, nk | 1, a, c]`` refs."""
+  return [ref[qi if v.per_q else 0, kj if v.per_k else 0] for v, ref in zip(split.values, refs)]
+
+
+def _take(rest, n):
+  return [rest.pop(0) for _ in range(n)]
 
 
 def _qk(q, k):
@@ -159,6 +213,7 @@ def _tq(a, b):
 def _forward_kernel(*refs, st: _Setting):
   len_ref, seed_ref, q_ref, k_ref, v_ref, *rest = refs
   bias_ref = rest.pop(0) if st.bias_shape else None
+  score_refs, mask_refs = _take(rest, st.n_score), _take(rest, st.n_mask)
   o_ref, lse_ref = rest
   qi = pl.program_id(2)
   kv_valid = st.kv_valid(len_ref)
@@ -174,6 +229,7 @@ def _forward_kernel(*refs, st: _Setting):
     s = _qk(q, k) * st.scale
     if bias_ref is not None:
       s = s + bias_ref[:, cols].astype(jnp.float32)
+    s, ok, _ = st.mods(s, ok, qi, kj, score_refs, mask_refs)
     s = jnp.where(ok, s, _MASKED)
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
     p = jnp.where(ok, jnp.exp(s - m_new), 0.0)
@@ -196,8 +252,11 @@ def _forward_kernel(*refs, st: _Setting):
 def _dkdv_kernel(*refs, st: _Setting):
   len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
   bias_ref = rest.pop(0) if st.bias_shape else None
-  dk_ref, dv_ref, *dbias = rest
-  dbias_ref = dbias[0] if dbias else None
+  score_refs, mask_refs = _take(rest, st.n_score), _take(rest, st.n_mask)
+  dk_ref, dv_ref = _take(rest, 2)
+  dbias_ref = rest.pop(0) if st.bias_shape else None
+  grads = st.grads_in("dkdv")
+  dmod_refs = rest                                  # one per index in grads
   if dbias_ref is not None:
     dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)   # rows no query block visits
   kj = pl.program_id(2)
@@ -206,7 +265,7 @@ def _dkdv_kernel(*refs, st: _Setting):
   k, v = k_ref[...], v_ref[...]
 
   def body(qi, carry):
-    dk, dv = carry
+    dk, dv, *dmods = carry
     rows = st.rows(qi, st.bq)
     q, do = q_ref[rows, :], do_ref[rows, :]
     lse, delta = lse_ref[rows, :][:, :1], delta_ref[rows, :][:, :1]
@@ -214,47 +273,66 @@ def _dkdv_kernel(*refs, st: _Setting):
     s = _qk(q, k) * st.scale
     if bias_ref is not None:
       s = s + bias_ref[rows, :].astype(jnp.float32)
+    s, ok, back = st.mods(s, ok, qi, kj, score_refs, mask_refs, with_vjp=True)
     p = jnp.where(ok, jnp.exp(s - lse), 0.0)                            # [bq, bk]
     dv = dv + _tq(st.drop(p, dropout, qi * st.bq, kj * st.bk).astype(do.dtype), do)
     # delta = rowsum(dO * O) with O the dropped output: FlashAttention's
     # dropout backward, dS = P * (drop(dP) - delta).
     ds = p * (st.drop(_qk(do, v), dropout, qi * st.bq, kj * st.bk) - delta)
+    if back is not None:       # through the score_mod, to the raw score and its values
+      ds, d_values = back(ds)
+      dmods = [acc + d_values[st.score_split.grads.index(i)] for acc, i in zip(dmods, grads)]
     dk = dk + _tq(ds.astype(q.dtype), q) * st.scale
     if dbias_ref is not None:
       dbias_ref[rows, :] = ds.astype(dbias_ref.dtype)      # d bias = d scores
-    return dk, dv
+    return (dk, dv, *dmods)
 
   lo, hi = st.query_blocks(kj)
-  dk, dv = lax.fori_loop(lo, hi, body, (jnp.zeros(k.shape, jnp.float32),
-                                        jnp.zeros(v.shape, jnp.float32)))
+  init = [jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)]
+  init += [jnp.zeros(st.score_split.values[i].shape, jnp.float32) for i in grads]
+  dk, dv, *dmods = lax.fori_loop(lo, hi, body, tuple(init))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
+  for ref, d in zip(dmod_refs, dmods):
+    ref[...] = d
 
 
 def _dq_kernel(*refs, st: _Setting):
   len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
   bias_ref = rest.pop(0) if st.bias_shape else None
-  (dq_ref,) = rest
+  score_refs, mask_refs = _take(rest, st.n_score), _take(rest, st.n_mask)
+  dq_ref, *dmod_refs = rest
+  grads = st.grads_in("dq")
   qi = pl.program_id(2)
   kv_valid = st.kv_valid(len_ref)
   dropout = st.dropout_state(seed_ref)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...][:, :1], delta_ref[...][:, :1]
 
-  def body(kj, dq):
+  def body(kj, carry):
+    dq, *dmods = carry
     cols = st.rows(kj, st.bk)
     k, v = k_ref[cols, :], v_ref[cols, :]
     ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
     s = _qk(q, k) * st.scale
     if bias_ref is not None:
       s = s + bias_ref[:, cols].astype(jnp.float32)
+    s, ok, back = st.mods(s, ok, qi, kj, score_refs, mask_refs, with_vjp=True)
     p = jnp.where(ok, jnp.exp(s - lse), 0.0)
     ds = p * (st.drop(_qk(do, v), dropout, qi * st.bq, kj * st.bk) - delta)
-    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * st.scale
+    if back is not None:
+      ds, d_values = back(ds)
+      dmods = [acc + d_values[st.score_split.grads.index(i)] for acc, i in zip(dmods, grads)]
+    dq = dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * st.scale
+    return (dq, *dmods)
 
   lo, hi = st.key_blocks(qi)
-  dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+  init = [jnp.zeros(q.shape, jnp.float32)]
+  init += [jnp.zeros(st.score_split.values[i].shape, jnp.float32) for i in grads]
+  dq, *dmods = lax.fori_loop(lo, hi, body, tuple(init))
   dq_ref[...] = dq.astype(dq_ref.dtype)
+  for ref, d in zip(dmod_refs, dmods):
+    ref[...] = d
 
 
 def _specs(st: _Setting, d: int, dv: int):
@@ -309,7 +387,21 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
 
   biased = lambda bias: [] if bias is None else [bias]
 
-  def forward(q, k, v, lengths, seed, bias):
+  def value_specs(split, values):
+    """Each value ``[b | 1, n | 1, nq | 1, nk | 1, a, c]``: a program reads
+    its sequence's and head's ``[nq | 1, nk | 1, a, c]``."""
+    if split is None:
+      return []
+    return [pl.BlockSpec((None, None) + x.shape[2:],
+                         lambda b, n, i, v=v: (b if v.per_batch else 0,
+                                               n if v.per_head else 0, 0, 0, 0, 0))
+            for v, x in zip(split.values, values)]
+
+  def mod_specs(score_values, mask_values):
+    return (value_specs(st.score_split, score_values)
+            + value_specs(st.mask_split, mask_values))
+
+  def forward(q, k, v, lengths, seed, bias, score_values, mask_values):
     b, n, _, d = q.shape
     dv = v.shape[-1]
     sp = _specs(st, d, dv)
@@ -317,23 +409,34 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
         functools.partial(_forward_kernel, st=st),
         grid=(b, n, st.nq),
         in_specs=[sp["length"], sp["seed"], sp["q_block"], sp["k_full"], sp["v_full"]]
-        + ([sp["bias_rows"]] if st.bias_shape else []),
+        + ([sp["bias_rows"]] if st.bias_shape else []) + mod_specs(score_values, mask_values),
         out_specs=[sp["o_block"], sp["row_block"]],
         out_shape=[jax.ShapeDtypeStruct((b, n, st.q_padded, dv), q.dtype), rows_shape(b, n)],
         name="attention_lab_flash_forward", **options,
-    )(lengths, seed, q, k, v, *biased(bias))
+    )(lengths, seed, q, k, v, *biased(bias), *score_values, *mask_values)
 
   @jax.custom_vjp
-  def attend(q, k, v, lengths, seed, bias):
-    out, lse = forward(q, k, v, lengths, seed, bias)
+  def attend(q, k, v, lengths, seed, bias, score_values, mask_values):
+    out, lse = forward(q, k, v, lengths, seed, bias, score_values, mask_values)
     return (out, lse) if with_lse else out
 
-  def fwd(q, k, v, lengths, seed, bias):
-    out, lse = forward(q, k, v, lengths, seed, bias)
-    return ((out, lse) if with_lse else out), (q, k, v, lengths, seed, bias, out, lse)
+  def fwd(q, k, v, lengths, seed, bias, score_values, mask_values):
+    out, lse = forward(q, k, v, lengths, seed, bias, score_values, mask_values)
+    return ((out, lse) if with_lse else out), (q, k, v, lengths, seed, bias, score_values,
+                                               mask_values, out, lse)
+
+  def d_value_outputs(kernel, b, n, count):
+    """Per-program partial cotangents of the score_mod values ``kernel`` sums:
+    ``[b, n, count, a, c]`` float32 each (``count`` its programs' blocks)."""
+    shapes, specs = [], []
+    for i in st.grads_in(kernel):
+      a, c = st.score_split.values[i].shape
+      shapes.append(jax.ShapeDtypeStruct((b, n, count, a, c), jnp.float32))
+      specs.append(pl.BlockSpec((None, None, None, a, c), lambda b, n, i: (b, n, i, 0, 0)))
+    return shapes, specs
 
   def bwd(res, cotangent):
-    q, k, v, lengths, seed, bias, out, lse = res
+    q, k, v, lengths, seed, bias, score_values, mask_values, out, lse = res
     d_out, d_lse = cotangent if with_lse else (cotangent, None)
     b, n, _, d = q.shape
     dv = v.shape[-1]
@@ -344,39 +447,58 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
       # The statistic is stored broadcast over lanes; the caller read lane 0.
       delta = delta - jnp.sum(d_lse, axis=-1, keepdims=True)
     delta = jnp.broadcast_to(delta, lse.shape)
+    mods_in = mod_specs(score_values, mask_values)
+    d_shapes, d_specs = d_value_outputs("dkdv", b, n, st.nk)
     grads = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st),
         grid=(b, n, st.nk),
         in_specs=[sp["length"], sp["seed"], sp["q_full"], sp["k_block"], sp["v_block"],
                   sp["o_full"], sp["row_full"], sp["row_full"]]
-        + ([sp["bias_cols"]] if st.bias_shape else []),
+        + ([sp["bias_cols"]] if st.bias_shape else []) + mods_in,
         out_specs=[sp["k_block"], sp["v_block"]]
-        + ([sp["dbias_cols"]] if st.bias_shape else []),
+        + ([sp["dbias_cols"]] if st.bias_shape else []) + d_specs,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
         + ([jax.ShapeDtypeStruct((b, n, st.q_padded, st.kv_padded), jnp.float32)]
-           if st.bias_shape else []),
+           if st.bias_shape else []) + d_shapes,
         name="attention_lab_flash_dkdv", **options,
-    )(lengths, seed, q, k, v, d_out, lse, delta, *biased(bias))
-    d_k, d_v = grads[:2]
+    )(lengths, seed, q, k, v, d_out, lse, delta, *biased(bias), *score_values, *mask_values)
+    d_k, d_v, *rest = grads
     d_bias = None
     if bias is not None:
       # Per (sequence, head) score gradients, summed where the bias is shared.
-      axes = tuple(i for i in (0, 1) if bias.shape[i] == 1 and grads[2].shape[i] != 1)
-      d_bias = grads[2].sum(axis=axes, keepdims=True).astype(bias.dtype)
-    d_q = pl.pallas_call(
+      d_scores = rest.pop(0)
+      axes = tuple(i for i in (0, 1) if bias.shape[i] == 1 and d_scores.shape[i] != 1)
+      d_bias = d_scores.sum(axis=axes, keepdims=True).astype(bias.dtype)
+    d_per_key = rest
+    d_shapes, d_specs = d_value_outputs("dq", b, n, st.nq)
+    d_q, *d_per_query = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid=(b, n, st.nq),
         in_specs=[sp["length"], sp["seed"], sp["q_block"], sp["k_full"], sp["v_full"],
                   sp["o_block"], sp["row_block"], sp["row_block"]]
-        + ([sp["bias_rows"]] if st.bias_shape else []),
-        out_specs=sp["q_block"],
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        + ([sp["bias_rows"]] if st.bias_shape else []) + mods_in,
+        out_specs=[sp["q_block"]] + d_specs,
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + d_shapes,
         name="attention_lab_flash_dq", **options,
-    )(lengths, seed, q, k, v, d_out, lse, delta, *biased(bias))
-    return d_q, d_k, d_v, None, None, d_bias
+    )(lengths, seed, q, k, v, d_out, lse, delta, *biased(bias), *score_values, *mask_values)
+    d_score_values = [None] * len(score_values)
+    for kernel, partials in (("dkdv", d_per_key), ("dq", d_per_query)):
+      for i, g in zip(st.grads_in(kernel), partials):
+        d_score_values[i] = _sum_to(g, score_values[i], kernel)
+    return (d_q, d_k, d_v, None, None, d_bias, tuple(d_score_values),
+            tuple(None for _ in mask_values))
 
   attend.defvjp(fwd, bwd)
   return attend
+
+
+def _sum_to(partial, value, kernel):
+  """Per-program partial cotangents ``[b, n, blocks, a, c]`` (``kernel``'s
+  blocks: key blocks for "dkdv", query blocks for "dq") summed into the
+  value's own shape ``[b | 1, n | 1, nq | 1, nk | 1, a, c]``."""
+  g = jnp.expand_dims(partial, 2 if kernel == "dkdv" else 3)
+  axes = tuple(i for i in range(4) if value.shape[i] == 1 and g.shape[i] != 1)
+  return g.sum(axis=axes, keepdims=True).astype(value.dtype)
 
 
 def _bias_4d(bias, shape, q_padded, kv_padded):
@@ -391,7 +513,7 @@ def _bias_4d(bias, shape, q_padded, kv_padded):
 
 def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, is_causal,
                window, block_q, block_k, return_residual=False, keep_prob=None,
-               broadcast_dropout=True):
+               broadcast_dropout=True, score_mod=None, mask_mod=None):
   """The whole call for one target: tiles, padding, kernel, unpadding."""
   tpu = target in ("tpu", "tpu_interpret")
   batch = shape.batch
@@ -408,8 +530,25 @@ def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, 
     block_k = max(16, min(block_k, pl.next_power_of_2(shape.kv_length)))
     d_pad = max(16, pl.next_power_of_2(shape.head_dim))
     dv_pad = max(16, pl.next_power_of_2(shape.value_dim))
+  score_split = mask_split = None
+  try:
+    if score_mod is not None:
+      score_split = fused_mods.split(score_mod, "score_mod", block_q, block_k,
+                                     shape.q_length, shape.kv_length)
+    if mask_mod is not None:
+      mask_split = fused_mods.split(mask_mod, "mask_mod", block_q, block_k,
+                                    shape.q_length, shape.kv_length)
+  except fused_mods.Refused as e:
+    raise ValueError(f"pallas_attention: {e}; blockwise takes any score_mod / mask_mod") from None
   st = _Setting(shape.q_length, shape.kv_length, block_q, block_k, scale, is_causal,
-                window, tpu, keep_prob, broadcast_dropout, shape.heads)
+                window, tpu, keep_prob, broadcast_dropout, shape.heads,
+                score_split=score_split, mask_split=mask_split)
+  # The mods' outside parts, for every sequence, head and block (plain JAX,
+  # so gradients reach the arrays they read through autodiff).
+  flat = math.prod(batch) if batch else 1
+  outside = lambda split: (() if split is None else
+                           tuple(split.outside(flat, shape.heads, st.nq, st.nk)))
+  score_values, mask_values = outside(score_split), outside(mask_split)
   if bias is not None:
     bias = _bias_4d(bias, shape, st.q_padded, st.kv_padded)
     st.bias_shape = bias.shape[:2]
@@ -419,7 +558,8 @@ def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, 
   q = heads_major(query, len(batch), st.q_padded, d_pad)
   k = heads_major(repeat_kv_heads(key, shape.heads), len(batch), st.kv_padded, d_pad)
   v = heads_major(repeat_kv_heads(value, shape.heads), len(batch), st.kv_padded, dv_pad)
-  out = _make(st, target, return_residual)(q, k, v, lengths, seed, bias)
+  out = _make(st, target, return_residual)(q, k, v, lengths, seed, bias, score_values,
+                                           mask_values)
   out, rows = out if return_residual else (out, None)
   out = jnp.swapaxes(out[:, :, :shape.q_length, :shape.value_dim], 1, 2)
   out = out.reshape(batch + out.shape[1:])
@@ -431,11 +571,26 @@ def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, 
   return out, lse.reshape(batch + lse.shape[1:])
 
 
+def pallas_refusal(shape: checks.AttentionShape, mask_mod, score_mod=None) -> Optional[str]:
+  """Why the Pallas kernel cannot take these mods (None: it can): an
+  operation per (query, key) pair that Triton and Mosaic do not lower (a
+  gather indexed by both positions), or a value of a shape no block holds
+  (``fused_mods.split``). What a mod may compute does not depend on the
+  block size, so the GPU's default blocks stand for every target."""
+  block_q = max(16, min(DEFAULT_BLOCK_Q, pl.next_power_of_2(shape.q_length)))
+  block_k = max(16, min(DEFAULT_BLOCK_K, pl.next_power_of_2(shape.kv_length)))
+  for fn, kind in ((score_mod, "score_mod"), (mask_mod, "mask_mod")):
+    reason = fused_mods.refusal(fn, kind, block_q, block_k, shape.q_length, shape.kv_length)
+    if reason:
+      return reason
+  return None
+
+
 def pallas_attention(query, key, value, bias=None, mask=None, *,
                      scale: Optional[float] = None, is_causal: bool = False,
                      local_window_size=None, kv_lengths=None, return_residual: bool = False,
                      dropout_rate: float = 0.0, dropout_rng=None,
-                     broadcast_dropout: bool = True,
+                     broadcast_dropout: bool = True, score_mod=None, mask_mod=None,
                      block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
                      target: Optional[str] = None, interpret: Optional[bool] = None):
   """Flash attention in Pallas; arguments and shapes as ``reference_attention``.
@@ -455,6 +610,12 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
       ``broadcast_dropout`` one mask for every sequence and head). The mask
       is ``dropout_keep`` of seeds drawn from ``dropout_rng``, regenerated
       per block in the backward kernels (never stored).
+    score_mod / mask_mod: FlexAttention-style hooks (``kernels.mods``), run
+      per block inside the three kernels; what they compute per sequence,
+      head, query row or key column runs before the kernel
+      (``fused_mods``), and gradients reach the arrays a score_mod closes
+      over. A mod that needs a gather per (query, key) pair (a
+      relative-position table) is a ValueError (``pallas_refusal``).
     block_q / block_k: tile sizes (powers of two; at least 16 on GPU, rounded
       up to multiples of 128 on TPU).
     target: one of ``TARGETS``; None picks per lowering platform (Triton on
@@ -489,7 +650,7 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
       _attend_on, shape=shape, scale=shape.head_dim ** -0.5 if scale is None else scale,
       is_causal=is_causal, window=window, block_q=block_q, block_k=block_k,
       return_residual=return_residual, keep_prob=keep_prob,
-      broadcast_dropout=broadcast_dropout)
+      broadcast_dropout=broadcast_dropout, score_mod=score_mod, mask_mod=mask_mod)
   if target is not None:
     return run(target, query, key, value, lengths, seed, bias)
   return lax.platform_dependent(

@@ -49,10 +49,11 @@ class KernelSpec:
     weights: for non-softmax kernels, ``fn(query, key, bias, mask, *,
       is_causal, ...) -> [batch..., heads, q_length, kv_length]``, the
       weights it gives (what pictures show).
-    refuses: optional ``fn(AttentionShape, mask_mod) -> reason or None``, for
-      a feature the kernel has only in some forms (splash takes a static
-      mask_mod, not one that reads traced arrays): automatic dispatch skips
-      the kernel with that reason, and naming it raises it.
+    refuses: optional ``fn(AttentionShape, mask_mod, score_mod) -> reason or
+      None`` (either mod may be None), for a feature the kernel has only in
+      some forms (splash takes a static mask_mod, not one that reads traced
+      arrays; pallas no mod that gathers per (query, key) pair): automatic
+      dispatch skips the kernel with that reason, and naming it raises it.
   """
   name: str
   fn: Callable

@@ -70,10 +70,11 @@ def _static_mask(q_len: int, kv_len: int, is_causal: bool, window):
   return splash.LocalMask(shape, window_size=(left, right), offset=0)
 
 
-def splash_refusal(shape: checks.AttentionShape, mask_mod) -> Optional[str]:
+def splash_refusal(shape: checks.AttentionShape, mask_mod, score_mod=None) -> Optional[str]:
   """Why splash cannot take this ``mask_mod`` (None: it can). Splash masks
   are static and per head: the mod must read only indices and concrete
-  arrays, not the batch index, and (with grouped K/V heads) not the head."""
+  arrays, not the batch index, and (with grouped K/V heads) not the head.
+  (It has no score_mod at all: its features say so.)"""
   if mask_mod is None:
     return None
   flat = math.prod(shape.batch) if shape.batch else 1

@@ -1,0 +1,321 @@
+"""score_mod / mask_mod inside a fused kernel: each mod split at the block.
+
+A fused kernel runs one program per ``(sequence, head, block)`` and can lower
+only what its compiler takes per block: elementwise arithmetic, comparisons,
+``where``, ``tanh``... Gathers (``slopes[head]``, ``doc_ids[batch, q_idx]``)
+Triton and Mosaic cannot lower. But most of a mod's gathers read only the
+batch and head indices, or one of the two positions, not both: ALiBi's
+``slopes[head]`` is one number per program, a document mask's
+``ids[batch, q_idx]`` one per query row. So a mod is traced once at block
+shape and its operations are sorted by what they depend on
+(``split``):
+
+* **inside** -- anything that reads the score, or both the query and the key
+  position: evaluated in the kernel, per block, on the block's index grid;
+* **outside** -- everything else (per program, per query row or per key
+  column): evaluated before the kernel in plain JAX, for every sequence, head
+  and block at once (``Split.outside``), and handed to the kernel as inputs
+  (``[batch | 1, heads | 1, query blocks | 1, key blocks | 1, a, c]`` with
+  ``a x c`` one of ``1 x 1``, ``block_q x 1``, ``1 x block_k``, ``block_q x
+  block_k``).
+
+The arrays a ``score_mod`` closes over reach the kernel through those inputs,
+so their gradients come from autodiff of the outside part once the kernel's
+backward returns the cotangents of the inputs (``Split.inside``'s ``vjp``,
+summed per program inside the kernel and over programs outside).
+
+A mod whose inside part needs an operation outside ``INSIDE_PRIMITIVES`` (a
+gather indexed by both positions, as a relative-position table's
+``table[head, j - i]``) is refused with the reason (``refusal``), and
+dispatch moves on to ``blockwise``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+
+# What a kernel body lowers on Triton and Mosaic alike: elementwise
+# arithmetic, comparisons and selects, casts, broadcasts and reshapes of
+# block-shaped values. ``jit`` / ``custom_jvp_call`` (jnp.where, jnp.clip,
+# jax.nn functions) are checked inside.
+INSIDE_PRIMITIVES = frozenset({
+    "add", "sub", "mul", "div", "rem", "neg", "max", "min", "abs", "sign", "exp", "exp2",
+    "log", "log1p", "expm1", "tanh", "logistic", "sqrt", "rsqrt", "pow", "integer_pow",
+    "square", "floor", "ceil", "round", "sin", "cos", "erf", "and", "or", "not", "xor",
+    "eq", "ne", "lt", "le", "gt", "ge", "select_n", "convert_element_type",
+    "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "clamp", "iota",
+    "shift_left", "shift_right_logical", "shift_right_arithmetic", "copy", "copy_p",
+    "stop_gradient", "jit", "pjit", "custom_jvp_call",
+})
+_SCORE, _BATCH, _HEAD, _Q, _K, _PARAM = "s", "b", "h", "q", "k", "p"
+
+
+@dataclasses.dataclass(frozen=True)
+class Value:
+  """One outside value the kernel reads: what it varies with and its block
+  shape ``(a, c)`` (``a`` 1 or block_q, ``c`` 1 or block_k)."""
+  var: object
+  per_batch: bool
+  per_head: bool
+  per_q: bool
+  per_k: bool
+  shape: Tuple[int, int]
+  dtype: object
+  grad: bool            # float and reads a learned (traced float) array
+
+  @property
+  def stored_dtype(self):
+    return jnp.int32 if self.dtype == jnp.bool_ else self.dtype
+
+
+class Refused(ValueError):
+  """The mod cannot run inside the kernel; the message says why."""
+
+
+def _jaxprs_of(eqn):
+  """The sub-jaxprs of a higher-order equation (jit, custom_jvp_call)."""
+  for param in eqn.params.values():
+    if isinstance(param, jex_core.ClosedJaxpr):
+      yield param.jaxpr
+    elif isinstance(param, jex_core.Jaxpr):
+      yield param
+
+
+def _outside_primitives(jaxpr) -> set:
+  """Names of the primitives in ``jaxpr`` (sub-jaxprs included) that are
+  not ``INSIDE_PRIMITIVES``."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name not in INSIDE_PRIMITIVES:
+      found.add(eqn.primitive.name)
+    for sub in _jaxprs_of(eqn):
+      found |= _outside_primitives(sub)
+  return found
+
+
+def _check_inside(jaxpr, what: str) -> None:
+  found = _outside_primitives(jaxpr)
+  if found:
+    raise Refused(f"its {what} computes {', '.join(sorted(found))} per (query, key) pair, "
+                  f"which the Pallas kernel cannot lower (a gather indexed by both "
+                  f"positions, such as a relative-position table's)")
+
+
+@dataclasses.dataclass
+class Split:
+  """A mod split into its outside values and its inside operations.
+
+  ``kind``: ``"score_mod"`` (args: score, batch, head, q_idx, kv_idx) or
+  ``"mask_mod"`` (the four indices).
+  """
+  kind: str
+  jaxpr: object
+  consts: List
+  block_q: int
+  block_k: int
+  values: List[Value]
+  inside_eqns: List
+  q_len: int
+  kv_len: int
+
+  @property
+  def grads(self) -> List[int]:
+    """Indices of the values that get cotangents."""
+    return [i for i, v in enumerate(self.values) if v.grad]
+
+  # -------------------------------------------------------------- outside
+
+  def outside(self, batch: int, heads: int, nq: int, nk: int, consts=None) -> List:
+    """Every value for every program and block, in plain JAX:
+    ``[batch | 1, heads | 1, nq | 1, nk | 1, a, c]`` each (booleans as int32)."""
+    consts = self.consts if consts is None else consts
+    out = [None] * len(self.values)
+    groups = {}
+    for i, v in enumerate(self.values):
+      groups.setdefault((v.per_batch, v.per_head, v.per_q, v.per_k), []).append(i)
+    for (pb, ph, pq, pk), which in groups.items():
+      def one(b, h, qi, kj, which=which):
+        env = self._outside_env(b, h, qi, kj, consts)
+        return [jnp.asarray(env[self.values[i].var]).reshape(self.values[i].shape)
+                .astype(self.values[i].stored_dtype) for i in which]
+      fn = one
+      for axis in range(4)[::-1]:      # vmap over k blocks, q blocks, heads, batch
+        fn = jax.vmap(fn, in_axes=tuple(0 if a == axis else None for a in range(4)))
+      axes = [jnp.arange(n if on else 1, dtype=jnp.int32)
+              for n, on in ((batch, pb), (heads, ph), (nq, pq), (nk, pk))]
+      for i, arr in zip(which, fn(*axes)):
+        out[i] = arr
+    return out
+
+  def _outside_env(self, b, h, qi, kj, consts):
+    """Evaluates the outside equations for one program and block."""
+    q_pos = jnp.minimum(qi * self.block_q + jnp.arange(self.block_q, dtype=jnp.int32),
+                        self.q_len - 1)
+    k_pos = jnp.minimum(kj * self.block_k + jnp.arange(self.block_k, dtype=jnp.int32),
+                        self.kv_len - 1)
+    index = [jnp.reshape(b, (1, 1, 1, 1)), jnp.reshape(h, (1, 1, 1, 1)),
+             q_pos.reshape(1, 1, -1, 1), k_pos.reshape(1, 1, 1, -1)]
+    env = dict(zip(self.jaxpr.constvars, consts))
+    invars = self.jaxpr.invars[1:] if self.kind == "score_mod" else self.jaxpr.invars
+    env.update(zip(invars, index))
+    inside = {id(e) for e in self.inside_eqns}
+    for eqn in self.jaxpr.eqns:
+      if id(eqn) not in inside:
+        _bind(eqn, env)
+    return env
+
+  # -------------------------------------------------------------- inside
+
+  def inside(self, score, q_start, k_start, values: Sequence):
+    """The mod on one ``[block_q, block_k]`` block, in a kernel body.
+
+    Args:
+      score: float32 ``[block_q, block_k]`` (score_mod), or None (mask_mod).
+      q_start / k_start: the block's first query / key position.
+      values: this program's block of each value, ``[a, c]`` each, in
+        ``self.values``' order (as read from the kernel's inputs).
+
+    Returns:
+      ``[block_q, block_k]``: the modded score (float32), or the bool mask.
+    """
+    bq, bk = self.block_q, self.block_k
+    q_pos = jnp.minimum(q_start + jax.lax.broadcasted_iota(jnp.int32, (1, 1, bq, 1), 2),
+                        self.q_len - 1)
+    k_pos = jnp.minimum(k_start + jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, bk), 3),
+                        self.kv_len - 1)
+    invars = self.jaxpr.invars
+    env = {}
+    if self.kind == "score_mod":
+      env[invars[0]] = score.reshape(invars[0].aval.shape)
+      invars = invars[1:]
+    env[invars[2]], env[invars[3]] = q_pos, k_pos
+    for v, x in zip(self.values, values):
+      x = x != 0 if v.dtype == jnp.bool_ else x.astype(v.dtype)
+      env[v.var] = x.reshape(v.var.aval.shape)
+    for eqn in self.inside_eqns:
+      _bind(eqn, env)
+    (out,) = [_read(env, v) for v in self.jaxpr.outvars]
+    out = jnp.broadcast_to(jnp.asarray(out).reshape((1,) * (4 - jnp.ndim(out))
+                                                   + jnp.shape(out)), (1, 1, bq, bk))
+    out = out.reshape(bq, bk)
+    return out.astype(jnp.float32) if self.kind == "score_mod" else out
+
+  def inside_vjp(self, score, q_start, k_start, values: Sequence):
+    """``inside`` for a score_mod with its vjp: returns ``(modded, vjp)``,
+    ``vjp(d_modded) -> (d_score, [d value for value in self.grads])``, each
+    ``d value`` of the value's block shape ``[a, c]`` (float32)."""
+    grads = self.grads
+
+    def fn(score, *learned):
+      vals = list(values)
+      for i, x in zip(grads, learned):
+        vals[i] = x
+      return self.inside(score, q_start, k_start, vals)
+
+    learned = [values[i].astype(jnp.float32) for i in grads]
+    modded, vjp = jax.vjp(fn, score, *learned)
+
+    def back(d_modded):
+      d_score, *d_learned = vjp(d_modded)
+      return d_score, list(d_learned)
+    return modded, back
+
+
+def _read(env, v):
+  return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+
+def _bind(eqn, env):
+  """Evaluates one equation (``jax.core.eval_jaxpr``'s step)."""
+  invals = [_read(env, v) for v in eqn.invars]
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+  outs = out if eqn.primitive.multiple_results else [out]
+  for var, val in zip(eqn.outvars, outs):
+    env[var] = val
+
+
+def split(fn: Callable, kind: str, block_q: int, block_k: int, q_len: int,
+          kv_len: int) -> Split:
+  """Traces ``fn`` (a score_mod or mask_mod) at one program's block shape
+  and splits it; raises ``Refused`` when its inside part cannot be lowered."""
+  index = [jax.ShapeDtypeStruct(s, jnp.int32)
+           for s in ((1, 1, 1, 1), (1, 1, 1, 1), (1, 1, block_q, 1), (1, 1, 1, block_k))]
+  tags = [_BATCH, _HEAD, _Q, _K]
+  args = index
+  if kind == "score_mod":
+    args = [jax.ShapeDtypeStruct((1, 1, block_q, block_k), jnp.float32)] + index
+    tags = [_SCORE] + tags
+  closed = jax.make_jaxpr(fn)(*args)
+  jaxpr, consts = closed.jaxpr, list(closed.consts)
+  deps = {}
+  for var, tag in zip(jaxpr.invars, tags):
+    deps[var] = frozenset({tag})
+  for var, c in zip(jaxpr.constvars, consts):
+    learned = isinstance(c, jax.core.Tracer) and jnp.issubdtype(c.dtype, jnp.inexact)
+    deps[var] = frozenset({_PARAM} if learned else ())
+  of = lambda v: frozenset() if isinstance(v, jex_core.Literal) else deps[v]
+  inside_eqns, inside_vars = [], set()
+  for eqn in jaxpr.eqns:
+    d = frozenset().union(*[of(v) for v in eqn.invars])
+    for var in eqn.outvars:
+      deps[var] = d
+    if _SCORE in d or {_Q, _K} <= d:
+      inside_eqns.append(eqn)
+      inside_vars.update(eqn.outvars)
+  what = kind.replace("_", " ")
+  sub = jex_core.Jaxpr(constvars=(), invars=(), outvars=(), eqns=inside_eqns)
+  _check_inside(sub, what)
+
+  # Outside values the inside reads (or the output itself, when the whole
+  # mod is outside: a mask of rows, say). Positions and the score are made in
+  # the kernel.
+  made_inside = set(inside_vars)
+  if kind == "score_mod":
+    made_inside.add(jaxpr.invars[0])
+  positions = jaxpr.invars[-2:]
+  needed = []
+  for eqn in inside_eqns:
+    needed += [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
+  needed += [v for v in jaxpr.outvars if not isinstance(v, jex_core.Literal)]
+  values, seen = [], set()
+  for var in needed:
+    if var in made_inside or var in positions or var in seen:
+      continue
+    seen.add(var)
+    shape = tuple(var.aval.shape)
+    full = (1,) * (4 - len(shape)) + shape
+    a, c = full[-2], full[-1]
+    if len(full) > 4 or full[:2] != (1, 1) or a not in (1, block_q) or c not in (1, block_k):
+      raise Refused(f"its {what} reads a value of shape {shape} inside the block "
+                    f"(not a per-block [1, 1, Q|1, K|1] array)")
+    d = deps[var]
+    grad = _PARAM in d and jnp.issubdtype(var.aval.dtype, jnp.inexact)
+    values.append(Value(var, _BATCH in d, _HEAD in d, _Q in d, _K in d, (a, c),
+                        var.aval.dtype, grad and kind == "score_mod"))
+  for v in jaxpr.outvars:
+    if isinstance(v, jex_core.Literal):
+      continue
+    shape = (1,) * (4 - len(v.aval.shape)) + tuple(v.aval.shape)
+    if len(v.aval.shape) > 4 or shape[:2] != (1, 1):
+      raise Refused(f"its {what} returns shape {tuple(v.aval.shape)}, not one that "
+                    f"broadcasts to a block")
+  return Split(kind, jaxpr, consts, block_q, block_k, values, inside_eqns, q_len, kv_len)
+
+
+def refusal(fn: Optional[Callable], kind: str, block_q: int, block_k: int, q_len: int,
+            kv_len: int) -> Optional[str]:
+  """Why ``fn`` cannot run inside the Pallas kernel (None: it can)."""
+  if fn is None:
+    return None
+  try:
+    split(fn, kind, block_q, block_k, q_len, kv_len)
+  except Refused as e:
+    return str(e)
+  return None
