@@ -230,3 +230,31 @@ def test_tpu_programs_match_float64_in_the_tpu_interpreter(name, form):
     want = [np.asarray(w) for w in want]
   for got, w in zip(grads, want):
     np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mods_form", ["alibi_learned_documents", "softcap_bf16"])
+def test_score_mods_lower_our_pallas_kernel_with_their_gradients(mods_form):
+  """A score_mod (and a mask_mod reading traced document ids) runs fused in
+  our Pallas kernel on both accelerators (splash takes no score_mod): the
+  forward and both backward kernels are in the module, also for the gradient
+  of the learned ALiBi slopes; the values per head, query row and key column
+  are inputs of the kernels, not a fallback to blockwise."""
+  from attention_lab.kernels import mods
+  dtype = jnp.float32 if mods_form == "alibi_learned_documents" else jnp.bfloat16
+
+  def fn(q, k, v, slopes, ids):
+    if mods_form == "alibi_learned_documents":
+      kw = dict(score_mod=mods.alibi(slopes), mask_mod=mods.document(ids), is_causal=True)
+    else:
+      kw = dict(score_mod=mods.softcap(30.0), is_causal=True)
+    return jnp.sum(kernels.dot_product_attention(q, k, v, **kw).astype(jnp.float32))
+
+  args = _abstract(dtype) + (jax.ShapeDtypeStruct((4,), jnp.float32),
+                             jax.ShapeDtypeStruct((2, 256), jnp.int32))
+  grad = jax.grad(fn, (0, 1, 2, 3))
+  for platform, call in (("tpu", "tpu_custom_call"), ("cuda", lowering.TRITON_CALL)):
+    text = lowering.lower_for(grad, args, platform)
+    assert call in lowering.custom_calls(text), platform
+    names = lowering.kernel_names(text)
+    assert {"attention_lab_flash_forward", "attention_lab_flash_dkdv",
+            "attention_lab_flash_dq"} <= names, (platform, names)

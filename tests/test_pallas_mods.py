@@ -1,0 +1,179 @@
+"""score_mod / mask_mod fused in our Pallas kernel (issue 17): the built-in
+mods in Pallas's interpreter against dense float64 attention written out
+here (output, gradients wrt q, k, v and wrt the learned arrays a score_mod
+closes over), and the mods it refuses (dispatch moves on to blockwise and
+says why). Lowering for TPU and GPU is in test_lowering.py.
+
+72 tokens in 16 x 32 blocks: 5 query blocks by 3 key blocks, the last of
+each padded, so values per query row and per key column cross block edges.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_lab import kernels
+from attention_lab.kernels import mods
+from attention_lab.kernels.pallas import pallas_attention
+from conftest import assert_matches_float64
+
+B, T, H, D = 2, 72, 2, 8
+BLOCKS = dict(block_q=16, block_k=32)
+I, J = np.arange(T)[:, None], np.arange(T)[None, :]      # query, key positions
+
+
+def _inputs(seed):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32) for _ in range(3))
+  return q, k, v, rng.normal(size=(B, T, H, D))
+
+
+def _documents():
+  """int32 ``[B, T]``: row 0 three documents, row 1 five (cuts off block edges)."""
+  cuts = [[21, 50], [9, 30, 31, 60]]
+  return np.stack([np.searchsorted(c, np.arange(T), side="right") for c in cuts]).astype(np.int32)
+
+
+def _dense(q, k, v, term, visible):
+  """Softmax attention in float64: scores ``term(s)`` over ``visible``
+  ``[B | 1, H | 1, T, T]``; a query with no visible key gives zeros."""
+  s = term(jnp.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(D))
+  s = jnp.where(visible, s, -jnp.inf)
+  w = jnp.exp(s - jnp.max(jnp.where(visible, s, -1e300), -1, keepdims=True))
+  w = jnp.where(visible, w, 0.0)
+  total = w.sum(-1, keepdims=True)
+  w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+  return jnp.einsum("bnts,bsnd->btnd", w, v)
+
+
+# name -> (learned array, kernel keywords(learned, ids), float64 term(learned)(s), visible)
+CASES = {
+    # Learned ALiBi slopes (one value per head, read per program), causal.
+    "alibi_learned_causal": (
+        mods.alibi_slopes(H) * np.array([1.5, 0.5], np.float32),
+        lambda p, ids: dict(score_mod=mods.alibi(p), is_causal=True),
+        lambda p: lambda s: s + p[None, :, None, None] * (J - I),
+        np.broadcast_to(J <= I, (1, 1, T, T))),
+    # A learned soft-cap scale (a scalar the kernel's blocks all read) and
+    # padded keys in the second sequence.
+    "softcap_learned_kv_lengths": (
+        np.array([2.5], np.float32),
+        lambda p, ids: dict(score_mod=mods.softcap(p[0]), kv_lengths=jnp.array([T, 37])),
+        lambda p: lambda s: p[0] * jnp.tanh(s / p[0]),
+        (J < np.array([T, 37])[:, None, None, None])),
+    # Document ids traced inside jit (a value per query row and per key
+    # column), with fixed symmetric ALiBi.
+    "documents_traced_alibi": (
+        None,
+        lambda p, ids: dict(mask_mod=mods.document(ids),
+                            score_mod=mods.alibi(mods.alibi_slopes(H), symmetric=True)),
+        lambda p: lambda s: s - mods.alibi_slopes(H).astype(np.float64)[None, :, None, None]
+        * np.abs(J - I),
+        (_documents()[:, :, None] == _documents()[:, None, :])[:, None]),
+    # Prefix-LM with a prefix per sequence (read per program); the second
+    # sequence's is 0: plain causal.
+    "prefix_lm_per_sequence": (
+        None,
+        lambda p, ids: dict(mask_mod=mods.prefix_lm(np.array([20, 0]))),
+        lambda p: lambda s: s,
+        (J <= I) | (J < np.array([20, 0])[:, None, None, None])),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_pallas_with_mods_matches_float64(name):
+  learned, keywords, term, visible = CASES[name]
+  q, k, v, cot = _inputs(0)
+  ids = jnp.asarray(_documents())
+
+  @jax.jit
+  def f(q, k, v, p, ids):                  # the ids are traced: values computed in jit
+    return kernels.dot_product_attention(q, k, v, implementation="pallas", interpret=True,
+                                         **keywords(p, ids), **BLOCKS)
+
+  as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
+  f64 = lambda p: lambda q, k, v: _dense(q, k, v, term(p), visible)
+  if learned is None:
+    with jax.enable_x64(True):
+      dense = f64(None)
+    assert_matches_float64(lambda q, k, v: f(q, k, v, None, ids), dense, q, k, v, cot,
+                           atol=2e-5, grad_atol=1e-4)
+    return
+  # A learned array: its gradient too, from the same backward pass.
+  loss = lambda q, k, v, p: jnp.sum(f(q, k, v, p, ids) * cot)
+  got = f(q, k, v, jnp.asarray(learned), ids)
+  grads = jax.grad(loss, (0, 1, 2, 3))(q, k, v, jnp.asarray(learned))
+  with jax.enable_x64(True):
+    args = [as64(x) for x in (q, k, v, learned)]
+    want = f64(args[3])(*args[:3])
+    want_grads = jax.grad(lambda q, k, v, p: jnp.sum(f64(p)(q, k, v) * cot),
+                          (0, 1, 2, 3))(*args)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  assert np.all(np.abs(np.asarray(want_grads[3])) > 1e-2)     # a gradient worth checking
+  for which, g, w in zip(("q", "k", "v", "learned"), grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=which)
+
+
+@pytest.mark.slow
+def test_tpu_layout_with_a_learned_score_mod_and_a_document_mask_matches_float64():
+  """The TPU program (128-wide blocks, so 200 tokens are 2 x 2 blocks) in
+  the TPU interpreter: learned ALiBi slopes and a traced document mask.
+  (Slow, 20 s: the GPU layout above runs the same mod code, and
+  test_lowering.py lowers it for TPU.)"""
+  t = 200
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, t, H, D)), jnp.float32) for _ in range(3))
+  ids = np.searchsorted([70, 150], np.arange(t), side="right")[None].astype(np.int32)
+  slopes = mods.alibi_slopes(H) * np.float32(4.0)
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  visible = (ids[:, :, None] == ids[:, None, :])[:, None] & (j <= i)
+
+  def f(q, k, v, p, ids):
+    return pallas_attention(q, k, v, score_mod=mods.alibi(p), mask_mod=mods.document(ids),
+                            is_causal=True, target="tpu_interpret")
+
+  def dense(q, k, v, p):
+    return _dense(q, k, v, lambda s: s + p[None, :, None, None] * (j - i), visible)
+
+  cot = rng.normal(size=q.shape)
+  loss = lambda *a: jnp.sum(f(*a) * cot)
+  got = f(q, k, v, jnp.asarray(slopes), jnp.asarray(ids))
+  grads = jax.jit(jax.grad(loss, (0, 1, 2, 3)))(q, k, v, jnp.asarray(slopes), jnp.asarray(ids))
+  with jax.enable_x64(True):
+    args = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, slopes)]
+    want = dense(*args)
+    want_grads = jax.grad(lambda *a: jnp.sum(dense(*a) * cot), (0, 1, 2, 3))(*args)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  for which, g, w in zip(("q", "k", "v", "slopes"), grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=which)
+
+
+def test_mods_the_kernel_cannot_lower_are_refused_and_go_to_blockwise(caplog):
+  """A relative-position table (``table[head, j - i]``, a gather indexed by
+  both positions) is refused by name; dispatch moves on to blockwise on GPU
+  and TPU and logs why, while ALiBi (a gather by head only) stays fused."""
+  table = mods.relative_bias(np.zeros((H, 9), np.float32), 4)
+  shape = kernels.checks.AttentionShape((B,), 2048, 2048, H, H, 64, 64)
+  reason = kernels.get("pallas").refuses(shape, None, table)
+  assert "computes concatenate, gather per (query, key) pair" in reason, reason
+  assert kernels.get("pallas").refuses(shape, mods.document(_documents()),
+                                       mods.alibi(H)) is None
+  features = kernels.requested_features(score_mod=table)
+  kernels.dispatch._LOGGED_CHOICES.clear()
+  with caplog.at_level(logging.INFO, logger="absl"):
+    for platform in ("gpu", "tpu"):
+      assert kernels.select(features, platform, "float32", shape, score_mod=table).name \
+          == "blockwise"
+  logged = " ".join(r.getMessage() for r in caplog.records)
+  assert "pallas (its score mod computes concatenate, gather per (query, key)" in logged, logged
+  q, k, v, _ = _inputs(1)
+  with pytest.raises(ValueError, match=r"'pallas' cannot run this call: its score mod "
+                                       r"computes concatenate, gather"):
+    kernels.dot_product_attention(q, k, v, implementation="pallas", score_mod=table,
+                                  interpret=True)
+  with pytest.raises(ValueError, match=r"pallas_attention: its score mod computes .*gather.*"
+                                       r"blockwise takes any"):
+    pallas_attention(q, k, v, score_mod=table, interpret=True)
