@@ -15,6 +15,7 @@ from attention_lab.data import audio
 from attention_lab.data import captions
 from attention_lab.data import images
 from attention_lab.data import pipeline
+from attention_lab.data import scenes
 from attention_lab.data import sources
 from attention_lab.data import text
 from attention_lab.data import videos
@@ -37,6 +38,8 @@ class DatasetSpec:
     class_names: label names by id, where they read better than numbers.
     fixed_lengths: feature -> length, for features stored at varying
       lengths (``sources.load_split``).
+    example_map: ``config.data -> per-example TensorFlow map`` for examples
+      of varying shape (``sources.load_split``'s ``example_map``), or None.
   """
   source: str
   to_inputs: Callable
@@ -45,6 +48,7 @@ class DatasetSpec:
   vocabulary: Optional[Sequence[str]] = None
   class_names: Optional[Sequence[str]] = None
   fixed_lengths: Optional[Dict[str, int]] = None
+  example_map: Optional[Callable] = None
 
 
 DATASETS: Dict[str, DatasetSpec] = {
@@ -64,6 +68,11 @@ DATASETS: Dict[str, DatasetSpec] = {
     "moving_digits_offline": DatasetSpec("moving_digits_offline", videos.video_inputs, 2),
     "mnist_captions_offline": DatasetSpec("mnist_captions_offline", captions.caption_inputs,
                                           len(captions.WORDS), vocabulary=captions.WORDS),
+    "digit_scenes_offline": DatasetSpec("digit_scenes_offline", scenes.detection_inputs, 10,
+                                        example_map=scenes.pad_objects),
+    # An online TFDS detection dataset reads through the same functions,
+    # e.g. --config.data.name=voc/2007 (20 classes; colour, resized).
+    "voc": DatasetSpec("voc", scenes.detection_inputs, 20, example_map=scenes.pad_objects),
     "speech_commands_offline": DatasetSpec("speech_commands_offline", audio.speech_inputs,
                                            12, audio.augmentation,
                                            class_names=audio.LABELS),
@@ -100,9 +109,11 @@ def build(config) -> Data:
   ``config.batch_size`` and ``config.seed``.
   """
   spec = get_spec(config.data.name)
+  example_map = spec.example_map(config.data) if spec.example_map is not None else None
   train, evaluation = (
       spec.to_inputs(sources.load_split(spec.source, split, config.data.data_dir,
-                                        fixed_lengths=spec.fixed_lengths), config.data)
+                                        fixed_lengths=spec.fixed_lengths,
+                                        example_map=example_map), config.data)
       for split in (config.data.train_split, config.data.eval_split))
   if config.data.grayscale:
     train, evaluation = images.to_grayscale(train), images.to_grayscale(evaluation)

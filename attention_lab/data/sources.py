@@ -6,12 +6,13 @@ the code a user runs with internet is the code the offline tests run.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from attention_lab.data.builders.dates_offline import DatesOffline
+from attention_lab.data.builders.digit_scenes_offline import DigitScenesOffline
 from attention_lab.data.builders.listops_offline import ListopsOffline
 from attention_lab.data.builders.mnist_captions_offline import MnistCaptionsOffline
 from attention_lab.data.builders.mnist_offline import MnistOffline
@@ -24,6 +25,7 @@ LOCAL_BUILDERS = {
     "mnist_offline": MnistOffline,
     "listops_offline": ListopsOffline,
     "dates_offline": DatesOffline,
+    "digit_scenes_offline": DigitScenesOffline,
     "moving_digits_offline": MovingDigitsOffline,
     "mnist_captions_offline": MnistCaptionsOffline,
     "numbers_offline": NumbersOffline,
@@ -50,7 +52,8 @@ def local_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.Datase
 
 def load_split(name: str, split: str, data_dir: Optional[str] = None,
                download: bool = True,
-               fixed_lengths: Optional[Dict[str, int]] = None) -> Dict[str, np.ndarray]:
+               fixed_lengths: Optional[Dict[str, int]] = None,
+               example_map: Optional[Callable] = None) -> Dict[str, np.ndarray]:
   """All examples of one split as numpy arrays, keyed by feature name.
 
   Args:
@@ -62,10 +65,14 @@ def load_split(name: str, split: str, data_dir: Optional[str] = None,
     fixed_lengths: feature -> length for features whose examples differ in
       length (speech clips); each is cut or zero-padded at the end to it, so
       the split stacks into one array.
+    example_map: a TensorFlow function applied to each example before the
+      split is stacked, for datasets whose examples differ in shape in ways
+      ``fixed_lengths`` does not cover (detection: objects per image, image
+      sizes; ``scenes.pad_objects``). It must return fixed shapes.
   """
   tfds.disable_progress_bar()
   data_dir = data_dir or None
-  batch_size = -1 if not fixed_lengths else None
+  batch_size = -1 if not (fixed_lengths or example_map) else None
   if name.partition("/")[0] in LOCAL_BUILDERS:
     builder = local_builder(name, data_dir)
     builder.download_and_prepare()
@@ -75,7 +82,16 @@ def load_split(name: str, split: str, data_dir: Optional[str] = None,
                         download=download)
   if fixed_lengths:
     dataset = _stack_fixed(dataset, fixed_lengths)
-  return {k: np.asarray(v) for k, v in tfds.as_numpy(dataset).items()}
+  elif example_map is not None:
+    dataset = dataset.map(example_map).batch(1 << 30).get_single_element()
+  return _as_arrays(tfds.as_numpy(dataset))
+
+
+def _as_arrays(features):
+  """Numpy arrays keyed as the features, nested features (detection's
+  ``objects``) as nested dicts."""
+  return {k: _as_arrays(v) if isinstance(v, dict) else np.asarray(v)
+          for k, v in features.items()}
 
 
 def _stack_fixed(dataset, fixed_lengths: Dict[str, int]):
