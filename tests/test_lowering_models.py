@@ -82,6 +82,9 @@ KERNELS = {
     # Pallas kernel (splash takes no bias).
     "speech_conformer": (FUSED, FUSED, ""),
     "speech_kwt": (FUSED, FUSED, ""),
+    # Encoder self-attention over the 8x8 cells, decoder self-attention over
+    # the 12 queries and cross-attention from them to the cells, no masks.
+    "scenes_detr": (FUSED, FUSED, ""),
     # Self-attention across the 32 frames of a clip, no mask.
     "video_keyframes": (FUSED, FUSED, ""),
 }
@@ -136,6 +139,10 @@ def batch_spec(config, batch=BATCH):
     label = inputs["target"]
   elif data in ("speech_commands", "speech_commands_offline"):
     inputs = jax.ShapeDtypeStruct((batch, CLIP_SAMPLES), jnp.int16)
+  elif data == "digit_scenes_offline":
+    side = config.data.image_size
+    inputs = jax.ShapeDtypeStruct((batch, side, side, 1), jnp.float32)
+    label = jax.ShapeDtypeStruct((batch, config.data.max_objects, 5), jnp.float32)
   elif data == "moving_digits_offline":
     settings = moving_digits_offline.SETTINGS
     inputs = jax.ShapeDtypeStruct((batch, settings.frames, settings.size, settings.size, 1),
@@ -191,6 +198,17 @@ def chosen(monkeypatch):
   monkeypatch.setattr(dispatch, "select", spy_select)
   monkeypatch.setattr(dispatch, "check_supported", spy_check)
   return record
+
+
+@pytest.fixture(autouse=True)
+def matching_in_the_graph(monkeypatch):
+  """The detection loss matches queries to objects on the host
+  (``tasks.match_queries``: ``jax.pure_callback`` into scipy), which
+  ``jax.export`` cannot serialise (a host callback needs a live backend).
+  A fixed assignment, object ``j`` to query ``j``, stands in for it here, so
+  the rest of the step (model, kernels, losses) lowers as it runs."""
+  monkeypatch.setattr(tasks, "match_queries", lambda cost, valid: jnp.broadcast_to(
+      jnp.arange(valid.shape[-1], dtype=jnp.int32), valid.shape))
 
 
 def fused_calls(text):

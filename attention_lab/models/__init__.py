@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from attention_lab.layers import AttentionConfig
+from attention_lab.models.detection import DETR
 from attention_lab.models.captioning import ShowAttendTell
 from attention_lab.models.captioning import TransformerCaptioner
 from attention_lab.models.image import PixelTransformer
@@ -25,6 +26,7 @@ from attention_lab.models.video import KeyframeDetector
 
 MODELS: Dict[str, Type[nn.Module]] = {
     "conformer": ConformerClassifier,
+    "detr": DETR,
     "keyframe_detector": KeyframeDetector,
     "kwt": KeywordTransformer,
     "pixel_transformer": PixelTransformer,

@@ -17,6 +17,7 @@ from attention_lab.viz.alignment import draw_alignment_examples
 from attention_lab.viz.captions import draw_caption_examples
 from attention_lab.viz.canvas import Pictures
 from attention_lab.viz.cnn import draw_cnn_examples
+from attention_lab.viz.detection import draw_detection_examples
 from attention_lab.viz.images import draw_image_examples
 from attention_lab.viz.speech import draw_speech_examples
 from attention_lab.viz.text import draw_text_examples
@@ -53,6 +54,7 @@ DRAWERS: Dict[str, Drawer] = {
     "caption": draw_caption_examples,
     "cnn": draw_cnn_examples,
     "cross_attention": draw_translation_examples,
+    "detection": draw_detection_examples,
     "image": draw_image_examples,
     "speech": draw_speech_examples,
     "text": draw_text_examples,
