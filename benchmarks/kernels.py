@@ -149,6 +149,7 @@ def print_machine(threads: int, cpus: Sequence[int], torch, no_torch: str) -> No
         f"multi-threading {eigen}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); torch "
         + (f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op, "
            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}" if torch is not None else "-"))
+  print(timing.tuning_line())
 
 
 def matmul_peak(size: int, repeats: int) -> Spread:

@@ -62,23 +62,25 @@ def pin_threads(requested: int) -> Tuple[int, List[int]]:
 
 def cpu_description() -> str:
   """Model name and matmul-relevant flags (first CPU of /proc/cpuinfo)."""
-  model, cpu_flags = None, None
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and model is None:
-          model = value.strip()
-        elif key.strip() == "flags" and cpu_flags is None:
-          cpu_flags = set(value.split())
-  except OSError:
-    pass
-  if cpu_flags is None:
-    return f"cpu {model or 'unknown'} (flags unknown: no /proc/cpuinfo flags)"
-  shown = {"avx512f": "avx512f" in cpu_flags, "avx512_bf16": "avx512_bf16" in cpu_flags,
-           "amx": any(f.startswith("amx") for f in cpu_flags)}
+  from attention_lab.kernels import tuning     # imports jax: only after pin_threads
+  model, shown = tuning.cpu_flags()
+  if not shown:
+    return f"cpu {model} (flags unknown: no /proc/cpuinfo flags)"
   flags_text = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in shown.items())
-  return f"cpu {model or 'unknown'} ({flags_text})"
+  return f"cpu {model} ({flags_text})"
+
+
+def tuning_line() -> str:
+  """Which CPU kernel settings this process runs with: tuned ones from the
+  cache (``benchmarks/tune.py``) or the built-in defaults."""
+  from attention_lab.kernels import tuning
+  path = tuning.cache_path()
+  entry = tuning.read_cache(path).get(tuning.machine_key(), {})
+  if not entry:
+    return (f"tuning: none for this machine in {path}: blockwise's default blocks"
+            if path else f"tuning: off ({tuning.ENV}=off): blockwise's default blocks")
+  return (f"tuning: {len(entry.get('blocks', {}))} tuned block classes, cut-over "
+          f"{entry.get('blockwise_min_kv_length', 'default')} keys, from {path}")
 
 
 def time_rotating(candidates: Dict[str, Callable[[], object]],

@@ -113,6 +113,7 @@ def main(argv):
 
   print(f"machine: {timing.cpu_description()}; {len(cpus)} of {os.cpu_count()} CPUs used; "
         f"jax {jax.__version__} on {jax.default_backend()}")
+  print(timing.tuning_line())
   if FLAGS.quick:
     print("(--quick: tiny sizes and rounds; these numbers only show that the script runs)")
   peak_spread = timing.matmul_peak(FLAGS.peak_size, FLAGS.repeats)

@@ -32,6 +32,7 @@ from attention_lab.kernels import registry
 from attention_lab.kernels import masks
 from attention_lab.kernels import mods
 from attention_lab.kernels import softmax
+from attention_lab.kernels import tuning
 from attention_lab.kernels.blockwise import blockwise_attention
 from attention_lab.kernels.dispatch import attention_fn
 from attention_lab.kernels.dispatch import check_supported
@@ -79,12 +80,12 @@ def cudnn_available() -> bool:
     return False
 
 # Below this many keys dispatch sends CPU calls to the materialised jax.nn
-# formulation. Measured on this project's 2-core AMD EPYC (benchmarks/README.md,
-# 2026-11-30): at 1,024 keys blockwise runs 4.2x jax_nn's forward speed; at
-# 512 the two are level for causal attention and blockwise is 1.35x faster for
-# full attention (on an earlier CPU jax.nn led there). A per-CPU tuned
-# cut-over is open work.
-BLOCKWISE_MIN_KV_LENGTH = 1024
+# formulation. Measured on this project's 2-core AMD EPYC (benchmarks/tune.py,
+# 2026-11-30, forward+backward, head_dim 64): blockwise was 1.37x jax_nn at 512
+# keys full and 1.19x causal, 1.45x and 1.38x at 256 (on an earlier CPU jax.nn
+# led at 512). benchmarks/tune.py measures the cut-over on the current CPU
+# (kernels.tuning), which replaces this default there.
+BLOCKWISE_MIN_KV_LENGTH = 512
 
 
 register(KernelSpec(
@@ -121,7 +122,7 @@ register(KernelSpec(
     name="blockwise", fn=blockwise_attention,
     features=frozenset({"mask", "bias", "causal", "window", "residual", "score_mod",
                         "mask_mod", "dropout"}),
-    applies=lambda s: s.kv_length >= BLOCKWISE_MIN_KV_LENGTH,
+    applies=lambda s: s.kv_length >= tuning.blockwise_min_kv_length(BLOCKWISE_MIN_KV_LENGTH),
     description="online softmax over key blocks, custom_vjp; O(length) memory; "
                 "grouped K/V heads without copies, hashed dropout"))
 register(KernelSpec(

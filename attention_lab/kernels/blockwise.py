@@ -33,17 +33,21 @@ from jax import lax
 from attention_lab.kernels import checks
 from attention_lab.kernels import masks
 from attention_lab.kernels import mods
+from attention_lab.kernels import tuning
 from attention_lab.kernels.dropout import dropout_keep
 from attention_lab.kernels.dropout import dropout_seed
 from attention_lab.kernels.masks import _window_sides
 from attention_lab.kernels.reference import heads_major
 
-# Measured on a 2-core CPU (benchmarks/README.md): 256 x 1024 blocks are the
-# fastest for full attention; banded (causal, windowed) attention skips and
-# masks at key-block granularity, where 512 wastes less.
-DEFAULT_BLOCK_Q = 256
-DEFAULT_BLOCK_K = 1024
-DEFAULT_BLOCK_K_BANDED = 512
+# (block_q, block_k) when this CPU has no tuned blocks (kernels.tuning;
+# benchmarks/tune.py measures them), for full and for banded (causal,
+# windowed, mask_mod) attention. Measured on this project's 2-core AMD EPYC
+# (benchmarks/README.md), forward+backward: 128 x 1024 is the fastest or
+# within 2% of it for full attention at 1,024-4,096 keys and head_dim 32 and
+# 64 (256 x 1024, the earlier default, was 7-23% slower); banded attention
+# skips and masks at key-block granularity, where 256 x 512 was the fastest
+# at every length but one.
+DEFAULT_BLOCKS = {False: (128, 1024), True: (256, 512)}
 _NEG_INF = -jnp.inf
 
 
@@ -486,7 +490,7 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
                         score_mod=None, mask_mod=None,
                         dropout_rate: float = 0.0, dropout_rng=None,
                         broadcast_dropout: bool = True,
-                        block_q: int = DEFAULT_BLOCK_Q,
+                        block_q: Optional[int] = None,
                         block_k: Optional[int] = None):
   """Flash-style attention; same arguments and shapes as ``reference_attention``.
 
@@ -513,8 +517,11 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
       ``broadcast_dropout`` one mask for every sequence and head), the mask
       ``kernels.dropout.dropout_keep`` of seeds drawn from ``dropout_rng``
       (the Pallas kernel's mask), regenerated per block in the backward.
-    block_q / block_k: block sizes (clipped to the padded lengths); block_k
-      defaults to 1024, or 512 for causal, windowed or ``mask_mod`` attention.
+    block_q / block_k: block sizes (clipped to the padded lengths). When
+      neither is given: the ones ``benchmarks/tune.py`` measured fastest on
+      this CPU for the shape class (``kernels.tuning``), else
+      ``DEFAULT_BLOCKS``: 128 x 1024, or 256 x 512 for causal, windowed or
+      ``mask_mod`` attention.
 
   Returns:
     ``[batch..., q_length, heads, value_dim]`` in the query dtype (and the
@@ -525,9 +532,12 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
   flat = math.prod(batch) if batch else 1
   checks.check_lengths("blockwise_attention", "q_lengths", q_lengths, batch)
   checks.check_lengths("blockwise_attention", "kv_lengths", kv_lengths, batch)
-  if block_k is None:
-    banded = is_causal or local_window_size is not None or mask_mod is not None
-    block_k = DEFAULT_BLOCK_K_BANDED if banded else DEFAULT_BLOCK_K
+  banded = is_causal or local_window_size is not None or mask_mod is not None
+  if block_q is None and block_k is None:
+    block_q, block_k = (tuning.blocks(banded, shape.kv_length, shape.head_dim)
+                        or (None, None))
+  block_q = DEFAULT_BLOCKS[banded][0] if block_q is None else block_q
+  block_k = DEFAULT_BLOCKS[banded][1] if block_k is None else block_k
   if block_q <= 0 or block_k <= 0:
     raise ValueError(f"blockwise_attention: block sizes must be positive, got {block_q}, {block_k}")
   block_q = min(block_q, _round_up(shape.q_length, 8))
