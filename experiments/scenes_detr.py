@@ -3,7 +3,7 @@ encoder over its 8x8 feature grid, learned object queries decoded with
 cross-attention, Hungarian matching (class + L1 + GIoU) as the loss.
 
 Data: ``digit_scenes_offline`` (64x64 scenes of one to five MNIST digits of
-16 to 28 pixels, a little overlap, digit fragments as clutter; 8,000 train
+16 to 28 pixels, a little overlap, digit fragments as clutter; 30,000 train
 scenes, 1,000 test scenes from held-out digits only). Any TFDS detection
 dataset reads through the same pipeline (``--config.data.name=voc/2007
 --config.model.num_classes=20``; its images are resized to
@@ -24,11 +24,11 @@ from experiments._base import base_config
 def get_config():
   config = base_config()
   config.task = "detection"
-  config.total_steps = 6000
+  config.total_steps = 7000
   config.batch_size = 32
   config.eval_batch_size = 250
   config.log_every = 100
-  config.eval_every = 2000
+  config.eval_every = 3500
   config.checkpoint_every = 1000
 
   config.optimizer.learning_rate = 1e-3
