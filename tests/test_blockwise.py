@@ -124,3 +124,56 @@ def test_memory_grows_linearly_with_length(form):
             kernels.reference_attention(q, k, v, is_causal=True) ** 2), (0, 1, 2))(q, k, v),
         dense, dense, dense)
     assert reference_temp >= score_matrix        # the materialising kernel, for contrast
+
+
+def test_many_sequences_run_in_passes_and_match_float64(monkeypatch):
+  """With more score bytes per block than ``PASS_BYTES`` the batch rows go
+  through the block loops in passes (a lax.map); a bias per row is split
+  with them, one shared by every row is passed whole, lengths split too.
+  Output and every gradient (bias included) against a float64 softmax
+  written out here."""
+  from attention_lab.kernels import blockwise
+  batch, length, heads, dim = 6, 70, 2, 8
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.normal(size=(batch, length, heads, dim)), jnp.float32)
+             for _ in range(3))
+  lengths = jnp.asarray([70, 41, 3, 70, 1, 64])
+  cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  # 2 rows per pass: 2 rows x 2 heads x 16 x 32 float32 scores per block.
+  monkeypatch.setattr(blockwise, "PASS_BYTES", 2 * heads * 16 * 32 * 4)
+  assert blockwise._rows_per_pass(batch, heads, 16, 32) == 2
+
+  def dense64(q, k, v, bias):
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dim) + bias
+    keep = (np.arange(length)[None, :] <= np.arange(length)[:, None])[None, None]
+    keep = keep & (np.arange(length)[None, None, None, :] < np.asarray(lengths)[:, None, None, None])
+    s = np.where(keep, s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v)
+
+  for bias_shape in [(batch, heads, length, length), (1, heads, length, length)]:
+    bias = jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
+    f = lambda q, k, v, b: blockwise_attention(q, k, v, b, kv_lengths=lengths, is_causal=True,
+                                               block_q=16, block_k=32)
+    jaxpr = str(jax.make_jaxpr(f)(q, k, v, bias))
+    assert "3,2,2,80,8" in jaxpr.replace(" ", "")    # [3 passes, 2 rows, heads, T padded, d]
+    got = f(q, k, v, bias)
+    np.testing.assert_allclose(got, dense64(*(np.float64(x) for x in (q, k, v, bias))),
+                               atol=2e-5)
+    grads = jax.grad(lambda *a: jnp.sum(f(*a) * cot), (0, 1, 2, 3))(q, k, v, bias)
+    # Gradients of the float64 definition by central differences would be
+    # slow; jax's autodiff of the same NumPy-free formula in float64 is the
+    # independent reference here (no blockwise code in it).
+    with jax.enable_x64(True):
+      def dense_jax(q, k, v, b):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dim) + b
+        keep = (jnp.arange(length)[None, :] <= jnp.arange(length)[:, None])[None, None]
+        keep = keep & (jnp.arange(length)[None, None, None, :] < lengths[:, None, None, None])
+        w = jax.nn.softmax(jnp.where(keep, s, -jnp.inf), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", w, v)
+      as64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
+      want = jax.grad(lambda *a: jnp.sum(dense_jax(*a) * as64(cot)), (0, 1, 2, 3))(
+          as64(q), as64(k), as64(v), as64(bias))
+    for name, g, w in zip(["q", "k", "v", "bias"], grads, want):
+      assert g.shape == w.shape, name
+      np.testing.assert_allclose(g, w, atol=1e-4, err_msg=name)
