@@ -177,3 +177,52 @@ def test_mods_the_kernel_cannot_lower_are_refused_and_go_to_blockwise(caplog):
   with pytest.raises(ValueError, match=r"pallas_attention: its score mod computes .*gather.*"
                                        r"blockwise takes any"):
     pallas_attention(q, k, v, score_mod=table, interpret=True)
+
+
+MESH_CHECK = """
+import numpy as np, jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from attention_lab import kernels
+from attention_lab.kernels import mods
+mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.normal(size=(4, 48, 2, 8)), jnp.float32) for _ in range(3))
+ids = np.stack([np.searchsorted(c, np.arange(48), side="right")
+                for c in ([10], [20, 30], [5], [40])]).astype(np.int32)
+slopes = jnp.asarray(mods.alibi_slopes(2))
+
+def loss(q, k, v, slopes, ids, impl, **kw):
+  out = kernels.dot_product_attention(q, k, v, implementation=impl, score_mod=mods.alibi(slopes),
+                                      mask_mod=mods.document(ids), **kw)
+  return jnp.sum(out * jnp.cos(out)), out
+
+grad = lambda impl, ids, **kw: jax.value_and_grad(
+    lambda q, k, v, s: loss(q, k, v, s, ids, impl, **kw), (0, 1, 2, 3), has_aux=True)
+(_, want), want_grads = grad("reference", ids)(q, k, v, slopes)
+with jax.set_mesh(mesh):
+  rows = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+  fused = jax.jit(grad("pallas", ids, interpret=True, block_q=16, block_k=16))
+  (_, got), grads = fused(rows(q), rows(k), rows(v), slopes)
+  try:
+    jax.jit(lambda q, ids: loss(q, q, q, slopes, ids, "pallas", interpret=True))(
+        rows(q), jnp.asarray(ids))
+    print("traced ids: ran")
+  except ValueError as e:
+    print("traced ids:", e)
+print("errors", float(jnp.max(jnp.abs(got - want))),
+      *(float(jnp.max(jnp.abs(a - b))) for a, b in zip(grads, want_grads)))
+"""
+
+
+@pytest.mark.slow
+def test_per_device_rows_read_their_own_documents_on_a_data_mesh():
+  """Under a 2-device data mesh dispatch runs the kernel per device on its
+  rows: a document mask must read each row's own ids (global batch index),
+  output and gradients as the reference's; traced ids there are refused
+  with the reason (slow: a fresh process with two CPU devices)."""
+  from conftest import run_on_devices
+  out = run_on_devices(2, MESH_CHECK)
+  assert ("traced ids: attention kernel 'pallas' cannot run this call: its mask mod reads "
+          "a traced array by the batch index") in out, out
+  errors = [float(x) for x in out.split("errors")[1].split()]
+  assert errors[0] < 2e-5 and max(errors[1:]) < 2e-4, errors

@@ -11,6 +11,7 @@ only the CPU branch (no run-time cost). Each choice is logged once.
 from __future__ import annotations
 
 import functools
+import math
 from typing import FrozenSet, Optional
 
 import jax
@@ -169,10 +170,10 @@ def _run(spec: registry.KernelSpec, query, key, value, bias, mask, q_lengths, kv
 
   kv = kwargs.pop("kv_lengths", None)
 
-  def call(query, key, value, bias, mask, kv):
+  def call(query, key, value, bias, mask, kv, first_row=None):
     extra = {} if kv is None else {"kv_lengths": kv}
     return spec.fn(query, key, value, bias=bias, mask=mask, scale=scale,
-                   is_causal=is_causal, **kwargs, **extra)
+                   is_causal=is_causal, **_shift_batch(kwargs, first_row), **extra)
 
   devices = _data_axis_size()
   bias_spec = _per_device_bias_spec(bias, shape)
@@ -185,8 +186,12 @@ def _run(spec: registry.KernelSpec, query, key, value, bias, mask, q_lengths, kv
     # Manual over every mesh axis: Mosaic refuses a kernel while any axis is
     # still left to the automatic partitioner (rows are replicated over the
     # others, so each device attends over its own rows in full).
+    # A device's rows are rows [i * rows, (i + 1) * rows) of the whole
+    # batch: the mods see those global batch indices (a document mask reads
+    # its own sequence's ids).
+    first_row = lambda q: jax.lax.axis_index(DATA_AXIS) * math.prod(q.shape[:len(shape.batch)])
     per_device = jax.shard_map(
-        lambda q, k, v, kv, bias: call(q, k, v, bias, None, kv),
+        lambda q, k, v, kv, bias: call(q, k, v, bias, None, kv, first_row(q)),
         in_specs=(rows,) * 4 + (bias_spec or P(),),     # None: an empty pytree
         out_specs=rows, axis_names=set(jax.sharding.get_abstract_mesh().axis_names),
         check_vma=False)
@@ -214,6 +219,21 @@ def _run(spec: registry.KernelSpec, query, key, value, bias, mask, q_lengths, kv
     else:
       out = jnp.where(valid[..., None], out, 0).astype(out.dtype)
   return out
+
+
+def _shift_batch(kwargs, first_row):
+  """``kwargs`` with its score_mod / mask_mod reading batch index
+  ``first_row + b`` for local row ``b`` (None: unchanged)."""
+  if first_row is None:
+    return kwargs
+  kwargs = dict(kwargs)
+  if kwargs.get("score_mod") is not None:
+    score_mod = kwargs["score_mod"]
+    kwargs["score_mod"] = lambda score, b, *index: score_mod(score, b + first_row, *index)
+  if kwargs.get("mask_mod") is not None:
+    mask_mod = kwargs["mask_mod"]
+    kwargs["mask_mod"] = lambda b, *index: mask_mod(b + first_row, *index)
+  return kwargs
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *,

@@ -53,7 +53,9 @@ INSIDE_PRIMITIVES = frozenset({
     "shift_left", "shift_right_logical", "shift_right_arithmetic", "copy", "copy_p",
     "stop_gradient", "jit", "pjit", "custom_jvp_call",
 })
-_SCORE, _BATCH, _HEAD, _Q, _K, _PARAM = "s", "b", "h", "q", "k", "p"
+# What a value depends on: the score, the four indices, a learned array (a
+# traced float the mod closes over) and any traced array.
+_SCORE, _BATCH, _HEAD, _Q, _K, _PARAM, _TRACED = "s", "b", "h", "q", "k", "p", "t"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Value:
   shape: Tuple[int, int]
   dtype: object
   grad: bool            # float and reads a learned (traced float) array
+  traced: bool = False  # reads a traced array (known only inside jit)
 
   @property
   def stored_dtype(self):
@@ -258,8 +261,9 @@ def split(fn: Callable, kind: str, block_q: int, block_k: int, q_len: int,
   for var, tag in zip(jaxpr.invars, tags):
     deps[var] = frozenset({tag})
   for var, c in zip(jaxpr.constvars, consts):
-    learned = isinstance(c, jax.core.Tracer) and jnp.issubdtype(c.dtype, jnp.inexact)
-    deps[var] = frozenset({_PARAM} if learned else ())
+    traced = isinstance(c, jax.core.Tracer)
+    learned = traced and jnp.issubdtype(c.dtype, jnp.inexact)
+    deps[var] = frozenset(({_PARAM} if learned else set()) | ({_TRACED} if traced else set()))
   of = lambda v: frozenset() if isinstance(v, jex_core.Literal) else deps[v]
   inside_eqns, inside_vars = [], set()
   for eqn in jaxpr.eqns:
@@ -298,7 +302,7 @@ def split(fn: Callable, kind: str, block_q: int, block_k: int, q_len: int,
     d = deps[var]
     grad = _PARAM in d and jnp.issubdtype(var.aval.dtype, jnp.inexact)
     values.append(Value(var, _BATCH in d, _HEAD in d, _Q in d, _K in d, (a, c),
-                        var.aval.dtype, grad and kind == "score_mod"))
+                        var.aval.dtype, grad and kind == "score_mod", _TRACED in d))
   for v in jaxpr.outvars:
     if isinstance(v, jex_core.Literal):
       continue
@@ -310,12 +314,23 @@ def split(fn: Callable, kind: str, block_q: int, block_k: int, q_len: int,
 
 
 def refusal(fn: Optional[Callable], kind: str, block_q: int, block_k: int, q_len: int,
-            kv_len: int) -> Optional[str]:
-  """Why ``fn`` cannot run inside the Pallas kernel (None: it can)."""
+            kv_len: int, per_device: bool = False) -> Optional[str]:
+  """Why ``fn`` cannot run inside the Pallas kernel (None: it can).
+
+  ``per_device``: the kernel will run per device on its rows of the batch
+  (a data-parallel mesh). A traced array read by the batch index (document
+  ids passed into ``jit``) cannot be indexed by a device's global rows
+  inside that ``shard_map`` (JAX cannot place the gather), so such a mod is
+  refused there; concrete arrays and traced ones read by head or position
+  (learned ALiBi slopes) are fine.
+  """
   if fn is None:
     return None
   try:
-    split(fn, kind, block_q, block_k, q_len, kv_len)
+    parts = split(fn, kind, block_q, block_k, q_len, kv_len)
   except Refused as e:
     return str(e)
+  if per_device and any(v.per_batch and v.traced for v in parts.values):
+    return (f"its {kind.replace('_', ' ')} reads a traced array by the batch index, which "
+            f"the per-device kernel of a data-parallel mesh cannot index")
   return None

@@ -579,8 +579,12 @@ def pallas_refusal(shape: checks.AttentionShape, mask_mod, score_mod=None) -> Op
   block size, so the GPU's default blocks stand for every target."""
   block_q = max(16, min(DEFAULT_BLOCK_Q, pl.next_power_of_2(shape.q_length)))
   block_k = max(16, min(DEFAULT_BLOCK_K, pl.next_power_of_2(shape.kv_length)))
+  mesh = jax.sharding.get_abstract_mesh()
+  # Dispatch runs a per_device kernel in a shard_map over a "data" axis.
+  per_device = not mesh.empty and mesh.shape.get("data", 1) > 1
   for fn, kind in ((score_mod, "score_mod"), (mask_mod, "mask_mod")):
-    reason = fused_mods.refusal(fn, kind, block_q, block_k, shape.q_length, shape.kv_length)
+    reason = fused_mods.refusal(fn, kind, block_q, block_k, shape.q_length, shape.kv_length,
+                                per_device)
     if reason:
       return reason
   return None
