@@ -165,10 +165,12 @@ class DETR(nn.Module):
                                                                  maxval=0.95),
                            (self.num_queries, 2))
     y = jnp.zeros((batch, self.num_queries, self.hidden_dim), memory.dtype)
+    # Logits in float32, as in every model here: they feed the loss.
     class_head = nn.Dense(self.num_classes + 1, dtype=jnp.float32, name="class_head")
     box_hidden = [nn.Dense(self.hidden_dim, dtype=self.dtype, name=f"box_hidden{i}")
                   for i in range(2)]
-    box_out = nn.Dense(4, dtype=jnp.float32, kernel_init=nn.initializers.zeros,
+    # Zeros: every query starts at its reference point with the prior size.
+    box_out = nn.Dense(4, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                        name="box_out")
     out_norm = nn.LayerNorm(dtype=self.dtype, name="decoder_norm")
     logits, boxes = [], []
@@ -182,8 +184,9 @@ class DETR(nn.Module):
       z = h
       for dense in box_hidden:
         z = nn.relu(dense(z))
-      delta = box_out(z)
-      # Logits in float32, as in every model here: they feed the loss.
+      # The offsets leave the compute dtype here: the sigmoids and the
+      # boxes, which feed the loss, are float32.
+      delta = box_out(z).astype(jnp.float32)
       centre = jax.nn.sigmoid(delta[..., :2] + jax.scipy.special.logit(reference))
       # The size starts at sigmoid(-2) = 0.12 of the image, about a digit's.
       size = jax.nn.sigmoid(delta[..., 2:] - 2.0)
