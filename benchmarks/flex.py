@@ -21,6 +21,14 @@ float32 by default) in one process, side by side:
 - ``documents dense mask``: the same mask as a dense boolean
   ``[1, 1, L, L]`` ``mask=`` argument.
 
+With torch importable, PyTorch's ``flex_attention`` compiled with
+``torch.compile`` runs beside every case it expresses (the same score_mod,
+or a ``create_block_mask`` block mask; a dense mask it has no place for), on
+the same number of threads, forward only: torch's CPU FlexAttention has no
+backward (it raises ``NotImplementedError``). Its compile takes tens of
+seconds per case and length. ``vs flex`` is torch's median over ours (above
+1.0 = ours faster).
+
 After one compile/warm-up call each, ``--repeats`` rounds time every case
 once, the order rotating by one each round (as ``benchmarks/kernels.py``).
 A cell is the median milliseconds with the min-max spread; ``vs`` is the
@@ -59,9 +67,12 @@ flags.DEFINE_bool("backward", True, "also time forward+backward (gradients wrt q
 flags.DEFINE_list("cases", [], "cases to run (default: all)")
 flags.DEFINE_bool("quick", False, "tiny sizes and few rounds: checks the script runs, "
                   "its numbers mean nothing")
+flags.DEFINE_bool("torch", True, "time PyTorch's compiled flex_attention (forward) beside "
+                  "each case it expresses, when torch is importable")
 FLAGS = flags.FLAGS
 
-QUICK = {"lengths": ["256"], "heads": 2, "head_dim": 32, "repeats": 3}
+# --quick leaves torch's flex out: its compile alone takes minutes.
+QUICK = {"lengths": ["256"], "heads": 2, "head_dim": 32, "repeats": 3, "torch": False}
 # case -> its baseline (the ratio column divides by the baseline's median).
 BASELINE = {
     "causal": None, "causal mask_mod": "causal", "causal+alibi": "causal",
@@ -109,6 +120,46 @@ def make_cases(length: int) -> Dict[str, Tuple[Callable, tuple]]:
   return {name: cases[name] for name in chosen}
 
 
+def torch_flex_cases(length: int, q, k, v):
+  """case -> forward closure of torch's compiled ``flex_attention`` on the
+  same inputs (heads-major copies), for the cases it expresses; ``{}``
+  without torch."""
+  try:
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention
+  except ImportError:
+    return {}
+  import numpy as np
+  from attention_lab.kernels import mods
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  as_torch = lambda x: torch.from_numpy(np.asarray(x, np.float32).transpose(0, 2, 1, 3).copy())
+  tq, tk, tv = as_torch(q), as_torch(k), as_torch(v)
+  ids = torch.from_numpy(document_ids(length, FLAGS.documents))
+  slopes = torch.from_numpy(np.asarray(mods.alibi_slopes(FLAGS.heads)))
+  causal = lambda b, h, qi, ki: qi >= ki
+  documents = lambda b, h, qi, ki: ids[b, qi] == ids[b, ki]
+  alibi = lambda s, b, h, qi, ki: s + slopes[h] * (ki - qi)
+  softcap = lambda s, b, h, qi, ki: 20.0 * torch.tanh(s / 20.0)
+  block = lambda fn, batch: create_block_mask(fn, batch, None, length, length, device="cpu")
+  causal_blocks, doc_blocks = block(causal, None), block(documents, FLAGS.batch)
+  compiled = torch.compile(flex_attention)
+
+  def run(**kw):
+    def forward():
+      with torch.no_grad():
+        return compiled(tq, tk, tv, **kw)
+    return forward
+
+  cases = {"causal": run(block_mask=causal_blocks),
+           "causal mask_mod": run(block_mask=causal_blocks),
+           "causal+alibi": run(score_mod=alibi, block_mask=causal_blocks),
+           "causal+softcap": run(score_mod=softcap, block_mask=causal_blocks),
+           "documents mask_mod": run(block_mask=doc_blocks),
+           "documents traced ids": run(block_mask=doc_blocks)}
+  return {name: fn for name, fn in cases.items() if name in (FLAGS.cases or cases)}
+
+
 def runners(fn, extra, q, k, v):
   """(forward, forward+backward) closures that block until done."""
   import jax
@@ -137,18 +188,24 @@ def main(argv):
   _, cpus = pin_threads(FLAGS.threads)       # before JAX sizes its thread pool
   import jax
   import jaxlib
+  import numpy as np
+  from attention_lab.kernels import blockwise
   from attention_lab.kernels import masks
   from attention_lab.kernels import mods
+  from attention_lab.kernels import tuning
 
   print(f"machine: {cpu_description()}; {len(cpus)} of {os.cpu_count()} CPUs used; "
         f"jax {jax.__version__} (jaxlib {jaxlib.__version__}) on {jax.default_backend()}")
+  print(timing.tuning_line())
   if FLAGS.quick:
     print("(--quick: tiny sizes and rounds; these numbers only show that the script runs)")
   print(f"blockwise, batch {FLAGS.batch}, heads {FLAGS.heads}, head_dim {FLAGS.head_dim}, "
-        f"{FLAGS.dtype}, default blocks; {FLAGS.documents} documents; ms as median (min-max) "
+        f"{FLAGS.dtype}; {FLAGS.documents} documents; ms as median (min-max) "
         f"of {FLAGS.repeats} rounds, order rotated each round")
   header = "| length | case | skipped blocks | fwd ms | fwd vs | "
   header += "fwd+bwd ms | fwd+bwd vs |" if FLAGS.backward else ""
+  header += " torch flex fwd ms | vs flex | max abs diff |" if FLAGS.torch else ""
+  header = header.replace("|  ", "| ")
   print(header)
   print("|" + "---|" * (header.count("|") - 1), flush=True)
   dtype = jax.numpy.dtype(FLAGS.dtype)
@@ -160,10 +217,16 @@ def main(argv):
     fwd, bwd = {}, {}
     for name, (fn, extra) in cases.items():
       fwd[name], bwd[name] = runners(fn, extra, q, k, v)
-    f_times, _ = time_rotating(fwd, FLAGS.repeats)
+    flex = torch_flex_cases(length, q, k, v) if FLAGS.torch else {}
+    # torch's flex runs in the same rotation as ours (one candidate per case).
+    f_times, _ = time_rotating({**fwd, **{f"torch {n}": f for n, f in flex.items()}},
+                               FLAGS.repeats)
     b_times = time_rotating(bwd, FLAGS.repeats)[0] if FLAGS.backward else {}
     ids = document_ids(length, FLAGS.documents)
-    block_q, block_k = min(256, length), min(512, length)    # blockwise's defaults here
+    # The blocks blockwise runs these banded cases with (tuned or default).
+    block_q, block_k = (tuning.blocks(True, length, FLAGS.head_dim)
+                        or blockwise.DEFAULT_BLOCKS[True])
+    block_q, block_k = min(block_q, length), min(block_k, length)
     static = {"causal mask_mod": mods.causal(), "documents mask_mod": mods.document(ids)}
     for name in cases:
       table = (masks.block_mask(static[name], FLAGS.batch, FLAGS.heads, length, length,
@@ -173,6 +236,16 @@ def main(argv):
               f"{ratio(f_times, name)} |")
       if FLAGS.backward:
         line += f" {b_times[name].ms()} | {ratio(b_times, name)} |"
+      if FLAGS.torch:
+        theirs = f_times.get(f"torch {name}")
+        if theirs is None:
+          line += " - | - | - |"
+        else:
+          # The same attention? Our output against torch's (heads-major back).
+          diff = abs(np.asarray(fwd[name]()) -
+                     flex[name]().numpy().transpose(0, 2, 1, 3)).max()
+          line += (f" {theirs.ms()} | {theirs.median / f_times[name].median:.2f}"
+                   f"{' within noise' if theirs.overlaps(f_times[name]) else ''} | {diff:.1e} |")
       print(line, flush=True)
 
 
