@@ -232,7 +232,7 @@ def test_tpu_programs_match_float64_in_the_tpu_interpreter(name, form):
     np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mods_form", ["alibi_learned_documents", "softcap_bf16"])
+@pytest.mark.parametrize("mods_form", ["alibi_learned_documents", "softcap_prefix_bf16"])
 def test_score_mods_lower_our_pallas_kernel_with_their_gradients(mods_form):
   """A score_mod (and a mask_mod reading traced document ids) runs fused in
   our Pallas kernel on both accelerators (splash takes no score_mod): the
@@ -245,8 +245,8 @@ def test_score_mods_lower_our_pallas_kernel_with_their_gradients(mods_form):
   def fn(q, k, v, slopes, ids):
     if mods_form == "alibi_learned_documents":
       kw = dict(score_mod=mods.alibi(slopes), mask_mod=mods.document(ids), is_causal=True)
-    else:
-      kw = dict(score_mod=mods.softcap(30.0), is_causal=True)
+    else:                  # a static mask_mod: its block mask skips empty blocks
+      kw = dict(score_mod=mods.softcap(30.0), mask_mod=mods.prefix_lm(np.array([100, 0])))
     return jnp.sum(kernels.dot_product_attention(q, k, v, **kw).astype(jnp.float32))
 
   args = _abstract(dtype) + (jax.ShapeDtypeStruct((4,), jnp.float32),

@@ -188,8 +188,11 @@ def _run(spec: registry.KernelSpec, query, key, value, bias, mask, q_lengths, kv
     # others, so each device attends over its own rows in full).
     # A device's rows are rows [i * rows, (i + 1) * rows) of the whole
     # batch: the mods see those global batch indices (a document mask reads
-    # its own sequence's ids).
-    first_row = lambda q: jax.lax.axis_index(DATA_AXIS) * math.prod(q.shape[:len(shape.batch)])
+    # its own sequence's ids). Splash, which takes no score_mod, refuses a
+    # mask_mod of the batch index and evaluates its mask_mod on the host, so
+    # it gets none (the offset is a device value).
+    first_row = lambda q: (jax.lax.axis_index(DATA_AXIS) * math.prod(q.shape[:len(shape.batch)])
+                           if spec.supports("score_mod") else None)
     per_device = jax.shard_map(
         lambda q, k, v, kv, bias: call(q, k, v, bias, None, kv, first_row(q)),
         in_specs=(rows,) * 4 + (bias_spec or P(),),     # None: an empty pytree

@@ -40,6 +40,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -47,6 +48,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from attention_lab.kernels import checks
 from attention_lab.kernels import fused_mods
+from attention_lab.kernels import masks
 from attention_lab.kernels.dropout import dropout_keep
 from attention_lab.kernels.dropout import dropout_seed
 from attention_lab.kernels.masks import _window_sides
@@ -70,8 +72,11 @@ class _Setting:
 
   def __init__(self, q_len, kv_len, block_q, block_k, scale, causal, window, tpu,
                keep_prob=None, broadcast_dropout=True, heads=1, bias_shape=None,
-               score_split=None, mask_split=None):
+               score_split=None, mask_split=None, block_table=False):
     self.q_len, self.kv_len = q_len, kv_len
+    # A static mask_mod's block mask (masks.block_mask) as kernel inputs:
+    # each program visits only the blocks it needs (empty ones skipped).
+    self.block_table = block_table
     # score_mod / mask_mod split at the block (fused_mods.Split), or None.
     self.score_split, self.mask_split = score_split, mask_split
     # Dropout on the weights: None, or the probability of keeping one.
@@ -154,6 +159,17 @@ class _Setting:
     values = self.score_split.values
     return [i for i in self.score_split.grads if values[i].per_k == (kernel == "dkdv")]
 
+  def visit(self, over, i, table_refs, body, init):
+    """``fori_loop`` of ``body(block, carry)`` over the key blocks query
+    block ``i`` needs (``over="keys"``), or the query blocks that need key
+    block ``i`` (``"queries"``): from the block table when there is one,
+    else the causal / window band."""
+    if self.block_table:
+      order, count = table_refs[:2] if over == "keys" else table_refs[2:]
+      return lax.fori_loop(0, count[i], lambda t, carry: body(order[i, t], carry), init)
+    lo, hi = self.key_blocks(i) if over == "keys" else self.query_blocks(i)
+    return lax.fori_loop(lo, hi, body, init)
+
   def mods(self, s, ok, qi, kj, score_refs, mask_refs, with_vjp=False):
     """The mods on one ``[bq, bk]`` block: ``(s, ok, back)`` with ``ok``
     narrowed by the mask_mod, ``s`` the score_mod's score and ``back`` (with
@@ -214,6 +230,7 @@ def _forward_kernel(*refs, st: _Setting):
   len_ref, seed_ref, q_ref, k_ref, v_ref, *rest = refs
   bias_ref = rest.pop(0) if st.bias_shape else None
   score_refs, mask_refs = _take(rest, st.n_score), _take(rest, st.n_mask)
+  table_refs = _take(rest, 4 if st.block_table else 0)
   o_ref, lse_ref = rest
   qi = pl.program_id(2)
   kv_valid = st.kv_valid(len_ref)
@@ -239,10 +256,9 @@ def _forward_kernel(*refs, st: _Setting):
     acc = correction * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, l, acc
 
-  lo, hi = st.key_blocks(qi)
   init = (jnp.full((st.bq, 1), _MASKED, jnp.float32), jnp.zeros((st.bq, 1), jnp.float32),
           jnp.zeros((st.bq, dv), jnp.float32))
-  m, l, acc = lax.fori_loop(lo, hi, body, init)
+  m, l, acc = st.visit("keys", qi, table_refs, body, init)
   has_key = l > 0.0
   safe_l = jnp.where(has_key, l, 1.0)
   o_ref[...] = jnp.where(has_key, acc / safe_l, 0.0).astype(o_ref.dtype)
@@ -253,6 +269,7 @@ def _dkdv_kernel(*refs, st: _Setting):
   len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
   bias_ref = rest.pop(0) if st.bias_shape else None
   score_refs, mask_refs = _take(rest, st.n_score), _take(rest, st.n_mask)
+  table_refs = _take(rest, 4 if st.block_table else 0)
   dk_ref, dv_ref = _take(rest, 2)
   dbias_ref = rest.pop(0) if st.bias_shape else None
   grads = st.grads_in("dkdv")
@@ -287,10 +304,9 @@ def _dkdv_kernel(*refs, st: _Setting):
       dbias_ref[rows, :] = ds.astype(dbias_ref.dtype)      # d bias = d scores
     return (dk, dv, *dmods)
 
-  lo, hi = st.query_blocks(kj)
   init = [jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)]
   init += [jnp.zeros(st.score_split.values[i].shape, jnp.float32) for i in grads]
-  dk, dv, *dmods = lax.fori_loop(lo, hi, body, tuple(init))
+  dk, dv, *dmods = st.visit("queries", kj, table_refs, body, tuple(init))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
   for ref, d in zip(dmod_refs, dmods):
@@ -301,6 +317,7 @@ def _dq_kernel(*refs, st: _Setting):
   len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
   bias_ref = rest.pop(0) if st.bias_shape else None
   score_refs, mask_refs = _take(rest, st.n_score), _take(rest, st.n_mask)
+  table_refs = _take(rest, 4 if st.block_table else 0)
   dq_ref, *dmod_refs = rest
   grads = st.grads_in("dq")
   qi = pl.program_id(2)
@@ -326,10 +343,9 @@ def _dq_kernel(*refs, st: _Setting):
     dq = dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * st.scale
     return (dq, *dmods)
 
-  lo, hi = st.key_blocks(qi)
   init = [jnp.zeros(q.shape, jnp.float32)]
   init += [jnp.zeros(st.score_split.values[i].shape, jnp.float32) for i in grads]
-  dq, *dmods = lax.fori_loop(lo, hi, body, tuple(init))
+  dq, *dmods = st.visit("keys", qi, table_refs, body, tuple(init))
   dq_ref[...] = dq.astype(dq_ref.dtype)
   for ref, d in zip(dmod_refs, dmods):
     ref[...] = d
@@ -397,11 +413,15 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
                                                n if v.per_head else 0, 0, 0, 0, 0))
             for v, x in zip(split.values, values)]
 
-  def mod_specs(score_values, mask_values):
+  def mod_specs(score_values, mask_values, tables):
+    if st.tpu:
+      table_specs = [pl.BlockSpec(memory_space=pltpu.SMEM) for _ in tables]
+    else:
+      table_specs = [pl.BlockSpec(t.shape, lambda b, n, i, nd=t.ndim: (0,) * nd) for t in tables]
     return (value_specs(st.score_split, score_values)
-            + value_specs(st.mask_split, mask_values))
+            + value_specs(st.mask_split, mask_values) + table_specs)
 
-  def forward(q, k, v, lengths, seed, bias, score_values, mask_values):
+  def forward(q, k, v, lengths, seed, bias, score_values, mask_values, tables):
     b, n, _, d = q.shape
     dv = v.shape[-1]
     sp = _specs(st, d, dv)
@@ -409,21 +429,22 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
         functools.partial(_forward_kernel, st=st),
         grid=(b, n, st.nq),
         in_specs=[sp["length"], sp["seed"], sp["q_block"], sp["k_full"], sp["v_full"]]
-        + ([sp["bias_rows"]] if st.bias_shape else []) + mod_specs(score_values, mask_values),
+        + ([sp["bias_rows"]] if st.bias_shape else [])
+        + mod_specs(score_values, mask_values, tables),
         out_specs=[sp["o_block"], sp["row_block"]],
         out_shape=[jax.ShapeDtypeStruct((b, n, st.q_padded, dv), q.dtype), rows_shape(b, n)],
         name="attention_lab_flash_forward", **options,
-    )(lengths, seed, q, k, v, *biased(bias), *score_values, *mask_values)
+    )(lengths, seed, q, k, v, *biased(bias), *score_values, *mask_values, *tables)
 
   @jax.custom_vjp
-  def attend(q, k, v, lengths, seed, bias, score_values, mask_values):
-    out, lse = forward(q, k, v, lengths, seed, bias, score_values, mask_values)
+  def attend(q, k, v, lengths, seed, bias, score_values, mask_values, tables):
+    out, lse = forward(q, k, v, lengths, seed, bias, score_values, mask_values, tables)
     return (out, lse) if with_lse else out
 
-  def fwd(q, k, v, lengths, seed, bias, score_values, mask_values):
-    out, lse = forward(q, k, v, lengths, seed, bias, score_values, mask_values)
+  def fwd(q, k, v, lengths, seed, bias, score_values, mask_values, tables):
+    out, lse = forward(q, k, v, lengths, seed, bias, score_values, mask_values, tables)
     return ((out, lse) if with_lse else out), (q, k, v, lengths, seed, bias, score_values,
-                                               mask_values, out, lse)
+                                               mask_values, tables, out, lse)
 
   def d_value_outputs(kernel, b, n, count):
     """Per-program partial cotangents of the score_mod values ``kernel`` sums:
@@ -436,7 +457,7 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
     return shapes, specs
 
   def bwd(res, cotangent):
-    q, k, v, lengths, seed, bias, score_values, mask_values, out, lse = res
+    q, k, v, lengths, seed, bias, score_values, mask_values, tables, out, lse = res
     d_out, d_lse = cotangent if with_lse else (cotangent, None)
     b, n, _, d = q.shape
     dv = v.shape[-1]
@@ -447,7 +468,7 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
       # The statistic is stored broadcast over lanes; the caller read lane 0.
       delta = delta - jnp.sum(d_lse, axis=-1, keepdims=True)
     delta = jnp.broadcast_to(delta, lse.shape)
-    mods_in = mod_specs(score_values, mask_values)
+    mods_in = mod_specs(score_values, mask_values, tables)
     d_shapes, d_specs = d_value_outputs("dkdv", b, n, st.nk)
     grads = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st),
@@ -461,7 +482,8 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
         + ([jax.ShapeDtypeStruct((b, n, st.q_padded, st.kv_padded), jnp.float32)]
            if st.bias_shape else []) + d_shapes,
         name="attention_lab_flash_dkdv", **options,
-    )(lengths, seed, q, k, v, d_out, lse, delta, *biased(bias), *score_values, *mask_values)
+    )(lengths, seed, q, k, v, d_out, lse, delta, *biased(bias), *score_values, *mask_values,
+      *tables)
     d_k, d_v, *rest = grads
     d_bias = None
     if bias is not None:
@@ -480,13 +502,14 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
         out_specs=[sp["q_block"]] + d_specs,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + d_shapes,
         name="attention_lab_flash_dq", **options,
-    )(lengths, seed, q, k, v, d_out, lse, delta, *biased(bias), *score_values, *mask_values)
+    )(lengths, seed, q, k, v, d_out, lse, delta, *biased(bias), *score_values, *mask_values,
+      *tables)
     d_score_values = [None] * len(score_values)
     for kernel, partials in (("dkdv", d_per_key), ("dq", d_per_query)):
       for i, g in zip(st.grads_in(kernel), partials):
         d_score_values[i] = _sum_to(g, score_values[i], kernel)
     return (d_q, d_k, d_v, None, None, d_bias, tuple(d_score_values),
-            tuple(None for _ in mask_values))
+            tuple(None for _ in mask_values), tuple(None for _ in tables))
 
   attend.defvjp(fwd, bwd)
   return attend
@@ -499,6 +522,19 @@ def _sum_to(partial, value, kernel):
   g = jnp.expand_dims(partial, 2 if kernel == "dkdv" else 3)
   axes = tuple(i for i in range(4) if value.shape[i] == 1 and g.shape[i] != 1)
   return g.sum(axis=axes, keepdims=True).astype(value.dtype)
+
+
+def _block_tables(table, st: _Setting):
+  """A ``masks.BlockMask`` as the kernels read it: int32 ``kv_blocks [nq, nk]``,
+  ``kv_count [nq]``, ``q_blocks [nk, nq]``, ``q_count [nk]`` (which key
+  blocks each query block visits, and the reverse for dK/dV), padded to
+  powers of two for Triton's loads."""
+  def padded(x):
+    x = np.asarray(x, np.int32)
+    size = [pl.next_power_of_2(d) for d in x.shape]
+    return jnp.asarray(np.pad(x, [(0, s - d) for s, d in zip(size, x.shape)]))
+  return tuple(padded(x) for x in (table.kv_blocks, table.kv_count, table.q_blocks,
+                                   table.q_count))
 
 
 def _bias_4d(bias, shape, q_padded, kv_padded):
@@ -549,6 +585,19 @@ def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, 
   outside = lambda split: (() if split is None else
                            tuple(split.outside(flat, shape.heads, st.nq, st.nk)))
   score_values, mask_values = outside(score_split), outside(mask_split)
+  tables = ()
+  if mask_mod is not None:
+    try:
+      table = masks.block_mask(mask_mod, flat, shape.heads, shape.q_length, shape.kv_length,
+                               block_q, block_k, is_causal=is_causal, window=window)
+    except ValueError:
+      # Per device under a data mesh the mod reads the shard_map's row
+      # offset (dispatch._shift_batch), which host evaluation cannot mix
+      # with its own arrays: no static block mask; the band is visited.
+      table = None
+    if table is not None:        # a static mask_mod: its empty blocks are skipped
+      st.block_table = True
+      tables = _block_tables(table, st)
   if bias is not None:
     bias = _bias_4d(bias, shape, st.q_padded, st.kv_padded)
     st.bias_shape = bias.shape[:2]
@@ -559,7 +608,7 @@ def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, 
   k = heads_major(repeat_kv_heads(key, shape.heads), len(batch), st.kv_padded, d_pad)
   v = heads_major(repeat_kv_heads(value, shape.heads), len(batch), st.kv_padded, dv_pad)
   out = _make(st, target, return_residual)(q, k, v, lengths, seed, bias, score_values,
-                                           mask_values)
+                                           mask_values, tables)
   out, rows = out if return_residual else (out, None)
   out = jnp.swapaxes(out[:, :, :shape.q_length, :shape.value_dim], 1, 2)
   out = out.reshape(batch + out.shape[1:])
