@@ -57,13 +57,17 @@ CASES = {
         lambda p, ids: dict(score_mod=mods.alibi(p), is_causal=True),
         lambda p: lambda s: s + p[None, :, None, None] * (J - I),
         np.broadcast_to(J <= I, (1, 1, T, T))),
-    # A learned soft-cap scale (a scalar the kernel's blocks all read) and
+    # A learned soft-cap scale (a scalar the kernel's blocks all read),
+    # prefix-LM with a prefix per sequence (static: its block mask skips 40%
+    # of the blocks; the second sequence's prefix is 0, plain causal) and
     # padded keys in the second sequence.
-    "softcap_learned_kv_lengths": (
+    "softcap_learned_prefix_lm_kv_lengths": (
         np.array([2.5], np.float32),
-        lambda p, ids: dict(score_mod=mods.softcap(p[0]), kv_lengths=jnp.array([T, 37])),
+        lambda p, ids: dict(score_mod=mods.softcap(p[0]), kv_lengths=jnp.array([T, 37]),
+                            mask_mod=mods.prefix_lm(np.array([20, 0]))),
         lambda p: lambda s: p[0] * jnp.tanh(s / p[0]),
-        (J < np.array([T, 37])[:, None, None, None])),
+        ((J <= I) | (J < np.array([20, 0])[:, None, None, None]))
+        & (J < np.array([T, 37])[:, None, None, None])),
     # Document ids traced inside jit (a value per query row and per key
     # column), with fixed symmetric ALiBi.
     "documents_traced_alibi": (
@@ -73,13 +77,6 @@ CASES = {
         lambda p: lambda s: s - mods.alibi_slopes(H).astype(np.float64)[None, :, None, None]
         * np.abs(J - I),
         (_documents()[:, :, None] == _documents()[:, None, :])[:, None]),
-    # Prefix-LM with a prefix per sequence (read per program); the second
-    # sequence's is 0: plain causal.
-    "prefix_lm_per_sequence": (
-        None,
-        lambda p, ids: dict(mask_mod=mods.prefix_lm(np.array([20, 0]))),
-        lambda p: lambda s: s,
-        (J <= I) | (J < np.array([20, 0])[:, None, None, None])),
 }
 
 
