@@ -72,3 +72,19 @@ def test_model_flops_formula():
   # per token 2 * (4 * 16 + 2 * 4 * 8) = 256 for the products, + 4 * 2 * 4 = 32
   # for scores and values: 288; x 2 tokens x 3 (forward and backward).
   assert model_flops(2, 2, 1, 4, 8) == 3 * 2 * 288
+
+
+@pytest.mark.slow   # a script check; kernels.py's runs in the default suite
+def test_roofline_benchmark_quick_mode_prints_every_candidate():
+  proc = subprocess.run([sys.executable, os.path.join("benchmarks", "roofline.py"), "--quick"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
+          for line in proc.stdout.splitlines() if line.startswith("| ") and " ms " not in line}
+  assert set(rows) >= {"products only", "products + max/exp", "blockwise", "one product pair"}
+  assert rows["products only"][4].strip(" |") == "1.00"      # the baseline against itself
+  assert all(0.0 < float(row[3]) < 10.0 for name, row in rows.items() if name != "candidate")
+  bad = subprocess.run([sys.executable, os.path.join("benchmarks", "roofline.py"), "--quick",
+                        "--block_k=100"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "--length=256 must be a multiple" in bad.stderr
