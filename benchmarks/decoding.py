@@ -18,7 +18,7 @@ stop at ``<eos>``), two ways, each one jit-compiled ``scan``:
   reads one: a step costs ``O(L)`` and a translation ``O(L^2)``.
 
 After one compile/warm-up call each, ``--repeats`` rounds time both, the
-order alternating; a cell is the median milliseconds per output position
+order rotated each round; a cell is the median milliseconds per output position
 (a batch's translation time / ``L``; the batch writes ``batch`` tokens per
 position), with min-max. The 1-minute load average is printed
 before and after: above the CPUs used, other work shared the machine while
@@ -28,9 +28,7 @@ timing and the absolute numbers are inflated (the ratio less so).
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +39,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
+from benchmarks.timing import Spread  # noqa: E402
 
 flags.DEFINE_list("lengths", ["16", "32", "64", "128", "256"], "output tokens per translation")
 flags.DEFINE_integer("batch", 32, "translations decoded at once")
@@ -55,7 +54,6 @@ QUICK = {"lengths": ["4", "8"], "batch": 2, "repeats": 1}
 MODEL = {"num_layers": 2, "num_heads": 4, "hidden_dim": 128, "mlp_dim": 256}
 QUICK_MODEL = {"num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 16}
 
-Spread = Tuple[float, float, float]     # median, min, max
 
 
 def decoders(length: int, batch: int, source_length: int,
@@ -80,40 +78,30 @@ def decoders(length: int, batch: int, source_length: int,
   return runs
 
 
-def time_alternating(candidates: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, Spread]:
-  """One warm-up (compile) call each, then ``repeats`` rounds, the order
-  reversed every other round so neither always runs first."""
-  for fn in candidates.values():
-    fn()
-  seconds: Dict[str, List[float]] = {name: [] for name in candidates}
-  names = list(candidates)
-  for round_ in range(repeats):
-    for name in (names if round_ % 2 == 0 else names[::-1]):
-      start = time.perf_counter()
-      candidates[name]()
-      seconds[name].append(time.perf_counter() - start)
-  return {name: (statistics.median(s), min(s), max(s)) for name, s in seconds.items()}
-
-
 def measure(lengths: Sequence[int], batch: int, source_length: int, repeats: int,
             model_fields: Dict[str, int]) -> List[Tuple[int, Spread, Spread]]:
-  """``[(L, cached ms per token, recompute ms per token)]`` (median, min, max)."""
+  """``[(L, cached seconds per token, recompute seconds per token)]``, timed
+  side by side (``timing.time_rotating``: rounds rotated, medians and spread)."""
   rows = []
   for length in lengths:
-    times = time_alternating(decoders(length, batch, source_length, model_fields), repeats)
-    per_token = {name: tuple(1e3 * t / length for t in spread) for name, spread in times.items()}
+    spreads, failed = timing.time_rotating(
+        decoders(length, batch, source_length, model_fields), repeats)
+    if failed:
+      raise RuntimeError(f"decoding {length} tokens failed: {failed}")
+    per_token = {name: Spread(tuple(t / length for t in spread.times))
+                 for name, spread in spreads.items()}
     rows.append((length, per_token["cached"], per_token["recompute"]))
   return rows
 
 
 def table(rows: List[Tuple[int, Spread, Spread]]) -> List[str]:
   """Markdown rows: ms per generated token, median (min-max), and the ratio."""
-  cell = lambda s: f"{s[0]:.2f} ({s[1]:.2f}-{s[2]:.2f})"
+  cell = lambda s: f"{s.median * 1e3:.2f} ({min(s.times) * 1e3:.2f}-{max(s.times) * 1e3:.2f})"
   lines = ["| output tokens | cached ms/token | recompute ms/token | recompute / cached |",
            "|---|---|---|---|"]
   for length, cached, recompute in rows:
     lines.append(f"| {length} | {cell(cached)} | {cell(recompute)} | "
-                 f"{recompute[0] / cached[0]:.1f}x |")
+                 f"{recompute.median / cached.median:.1f}x |")
   return lines
 
 
