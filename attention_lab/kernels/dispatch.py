@@ -193,12 +193,20 @@ def _run(spec: registry.KernelSpec, query, key, value, bias, mask, q_lengths, kv
     # it gets none (the offset is a device value).
     first_row = lambda q: (jax.lax.axis_index(DATA_AXIS) * math.prod(q.shape[:len(shape.batch)])
                            if spec.supports("score_mod") else None)
+    in_specs = (rows,) * 4 + (bias_spec or P(),)      # None: an empty pytree
     per_device = jax.shard_map(
         lambda q, k, v, kv, bias: call(q, k, v, bias, None, kv, first_row(q)),
-        in_specs=(rows,) * 4 + (bias_spec or P(),),     # None: an empty pytree
+        in_specs=in_specs,
         out_specs=rows, axis_names=set(jax.sharding.get_abstract_mesh().axis_names),
         check_vma=False)
-    run = lambda: per_device(query, key, value, kv, bias)
+    args = (query, key, value, kv, bias)
+    if any(t == jax.sharding.AxisType.Explicit
+           for t in jax.sharding.get_abstract_mesh().axis_types):
+      # Under Explicit axes shard_map takes each input only already laid out
+      # as its in_spec (the lengths made above are replicated, the inputs
+      # may be): move them there first.
+      args = tuple(None if a is None else jax.reshard(a, s) for a, s in zip(args, in_specs))
+    run = lambda: per_device(*args)
   else:
     run = lambda: call(query, key, value, bias, mask, kv)
   if precision is not None and not spec.takes("precision"):
