@@ -156,6 +156,15 @@ def test_doubly_stochastic_penalty_against_the_formula():
     doubly_stochastic_penalty(jnp.zeros((2, 3, 4)), jnp.zeros((2, 4), bool))
 
 
+def test_a_negative_regulariser_weight_is_named():
+  from attention_lab.train import validation
+  config = experiments.get_config("mnist_captions_sat")
+  assert validation.problems(config) == []
+  config.model.doubly_stochastic = -1.0
+  assert validation.problems(config) == [
+      "config.model.doubly_stochastic=-1.0: must be a finite number >= 0"]
+
+
 # --- the models ------------------------------------------------------------------------
 
 STEPS = 9

@@ -170,6 +170,8 @@ def _model(check: "_Checker") -> None:
     check.one_of("model.score", SEQ2SEQ_SCORES)
   if present("conv_attention"):
     check.one_of("model.conv_attention", CONV_ATTENTIONS)
+  if present("doubly_stochastic"):          # a weight on a penalty: a negative one rewards it
+    check.number("model.doubly_stochastic", low=0.0)
   dtypes = getattr(models, "COMPUTE_DTYPE_NAMES", None)   # names models.build accepts
   if present("dtype") and dtypes is not None:
     check.one_of("model.dtype", sorted(dtypes))
