@@ -17,6 +17,7 @@ from attention_lab.data import images
 from attention_lab.data import pipeline
 from attention_lab.data import scenes
 from attention_lab.data import sources
+from attention_lab.data import spoken_sentences
 from attention_lab.data import text
 from attention_lab.data import videos
 from attention_lab.data.pipeline import TrainBatches
@@ -73,6 +74,10 @@ DATASETS: Dict[str, DatasetSpec] = {
     # An online TFDS detection dataset reads through the same functions,
     # e.g. --config.data.name=voc/2007 (20 classes; colour, resized).
     "voc": DatasetSpec("voc", scenes.detection_inputs, 20, example_map=scenes.pad_objects),
+    "spoken_sentences_offline": DatasetSpec("spoken_sentences_offline",
+                                            spoken_sentences.recognition_inputs,
+                                            len(spoken_sentences.CHARS),
+                                            vocabulary=spoken_sentences.CHARS),
     "speech_commands_offline": DatasetSpec("speech_commands_offline", audio.speech_inputs,
                                            12, audio.augmentation,
                                            class_names=audio.LABELS),

@@ -19,6 +19,7 @@ from attention_lab.data.builders.mnist_offline import MnistOffline
 from attention_lab.data.builders.moving_digits_offline import MovingDigitsOffline
 from attention_lab.data.builders.numbers_offline import NumbersOffline
 from attention_lab.data.builders.speech_commands_offline import SpeechCommandsOffline
+from attention_lab.data.builders.spoken_sentences_offline import SpokenSentencesOffline
 
 # Builders prepared locally from packaged or generated data (no network).
 LOCAL_BUILDERS = {
@@ -30,6 +31,7 @@ LOCAL_BUILDERS = {
     "mnist_captions_offline": MnistCaptionsOffline,
     "numbers_offline": NumbersOffline,
     "speech_commands_offline": SpeechCommandsOffline,
+    "spoken_sentences_offline": SpokenSentencesOffline,
 }
 
 
