@@ -12,7 +12,9 @@ over the test scenes.
 
 Command: python run.py --experiment=scenes_detr --workdir=runs/scenes_detr
 Target: mAP@.5 at least 0.9 on the held-out scenes within 30 minutes on a
-2-core CPU; the measured numbers are in docs/results.md.
+2-core CPU. Measured (seed 0, shared machine): mAP@.5 0.918, mAP@[.5:.95]
+0.626 after 26.4 min of training (33 min for the whole command with the
+first preparation of the data); details in docs/results.md.
 """
 
 import ml_collections
