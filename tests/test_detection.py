@@ -21,6 +21,7 @@ from attention_lab.train import tasks
 from attention_lab.viz import detection as detection_viz
 from conftest import assert_picture
 from conftest import override
+from conftest import train_stop_and_resume
 
 # --- scenes ----------------------------------------------------------------------
 
@@ -376,6 +377,18 @@ def test_scenes_detr_trains_evaluates_and_draws(tmp_path, scenes_dir):
   # same way is the loop's, tested with the other tasks).
   paths = train.visualize_checkpoint(config, workdir)
   assert any(p.endswith("_queries.png") for p in paths)
+
+
+@pytest.mark.slow
+def test_scenes_detr_stops_and_resumes_bit_for_bit(tmp_path, scenes_dir):
+  """The host matching (a pure callback) keeps a resumed run identical to an
+  uninterrupted one. Slow: three tiny runs, one of which the test above
+  already does."""
+  config = experiments.get_config("scenes_detr")
+  config.data.data_dir = scenes_dir
+  config = override(config, **{**TINY_RUN, "total_steps": 4, "eval_every": 4})
+  results = train_stop_and_resume(config, str(tmp_path / "run"))
+  assert results["step"] == 4
 
 
 @pytest.mark.slow
