@@ -353,6 +353,25 @@ def test_drawer_names_a_wrong_shape(tmp_path):
 
 # --- the experiment -------------------------------------------------------------------
 
+
+def test_bad_detection_settings_are_one_line_each():
+  from attention_lab.train import validation
+  config = override(experiments.get_config("scenes_detr"), **{
+      "detection.l1_weight": -1.0, "detection.no_object_weight": 0.0,
+      "data.max_objects": 20, "model.num_queries": 0})
+  lines = validation.problems(config)
+  assert lines == [
+      "config.model.num_queries=0: must be a positive integer",
+      "config.detection.l1_weight=-1.0: must be a finite number >= 0",
+      "config.detection.no_object_weight=0.0: must be a finite number > 0",
+  ], lines
+  config.model.num_queries = 12
+  assert validation.problems(config) == [
+      "config.detection.l1_weight=-1.0: must be a finite number >= 0",
+      "config.detection.no_object_weight=0.0: must be a finite number > 0",
+      "config.data.max_objects=20: must be at most model.num_queries (12): each object "
+      "is matched to a query of its own"]
+
 TINY_RUN = {"data.name": "digit_scenes_offline/smoke", "total_steps": 2, "batch_size": 4,
             "eval_batch_size": 32, "log_every": 1, "eval_every": 2, "checkpoint_every": 1,
             "optimizer.warmup_steps": 1, "viz.num_examples": 1,

@@ -42,7 +42,8 @@ MODEL_POSITIVE_INTS = ("num_classes", "vocab_size", "target_length", "hidden_dim
                        "num_layers", "num_heads", "mlp_dim", "embed_dim", "attention_units",
                        "patch_size", "levels", "blocks_per_stage", "reduction",
                        "spatial_kernel", "num_mels", "conv_kernel_size",
-                       "subsample_channels", "max_distance")
+                       "subsample_channels", "max_distance", "num_encoder_layers",
+                       "num_decoder_layers", "num_queries", "stem_stride")
 MODEL_NON_NEGATIVE_INTS = ("time_masks", "time_width", "freq_masks", "freq_width")
 MODEL_RATES = ("dropout_rate",)     # probabilities in [0, 1)
 
@@ -82,6 +83,8 @@ def problems(config) -> List[str]:
   _data(check)
   _mesh(check)
   _model(check)
+  if check.value("task") == "detection":
+    _detection(check)
   check.one_of("viz.kind", sorted(drawers.DRAWERS))
   check.integer("viz.num_examples", minimum=1)
   return found
@@ -128,6 +131,21 @@ def _data(check: "_Checker") -> None:
   check.integer("data.prefetch", minimum=0)
   for field in ("data.augment_flip", "data.grayscale"):
     check.boolean(field)
+
+
+def _detection(check: "_Checker") -> None:
+  """The detection task's fields: its loss weights, the image size and the
+  objects kept per image, which the queries must outnumber or equal."""
+  for field in ("class_weight", "l1_weight", "giou_weight"):
+    check.number(f"detection.{field}", low=0.0)
+  check.number("detection.no_object_weight", low=0.0, low_open=True)
+  check.boolean("detection.aux_loss")
+  check.integer("data.image_size", minimum=1)
+  check.integer("data.max_objects", minimum=1)
+  queries, most = check.value("model.num_queries"), check.value("data.max_objects")
+  if _is_int(queries) and _is_int(most) and queries >= 1 and most > queries:
+    check.problem("data.max_objects", f"must be at most model.num_queries ({queries}): "
+                  "each object is matched to a query of its own")
 
 
 def _mesh(check: "_Checker") -> None:
