@@ -89,9 +89,10 @@ def _define_flags(argv):
   flags.DEFINE_enum("mode", "train", MODES, "train (resumes), eval (latest checkpoint), visualize "
                     "(latest checkpoint's attention pictures into WORKDIR/attention) or "
                     "predict (translations of --inputs by the latest checkpoint; seq2seq, "
-                    "or captions of them; captioning)")
-  flags.DEFINE_multi_string("inputs", [], "--mode=predict: a text to translate, or an "
-                            "eval-split index or image path to caption; repeat the flag "
+                    "captions of them; captioning, or transcripts; speech_recognition)")
+  flags.DEFINE_multi_string("inputs", [], "--mode=predict: a text to translate, an "
+                            "eval-split index or image path to caption, or an eval-split "
+                            "index or 16 kHz WAV path to transcribe; repeat the flag "
                             "for more")
   try:
     config_flags.DEFINE_config_dict("config", config,

@@ -26,6 +26,7 @@ from attention_lab import models
 from attention_lab.data import captions
 from attention_lab.data import dates
 from attention_lab.data import numbers
+from attention_lab.data import spoken_sentences
 from attention_lab.data.builders import moving_digits_offline
 from attention_lab.data.synthetic_speech_commands import CLIP_SAMPLES
 from attention_lab.kernels import dispatch
@@ -82,6 +83,8 @@ KERNELS = {
     # Pallas kernel (splash takes no bias).
     "speech_conformer": (FUSED, FUSED, ""),
     "speech_kwt": (FUSED, FUSED, ""),
+    # As numbers_transformer, with the encoder over subsampled log-mel frames.
+    "spoken_sentences_las": (FUSED, FUSED, ""),
     # Encoder self-attention over the 8x8 cells, decoder self-attention over
     # the 12 queries and cross-attention from them to the cells, no masks.
     "scenes_detr": (FUSED, FUSED, ""),
@@ -135,6 +138,10 @@ def batch_spec(config, batch=BATCH):
   elif data == "mnist_captions_offline":
     side = captions.CANVAS
     inputs = {"image": jax.ShapeDtypeStruct((batch, side, side, 1), jnp.float32),
+              "target": jax.ShapeDtypeStruct((batch, config.model.target_length), jnp.int32)}
+    label = inputs["target"]
+  elif data == "spoken_sentences_offline":
+    inputs = {"audio": jax.ShapeDtypeStruct((batch, spoken_sentences.CLIP_SAMPLES), jnp.int16),
               "target": jax.ShapeDtypeStruct((batch, config.model.target_length), jnp.int32)}
     label = inputs["target"]
   elif data in ("speech_commands", "speech_commands_offline"):

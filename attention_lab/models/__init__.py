@@ -19,6 +19,7 @@ from attention_lab.models.image import ViT
 from attention_lab.models.seq2seq import Seq2Seq
 from attention_lab.models.speech import ConformerClassifier
 from attention_lab.models.speech import KeywordTransformer
+from attention_lab.models.speech_recognition import SpeechRecognizer
 from attention_lab.models.text import RnnAttentionClassifier
 from attention_lab.models.text import TextTransformer
 from attention_lab.models.transformer_seq2seq import TransformerSeq2Seq
@@ -34,6 +35,7 @@ MODELS: Dict[str, Type[nn.Module]] = {
     "rnn_attention": RnnAttentionClassifier,
     "seq2seq": Seq2Seq,
     "show_attend_tell": ShowAttendTell,
+    "speech_recognizer": SpeechRecognizer,
     "text_transformer": TextTransformer,
     "transformer_captioner": TransformerCaptioner,
     "transformer_seq2seq": TransformerSeq2Seq,

@@ -441,25 +441,31 @@ def predict_checkpoint(config, workdir: str, texts: Sequence[str]) -> List[str]:
   """``--mode=predict``: the latest checkpoint's greedy translation of each of
   ``texts`` (seq2seq over a character vocabulary: dates, number words), or
   for a captioning experiment the caption of each image ``texts`` name (an
-  eval-split index or an image file: ``caption_images``).
+  eval-split index or an image file: ``caption_images``), and for speech
+  recognition the transcript of each clip they name (an eval-split index or
+  a 16 kHz WAV file: ``transcript_clips``).
 
   Raises:
     validation.ConfigError: a bad config value (one line each).
-    ValueError: a task other than seq2seq or captioning, no texts, or a text
-      the model cannot read (a character outside the vocabulary, or too long;
-      an index or path that names no image), named.
+    ValueError: a task other than seq2seq, captioning or speech_recognition,
+      no texts, or a text the model cannot read (a character outside the
+      vocabulary, or too long; an index or path that names no image or clip),
+      named.
     FileNotFoundError: when ``workdir`` has no checkpoint.
   """
   validation.validate(config)
-  if config.task not in ("seq2seq", "captioning"):
-    raise ValueError(f"--mode=predict translates text or captions images: it needs a "
-                     f"seq2seq or captioning experiment, and {config.experiment} is "
-                     f"{config.task}")
+  if config.task not in ("seq2seq", "captioning", "speech_recognition"):
+    raise ValueError(f"--mode=predict translates text, captions images or transcribes "
+                     f"speech: it needs a seq2seq, captioning or speech_recognition "
+                     f"experiment, and {config.experiment} is {config.task}")
   if not texts:
     raise ValueError("--mode=predict needs --inputs: the texts to translate (seq2seq), "
-                     "or eval-split indices or image paths to caption (captioning)")
+                     "eval-split indices or image paths to caption (captioning), or "
+                     "eval-split indices or WAV paths to transcribe (speech_recognition)")
   if config.task == "captioning":
     return _predict_captions(config, workdir, texts)
+  if config.task == "speech_recognition":
+    return _predict_transcripts(config, workdir, texts)
   trainer, state = _restore_latest(config, workdir)
   source_length = trainer.data.eval["inputs"]["source"].shape[1]
   source = character_ids(texts, trainer.data.vocabulary, source_length)
@@ -486,6 +492,58 @@ def _predict_captions(config, workdir: str, texts: Sequence[str]) -> List[str]:
   for text, caption in zip(texts, captions):
     logging.info("%s -> %s", text, caption)
   return captions
+
+
+def _predict_transcripts(config, workdir: str, texts: Sequence[str]) -> List[str]:
+  """``predict_checkpoint`` for speech recognition: the greedy transcript of
+  each clip ``transcript_clips`` reads."""
+  trainer, state = _restore_latest(config, workdir)
+  clips = transcript_clips(texts, trainer.data.eval["inputs"]["audio"])
+  target = np.zeros((len(texts),) + trainer.data.eval["inputs"]["target"].shape[1:], np.int32)
+  outputs = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False))(
+      variables(state), {"audio": clips, "target": target})
+  transcripts = [tasks_lib.token_text(row, trainer.data.vocabulary)
+                 for row in np.asarray(jax.device_get(trainer.task.predict(outputs)))]
+  for text, transcript in zip(texts, transcripts):
+    logging.info("%s -> %s", text, transcript)
+  return transcripts
+
+
+def transcript_clips(texts: Sequence[str], eval_audio: np.ndarray) -> np.ndarray:
+  """The clips ``--inputs`` name, int16 ``[len(texts), samples]`` shaped as
+  ``eval_audio``: an integer is that example of the eval split, anything else
+  the path of a WAV file at 16 kHz (mono, or its first channel), padded with
+  silence at the end to the clip length.
+
+  Raises:
+    ValueError: an index outside the eval split, a path that is not a WAV
+      file, another sample rate or a recording longer than the clip, named.
+  """
+  from scipy.io import wavfile   # late: only speech recognition reads WAV files
+  count, samples = eval_audio.shape
+  out = np.zeros((len(texts), samples), np.int16)
+  for row, text in enumerate(texts):
+    if text.strip().lstrip("-").isdigit():
+      index = int(text)
+      if not 0 <= index < count:
+        raise ValueError(f"input {text!r}: the eval split has examples 0..{count - 1}")
+      out[row] = eval_audio[index]
+      continue
+    try:
+      rate, audio = wavfile.read(text)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"input {text!r} is neither an eval-split index nor a WAV file "
+                       f"({type(e).__name__})") from None
+    audio = audio[:, 0] if audio.ndim == 2 else audio
+    if rate != 16000:
+      raise ValueError(f"input {text!r} is sampled at {rate} Hz; the model hears 16000 Hz")
+    if len(audio) > samples:
+      raise ValueError(f"input {text!r} lasts {len(audio)} samples, longer than the "
+                       f"{samples} of a clip")
+    if np.issubdtype(audio.dtype, np.floating):
+      audio = np.clip(np.round(audio * 32767.0), -32768, 32767)
+    out[row, :len(audio)] = audio.astype(np.int16)
+  return out
 
 
 def caption_images(texts: Sequence[str], eval_images: np.ndarray) -> np.ndarray:

@@ -437,6 +437,26 @@ def coco_map(predictions, labels) -> Dict[str, float]:
   return {"map": float(stats[0]), "map_50": float(stats[1]), "map_75": float(stats[2])}
 
 
+def error_rates(hypotheses: Sequence[str], references: Sequence[str]) -> Dict[str, float]:
+  """``{"wer", "cer"}``: corpus word and character error rates (edit
+  distance summed over the corpus over the reference's length, in [0, inf))
+  computed by jiwer."""
+  import jiwer  # late: only speech recognition evaluation needs it
+  if len(hypotheses) != len(references):
+    raise ValueError(f"error_rates: {len(hypotheses)} hypotheses but {len(references)} references")
+  # jiwer rejects an empty reference; every transcript of the grammar has words.
+  return {"wer": float(jiwer.wer(list(references), list(hypotheses))),
+          "cer": float(jiwer.cer(list(references), list(hypotheses)))}
+
+
+def _recognition_corpus_metrics(predictions, labels, vocabulary):
+  """``wer`` and ``cer`` of the greedy transcripts (character tokens)."""
+  if vocabulary is None:
+    raise ValueError("speech recognition corpus metrics need the dataset's vocabulary")
+  return error_rates([token_text(p, vocabulary) for p in predictions],
+                     [token_text(t, vocabulary) for t in labels])
+
+
 def _detection_corpus_metrics(predictions, labels, vocabulary):
   del vocabulary  # boxes have no tokens
   return coco_map(predictions, labels)
@@ -458,6 +478,10 @@ TASKS: Dict[str, Task] = {
     # seq2seq sums; BLEU is over words.
     "captioning": Task(_caption_train_loss, _seq2seq_eval_sums, _greedy_tokens,
                        _caption_corpus_metrics),
+    # Transcripts are character seq2seq: the same loss and sums (exact
+    # match, token accuracy), and word and character error rates.
+    "speech_recognition": Task(_seq2seq_train_loss, _seq2seq_eval_sums, _greedy_tokens,
+                               _recognition_corpus_metrics),
     "keyframes": Task(_keyframe_train_loss, _keyframe_eval_sums, _sigmoid,
                       _keyframe_corpus_metrics),
     "detection": Task(_detection_train_loss, _detection_eval_sums, detections,

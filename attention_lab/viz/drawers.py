@@ -21,6 +21,7 @@ from attention_lab.viz.detection import draw_detection_examples
 from attention_lab.viz.images import draw_image_examples
 from attention_lab.viz.speech import draw_speech_examples
 from attention_lab.viz.text import draw_text_examples
+from attention_lab.viz.transcripts import draw_transcript_examples
 from attention_lab.viz.translation import draw_translation_examples
 from attention_lab.viz.video import draw_video_examples
 
@@ -58,6 +59,7 @@ DRAWERS: Dict[str, Drawer] = {
     "image": draw_image_examples,
     "speech": draw_speech_examples,
     "text": draw_text_examples,
+    "transcript": draw_transcript_examples,
     "video": draw_video_examples,
 }
 
