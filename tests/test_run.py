@@ -12,7 +12,9 @@ import experiments
 from attention_lab import layers
 from attention_lab import models
 from attention_lab import train
+from attention_lab.train import tasks
 from attention_lab.train import validation
+from attention_lab.viz import drawers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,9 +109,9 @@ BAD_CONFIGS = {
     "mesh": (["--config.mesh.sequence=0"], "error: config.mesh.sequence=0:",
              "must be a positive integer"),
     "viz_kind": (["--config.viz.kind=picture"], "error: config.viz.kind='picture':",
-                 "must be one of alignment, cnn, cross_attention, image, speech, text, video"),
+                 "must be one of " + ", ".join(sorted(drawers.DRAWERS))),
     "task": (["--config.task=regression"], "error: config.task='regression':",
-             "must be one of classification, keyframes, seq2seq"),
+             "must be one of " + ", ".join(sorted(tasks.TASKS))),
 }
 
 
