@@ -5,6 +5,8 @@ blocks and key/value-cached greedy decoding).
 
 Command: python run.py --experiment=mnist_captions_transformer --workdir=runs/mnist_captions_transformer
 Data and metrics: as ``mnist_captions_sat`` (``experiments/_captions.py``).
+Measured (docs/results.md): 89.5% exact caption match and BLEU-4 98.7 on the
+held-out scenes in 24 minutes on a shared 2-core CPU (the LSTM: 91.6%).
 """
 
 from experiments._base import attention_config
