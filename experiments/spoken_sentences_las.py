@@ -5,7 +5,8 @@ sentences (commands and digit strings from a small grammar, eSpeak NG voices,
 validation and test voices never heard in training).
 
 Command: python run.py --experiment=spoken_sentences_las --workdir=runs/spoken_sentences_las
-Try it: python run.py --experiment=spoken_sentences_las --workdir=runs/spoken_sentences_las --mode=predict --inputs=0,1,2
+Try it: add --mode=predict --inputs=0 --inputs=1 (test-split indices) or --inputs=said.wav
+(a 16 kHz WAV of at most two seconds) to the command.
 Pictures: --mode=visualize draws each transcript's characters over the spectrogram.
 Metrics: word and character error rates (jiwer) of the greedy transcript, exact match.
 Target: word error rate at most 5% on unheard voices within 30 minutes on a 2-core CPU
@@ -23,7 +24,7 @@ def get_config():
   config.batch_size = 32
   config.eval_batch_size = 200
   config.log_every = 100
-  config.total_steps = 5000       # WER 5.0% at step 2,000, 1.7% at 4,000 and 5,000 (docs/results.md)
+  config.total_steps = 5000       # WER 5.0% at step 2,000, 1.7% at 4,000 and 5,000
   config.eval_every = 1000
   config.checkpoint_every = 500
 

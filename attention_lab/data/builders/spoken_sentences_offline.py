@@ -6,7 +6,7 @@ are spoken by voice variants never used in training (``spoken_sentences``).
 
 | config  | train / validation / test | use |
 |---------|---------------------------|-----|
-| default | 8,000 / 400 / 800         | spoken_sentences_las (about 2 minutes to prepare on a 2-core CPU, 590 MB) |
+| default | 8,000 / 400 / 800         | spoken_sentences_las (59 s to prepare, 2 cores; 563 MB) |
 | smoke   | 64 / 16 / 16              | tests |
 
 The seed fixes the recipe and is part of the dataset version, hence a
