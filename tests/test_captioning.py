@@ -242,7 +242,11 @@ def test_decoder_shapes_and_causality(which):
     model.init(jax.random.key(0), dict(inputs, target=inputs["target"][:, :5]))
 
 
+@pytest.mark.slow
 def test_transformer_captioner_reuses_cached_greedy_and_beam_decoding():
+  """Slow (about 20 s of compiling): TransformerSeq2Seq's cached and beam
+  decoding are tested by default in test_numbers, and the captioner's own
+  forward pass in the bfloat16 and lowering tests."""
   model, inputs = _transformer(), _inputs()
   variables = jax.jit(lambda k, x: model.init(k, x))(jax.random.key(2), inputs)
   params = dict(variables["params"])
@@ -332,10 +336,22 @@ def test_captioning_trains_resumes_evaluates_draws_and_predicts(tmp_path, captio
   assert len(written) == 3
   for caption in written:
     assert set(caption.split()) <= set(captions.WORDS[3:])
-  with pytest.raises(ValueError, match="examples 0..31"):
-    train.predict_checkpoint(config, workdir, ["32"])
+
+
+def test_caption_images_reads_indices_and_files_and_names_the_rest(tmp_path):
+  from PIL import Image
+  from attention_lab.train import loop
+  eval_images = np.random.default_rng(0).random((3, 8, 8, 1)).astype(np.float32)
+  path = str(tmp_path / "scene.png")
+  Image.fromarray(np.full((16, 20), 255, np.uint8)).save(path)
+  images = loop.caption_images(["2", path], eval_images)
+  assert images.shape == (2, 8, 8, 1) and images.dtype == np.float32
+  np.testing.assert_array_equal(images[0], eval_images[2])
+  np.testing.assert_allclose(images[1], 1.0)               # white, resized to 8x8
+  with pytest.raises(ValueError, match="examples 0..2"):
+    loop.caption_images(["3"], eval_images)
   with pytest.raises(ValueError, match="neither an eval-split index nor an image file"):
-    train.predict_checkpoint(config, workdir, [str(tmp_path / "missing.png")])
+    loop.caption_images([str(tmp_path / "missing.png")], eval_images)
 
 
 @pytest.mark.slow
