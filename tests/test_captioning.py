@@ -282,6 +282,15 @@ def test_caption_bleu_is_over_words():
   assert perfect["bleu"] == pytest.approx(100.0)
 
 
+def test_index_page_joins_words_with_spaces_and_characters_without():
+  from attention_lab.data import numbers
+  from attention_lab.viz import index
+  caption = "a small 0 at the top right and a large 5 at the bottom left"
+  assert index.describe(captions.encode([caption]), captions.WORDS) == [caption]
+  ids = numbers.encode(["drei"], 8, add_eos=True)
+  assert index.describe(ids, numbers.CHARS) == ["drei"]
+
+
 def test_drawer_names_what_it_cannot_draw(tmp_path):
   image = np.zeros((64, 64, 1), np.float32)
   with pytest.raises(ValueError, match="do not match 2 words"):
