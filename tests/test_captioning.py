@@ -319,8 +319,8 @@ TINY_MODELS = {
 
 # The Transformer's run is slow: the loop, the pictures and predict are the
 # ones the LSTM's run checks by default, and its decoding is tested above.
-@pytest.mark.parametrize("name", ["mnist_captions_sat", pytest.param(
-    "mnist_captions_transformer", marks=pytest.mark.slow)])
+@pytest.mark.slow   # suite time; test_run.py's tiny run covers the loop, the units here the task
+@pytest.mark.parametrize("name", ["mnist_captions_sat", "mnist_captions_transformer"])
 def test_captioning_trains_resumes_evaluates_draws_and_predicts(tmp_path, captions_dir, name):
   config = experiments.get_config(name)
   config.data.data_dir = captions_dir

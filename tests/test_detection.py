@@ -378,6 +378,7 @@ TINY_RUN = {"data.name": "digit_scenes_offline/smoke", "total_steps": 2, "batch_
             **{f"model.{k}": v for k, v in TINY_MODEL.items()}, "model.num_decoder_layers": 1}
 
 
+@pytest.mark.slow   # suite time; test_run.py's tiny run covers the loop, the units here the task
 def test_scenes_detr_trains_evaluates_and_draws(tmp_path, scenes_dir):
   config = experiments.get_config("scenes_detr")
   config.data.data_dir = scenes_dir

@@ -51,6 +51,7 @@ def _assert_real_pictures(paths):
     assert min(pixels.shape) >= 100 and pixels.std() > 5, path
 
 
+@pytest.mark.slow   # suite time; test_train.py resumes a run exactly in the default suite
 def test_cnn_run_resumes_exactly_with_batch_norm_state(tmp_path, data_dir):
   config = _tiny_cnn(data_dir)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")

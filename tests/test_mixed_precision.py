@@ -150,7 +150,13 @@ def _random_variables(shapes, seed=0):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# Suite time: the captioner is TransformerSeq2Seq over image regions, the
+# same decoder speech_recognizer's entry checks in the default suite.
+_SLOW_FAMILIES = {"transformer_captioner"}
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(f, marks=pytest.mark.slow) if f in _SLOW_FAMILIES else f for f in sorted(FAMILIES)])
 def test_bfloat16_forward_pass_computes_in_bfloat16_and_stays_close(family):
   _, inputs, num_outputs = FAMILIES[family]
   model32, model16 = _build(family, "float32"), _build(family, "bfloat16")

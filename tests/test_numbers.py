@@ -342,6 +342,7 @@ TINY_RUN = {"data.name": "numbers_offline/smoke", "total_steps": 4, "batch_size"
             "model.num_heads": 2, "model.mlp_dim": 16, "model.num_layers": 1}
 
 
+@pytest.mark.slow   # suite time; test_run.py's tiny run covers the loop, the units here the task
 def test_numbers_transformer_trains_evaluates_and_draws(tmp_path, numbers_dir):
   config = experiments.get_config("numbers_transformer")
   config.data.data_dir = numbers_dir

@@ -135,6 +135,7 @@ print("process", jax.process_index(), "of", jax.process_count(), "devices",
 """
 
 
+@pytest.mark.slow   # suite time; four devices train like one in the default suite
 def test_two_processes_train_like_one_device(tmp_path, data_dir, one_device_run):
   """Two processes with two CPU devices each (gloo collectives on localhost),
   as two hosts would run: each feeds its own rows, orbax saves from both,

@@ -68,7 +68,9 @@ def test_listops_too_short_max_length_is_a_clear_error(text_dir):
 
 
 @pytest.mark.parametrize("name,shrink", [
-    ("listops_transformer", SMALL_TRANSFORMER),
+    # Suite time: the text pipeline's run stays in the default suite with
+    # attention pooling; the Transformer's steps are lowered there too.
+    pytest.param("listops_transformer", SMALL_TRANSFORMER, marks=pytest.mark.slow),
     # The same text Transformer as listops_transformer's at LRA's length: slow.
     pytest.param("listops_lra_transformer", SMALL_TRANSFORMER, marks=pytest.mark.slow),
     ("listops_attention_pooling", {"model.hidden_dim": 8, "model.embed_dim": 8,

@@ -284,6 +284,7 @@ TINY_RUN = {"data.name": "moving_digits_offline/smoke", "total_steps": 2, "batch
             **{f"model.{k}": v for k, v in TINY_MODEL.items()}}
 
 
+@pytest.mark.slow   # suite time; test_run.py's tiny run covers the loop, the units here the task
 def test_video_keyframes_trains_evaluates_and_draws(tmp_path, video_dir):
   config = experiments.get_config("video_keyframes")
   config.data.data_dir = video_dir
