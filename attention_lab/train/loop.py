@@ -462,51 +462,24 @@ def predict_checkpoint(config, workdir: str, texts: Sequence[str]) -> List[str]:
     raise ValueError("--mode=predict needs --inputs: the texts to translate (seq2seq), "
                      "eval-split indices or image paths to caption (captioning), or "
                      "eval-split indices or WAV paths to transcribe (speech_recognition)")
+  trainer, state = _restore_latest(config, workdir)
+  eval_inputs = trainer.data.eval["inputs"]
   if config.task == "captioning":
-    return _predict_captions(config, workdir, texts)
-  if config.task == "speech_recognition":
-    return _predict_transcripts(config, workdir, texts)
-  trainer, state = _restore_latest(config, workdir)
-  source_length = trainer.data.eval["inputs"]["source"].shape[1]
-  source = character_ids(texts, trainer.data.vocabulary, source_length)
-  target = np.zeros((len(texts),) + trainer.data.eval["inputs"]["target"].shape[1:], np.int32)
+    source, separator = {"image": caption_images(texts, eval_inputs["image"])}, " "
+  elif config.task == "speech_recognition":
+    source, separator = {"audio": transcript_clips(texts, eval_inputs["audio"])}, ""
+  else:
+    source = {"source": character_ids(texts, trainer.data.vocabulary,
+                                      eval_inputs["source"].shape[1])}
+    separator = ""
+  target = np.zeros((len(texts),) + eval_inputs["target"].shape[1:], np.int32)
   outputs = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False))(
-      variables(state), {"source": source, "target": target})
-  translations = [tasks_lib.token_text(row, trainer.data.vocabulary)
-                  for row in np.asarray(jax.device_get(trainer.task.predict(outputs)))]
-  for text, translation in zip(texts, translations):
-    logging.info("%s -> %s", text, translation)
-  return translations
-
-
-def _predict_captions(config, workdir: str, texts: Sequence[str]) -> List[str]:
-  """``predict_checkpoint`` for captioning: the greedy caption of each image
-  ``caption_images`` reads."""
-  trainer, state = _restore_latest(config, workdir)
-  images = caption_images(texts, trainer.data.eval["inputs"]["image"])
-  target = np.zeros((len(texts),) + trainer.data.eval["inputs"]["target"].shape[1:], np.int32)
-  outputs = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False))(
-      variables(state), {"image": images, "target": target})
-  captions = [tasks_lib.token_text(row, trainer.data.vocabulary, separator=" ")
-              for row in np.asarray(jax.device_get(trainer.task.predict(outputs)))]
-  for text, caption in zip(texts, captions):
-    logging.info("%s -> %s", text, caption)
-  return captions
-
-
-def _predict_transcripts(config, workdir: str, texts: Sequence[str]) -> List[str]:
-  """``predict_checkpoint`` for speech recognition: the greedy transcript of
-  each clip ``transcript_clips`` reads."""
-  trainer, state = _restore_latest(config, workdir)
-  clips = transcript_clips(texts, trainer.data.eval["inputs"]["audio"])
-  target = np.zeros((len(texts),) + trainer.data.eval["inputs"]["target"].shape[1:], np.int32)
-  outputs = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False))(
-      variables(state), {"audio": clips, "target": target})
-  transcripts = [tasks_lib.token_text(row, trainer.data.vocabulary)
-                 for row in np.asarray(jax.device_get(trainer.task.predict(outputs)))]
-  for text, transcript in zip(texts, transcripts):
-    logging.info("%s -> %s", text, transcript)
-  return transcripts
+      variables(state), {**source, "target": target})
+  written = [tasks_lib.token_text(row, trainer.data.vocabulary, separator=separator)
+             for row in np.asarray(jax.device_get(trainer.task.predict(outputs)))]
+  for text, output in zip(texts, written):
+    logging.info("%s -> %s", text, output)
+  return written
 
 
 def transcript_clips(texts: Sequence[str], eval_audio: np.ndarray) -> np.ndarray:
