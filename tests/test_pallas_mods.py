@@ -2,7 +2,8 @@
 mods in Pallas's interpreter against dense float64 attention written out
 here (output, gradients wrt q, k, v and wrt the learned arrays a score_mod
 closes over), and the mods it refuses (dispatch moves on to blockwise and
-says why). Lowering for TPU and GPU is in test_lowering.py.
+says why). Lowering for TPU and GPU is in test_lowering.py (and here for a
+relative-position table, read per block offset).
 
 72 tokens in 16 x 32 blocks: 5 query blocks by 3 key blocks, the last of
 each padded, so values per query row and per key column cross block edges.
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from attention_lab import kernels
+from attention_lab.kernels import lowering
 from attention_lab.kernels import mods
 from attention_lab.kernels.pallas import pallas_attention
 from conftest import assert_matches_float64
@@ -77,6 +79,20 @@ CASES = {
         lambda p: lambda s: s - mods.alibi_slopes(H).astype(np.float64)[None, :, None, None]
         * np.abs(J - I),
         (_documents()[:, :, None] == _documents()[:, None, :])[:, None]),
+    # A learned relative-position table (the Conformer's bias): a gather by
+    # kv_idx - q_idx, evaluated before the kernel once per block offset
+    # (7 offsets of 16 x 32 blocks), with padded keys in the second sequence;
+    # and causal, where the causal band leaves some block pairs unvisited.
+    "relative_bias_learned_kv_lengths": (
+        np.random.default_rng(3).normal(size=(H, 9)).astype(np.float32),
+        lambda p, ids: dict(score_mod=mods.relative_bias(p, 4), kv_lengths=jnp.array([T, 37])),
+        lambda p: lambda s: s + p[:, np.clip(J - I, -4, 4) + 4][None],
+        np.broadcast_to(J < np.array([T, 37])[:, None, None, None], (B, 1, T, T))),
+    "relative_bias_learned_causal": (
+        np.random.default_rng(4).normal(size=(H, 9)).astype(np.float32),
+        lambda p, ids: dict(score_mod=mods.relative_bias(p, 4), is_causal=True),
+        lambda p: lambda s: s + p[:, np.clip(J - I, -4, 4) + 4][None],
+        np.broadcast_to(J <= I, (1, 1, T, T))),
 }
 
 
@@ -109,7 +125,10 @@ def test_pallas_with_mods_matches_float64(name):
     want_grads = jax.grad(lambda q, k, v, p: jnp.sum(f64(p)(q, k, v) * cot),
                           (0, 1, 2, 3))(*args)
   np.testing.assert_allclose(got, want, atol=2e-5)
-  assert np.all(np.abs(np.asarray(want_grads[3])) > 1e-2)     # a gradient worth checking
+  # A gradient worth checking: each entry sizeable, or exactly zero where no
+  # visible pair reads it (a causal table's columns for keys after the query).
+  learned_grad = np.abs(np.asarray(want_grads[3]))
+  assert np.all((learned_grad > 1e-2) | (learned_grad == 0)) and learned_grad.max() > 1e-2
   for which, g, w in zip(("q", "k", "v", "learned"), grads, want_grads):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=which)
 
@@ -148,32 +167,101 @@ def test_tpu_layout_with_a_learned_score_mod_and_a_document_mask_matches_float64
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=which)
 
 
-def test_mods_the_kernel_cannot_lower_are_refused_and_go_to_blockwise(caplog):
-  """A relative-position table (``table[head, j - i]``, a gather indexed by
-  both positions) is refused by name; dispatch moves on to blockwise on GPU
-  and TPU and logs why, while ALiBi (a gather by head only) stays fused."""
-  table = mods.relative_bias(np.zeros((H, 9), np.float32), 4)
+def _skewed_table(score, batch, head, q_idx, kv_idx):
+  """A gather by both positions, but not through ``kv_idx - q_idx`` alone:
+  ``table[head, clip(2 j - i, -4, 4) + 4]``."""
+  table = jnp.zeros((H, 9), jnp.float32)
+  return score + table[head, jnp.clip(2 * kv_idx - q_idx, -4, 4) + 4]
+
+
+def _pair_table(score, batch, head, q_idx, kv_idx):
+  """A true 2-D gather: ``table[i mod 8, j mod 8]``."""
+  return score + jnp.arange(64, dtype=jnp.float32).reshape(8, 8)[q_idx % 8, kv_idx % 8]
+
+
+@pytest.mark.parametrize("mod", [_skewed_table, _pair_table], ids=["skewed", "pair"])
+def test_mods_the_kernel_cannot_lower_are_refused_and_go_to_blockwise(caplog, mod):
+  """A gather indexed by both positions otherwise than through ``j - i``
+  is refused by name; dispatch moves on to blockwise on GPU and TPU and logs
+  why, while ALiBi (a gather by head only) and a relative-position table
+  (``table[head, j - i]``, one tile per block offset) stay fused."""
   shape = kernels.checks.AttentionShape((B,), 2048, 2048, H, H, 64, 64)
-  reason = kernels.get("pallas").refuses(shape, None, table)
+  reason = kernels.get("pallas").refuses(shape, None, mod)
   assert "computes concatenate, gather per (query, key) pair" in reason, reason
   assert kernels.get("pallas").refuses(shape, mods.document(_documents()),
                                        mods.alibi(H)) is None
-  features = kernels.requested_features(score_mod=table)
+  assert kernels.get("pallas").refuses(
+      shape, None, mods.relative_bias(np.zeros((H, 9), np.float32), 4)) is None
+  features = kernels.requested_features(score_mod=mod)
   kernels.dispatch._LOGGED_CHOICES.clear()
   with caplog.at_level(logging.INFO, logger="absl"):
     for platform in ("gpu", "tpu"):
-      assert kernels.select(features, platform, "float32", shape, score_mod=table).name \
+      assert kernels.select(features, platform, "float32", shape, score_mod=mod).name \
           == "blockwise"
   logged = " ".join(r.getMessage() for r in caplog.records)
   assert "pallas (its score mod computes concatenate, gather per (query, key)" in logged, logged
   q, k, v, _ = _inputs(1)
   with pytest.raises(ValueError, match=r"'pallas' cannot run this call: its score mod "
                                        r"computes concatenate, gather"):
-    kernels.dot_product_attention(q, k, v, implementation="pallas", score_mod=table,
+    kernels.dot_product_attention(q, k, v, implementation="pallas", score_mod=mod,
                                   interpret=True)
   with pytest.raises(ValueError, match=r"pallas_attention: its score mod computes .*gather.*"
                                        r"blockwise takes any"):
-    pallas_attention(q, k, v, score_mod=table, interpret=True)
+    pallas_attention(q, k, v, score_mod=mod, interpret=True)
+
+
+def test_relative_bias_in_the_tpu_layout_matches_float64():
+  """The TPU program (128-wide blocks: 200 tokens are 2 x 2 blocks, 3 block
+  offsets) in the TPU interpreter with a learned relative-position table:
+  output and gradients wrt q, k, v and the table against float64."""
+  t, distance = 200, 6
+  rng = np.random.default_rng(5)
+  q, k, v, cot = (jnp.asarray(rng.normal(size=(1, t, H, D)), jnp.float32) for _ in range(4))
+  table = rng.normal(size=(H, 2 * distance + 1)).astype(np.float32)
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  column = np.clip(j - i, -distance, distance) + distance
+
+  def f(q, k, v, p):
+    return pallas_attention(q, k, v, score_mod=mods.relative_bias(p, distance),
+                            target="tpu_interpret")
+
+  def dense(q, k, v, p):
+    return _dense(q, k, v, lambda s: s + p[:, column][None], np.ones((1, 1, t, t), bool))
+
+  got = f(q, k, v, jnp.asarray(table))
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * cot), (0, 1, 2, 3)))(
+      q, k, v, jnp.asarray(table))
+  with jax.enable_x64(True):
+    args = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, table)]
+    want = dense(*args)
+    cot64 = np.asarray(cot, np.float64)
+    want_grads = jax.grad(lambda *a: jnp.sum(dense(*a) * cot64), (0, 1, 2, 3))(*args)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  assert np.abs(np.asarray(want_grads[3])).max() > 0.5          # a gradient worth checking
+  for which, g, w in zip(("q", "k", "v", "table"), grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=which)
+
+
+def test_relative_bias_lowers_the_fused_kernel_for_tpu_and_cuda():
+  """``jax.export`` for TPU (Mosaic's checks under an abstract TPU mesh)
+  and CUDA (Triton), causal over 3 x 3 TPU blocks: the forward and both
+  backward kernels carry the relative-position table (its gradient
+  included), no fallback. (Unmasked: test_lowering_models.py's
+  speech_conformer.)"""
+  def loss(q, k, v, table):
+    out = kernels.dot_product_attention(q, k, v, score_mod=mods.relative_bias(table, 32),
+                                        is_causal=True)
+    return jnp.sum(out.astype(jnp.float32))
+
+  qkv = jax.ShapeDtypeStruct((2, 384, 4, 64), jnp.float32)
+  args = (qkv, qkv, qkv, jax.ShapeDtypeStruct((4, 65), jnp.float32))
+  grad = jax.grad(loss, (0, 1, 2, 3))
+  for platform, call in (("tpu", "tpu_custom_call"), ("cuda", lowering.TRITON_CALL)):
+    text = lowering.lower_for(grad, args, platform)
+    assert call in lowering.custom_calls(text), platform
+    names = lowering.kernel_names(text)
+    assert {"attention_lab_flash_forward", "attention_lab_flash_dkdv",
+            "attention_lab_flash_dq"} <= names, (platform, names)
 
 
 MESH_CHECK = """

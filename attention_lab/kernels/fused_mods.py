@@ -17,7 +17,20 @@ shape and its operations are sorted by what they depend on
   and block at once (``Split.outside``), and handed to the kernel as inputs
   (``[batch | 1, heads | 1, query blocks | 1, key blocks | 1, a, c]`` with
   ``a x c`` one of ``1 x 1``, ``block_q x 1``, ``1 x block_k``, ``block_q x
-  block_k``).
+  block_k``);
+* **outside per block offset** -- what depends on the two positions only
+  through the relative position ``kv_idx - q_idx`` (a relative-position
+  table's ``table[head, clip(j - i, -D, D) + D]``, T5's buckets) but needs an
+  operation the kernel cannot lower. Such a value is the same
+  ``[block_q, block_k]`` tile for every block pair with the same offset
+  ``k_start - q_start``, so it is evaluated once per distinct offset
+  (``Split.offsets``: ``nq + nk - 1`` of them for equal blocks) and handed to
+  the kernel as ``[batch | 1, heads | 1, offsets, 1, block_q, block_k]``:
+  linear in the length, never a ``[T, T]`` table. The analysis recognises
+  the relative position as a ``sub`` of the key and the query position (as
+  given, or broadcast, reshaped or cast): its result starts a dependency
+  class of its own, and what mixes it with either position alone counts as
+  reading both.
 
 The arrays a ``score_mod`` closes over reach the kernel through those inputs,
 so their gradients come from autodiff of the outside part once the kernel's
@@ -25,8 +38,8 @@ backward returns the cotangents of the inputs (``Split.inside``'s ``vjp``,
 summed per program inside the kernel and over programs outside).
 
 A mod whose inside part needs an operation outside ``INSIDE_PRIMITIVES`` (a
-gather indexed by both positions, as a relative-position table's
-``table[head, j - i]``) is refused with the reason (``refusal``), and
+gather indexed by both positions otherwise than through ``j - i``, as a
+dense ``table[i, j]``) is refused with the reason (``refusal``), and
 dispatch moves on to ``blockwise``.
 """
 
@@ -34,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import jax
@@ -55,7 +69,13 @@ INSIDE_PRIMITIVES = frozenset({
 })
 # What a value depends on: the score, the four indices, a learned array (a
 # traced float the mod closes over) and any traced array.
+# ``_REL``: the relative position ``kv_idx - q_idx`` (and what is computed
+# from it alone).
 _SCORE, _BATCH, _HEAD, _Q, _K, _PARAM, _TRACED = "s", "b", "h", "q", "k", "p", "t"
+_REL = "r"
+# Operations that keep a value equal to a position (for spotting ``k - q``).
+_SAME_VALUE = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims",
+                         "convert_element_type", "copy", "copy_p"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +91,9 @@ class Value:
   dtype: object
   grad: bool            # float and reads a learned (traced float) array
   traced: bool = False  # reads a traced array (known only inside jit)
+  # A function of kv_idx - q_idx: one [block_q, block_k] tile per block
+  # offset (per_q and per_k are then False).
+  per_offset: bool = False
 
   @property
   def stored_dtype(self):
@@ -107,7 +130,36 @@ def _check_inside(jaxpr, what: str) -> None:
   if found:
     raise Refused(f"its {what} computes {', '.join(sorted(found))} per (query, key) pair, "
                   f"which the Pallas kernel cannot lower (a gather indexed by both "
-                  f"positions, such as a relative-position table's)")
+                  f"positions other than through kv_idx - q_idx, such as a table[q_idx, "
+                  f"kv_idx])")
+
+
+def _lowers_inside(eqn) -> bool:
+  return eqn.primitive.name in INSIDE_PRIMITIVES and not any(
+      _outside_primitives(sub) for sub in _jaxprs_of(eqn))
+
+
+def offset_layout(nq: int, nk: int, block_q: int, block_k: int):
+  """The distinct block offsets ``k_start - q_start`` of an ``nq x nk`` grid.
+
+  With power-of-two blocks the offsets are the multiples of ``step =
+  min(block_q, block_k)`` from ``-(nq - 1) block_q`` to ``(nk - 1) block_k``,
+  every one of them taken by some block pair, so block pair ``(qi, kj)``
+  reads tile ``(kj block_k - qi block_q + (nq - 1) block_q) / step``.
+
+  Returns:
+    ``(count, step, first)``: the number of tiles, the offset between
+    neighbours and the first (most negative) offset.
+  """
+  step = math.gcd(block_q, block_k)
+  first = -(nq - 1) * block_q
+  return ((nk - 1) * block_k - first) // step + 1, step, first
+
+
+def offset_index(qi, kj, nq: int, block_q: int, block_k: int):
+  """The tile of block pair ``(qi, kj)`` (ints or traced int32 scalars)."""
+  step = math.gcd(block_q, block_k)
+  return (kj * block_k - qi * block_q + (nq - 1) * block_q) // step
 
 
 @dataclasses.dataclass
@@ -136,41 +188,57 @@ class Split:
 
   def outside(self, batch: int, heads: int, nq: int, nk: int, consts=None) -> List:
     """Every value for every program and block, in plain JAX:
-    ``[batch | 1, heads | 1, nq | 1, nk | 1, a, c]`` each (booleans as int32)."""
+    ``[batch | 1, heads | 1, nq | 1, nk | 1, a, c]`` each (booleans as
+    int32); a ``per_offset`` value ``[batch | 1, heads | 1, offsets, 1,
+    block_q, block_k]`` (``offset_layout``)."""
     consts = self.consts if consts is None else consts
     out = [None] * len(self.values)
     groups = {}
     for i, v in enumerate(self.values):
-      groups.setdefault((v.per_batch, v.per_head, v.per_q, v.per_k), []).append(i)
-    for (pb, ph, pq, pk), which in groups.items():
-      def one(b, h, qi, kj, which=which):
-        env = self._outside_env(b, h, qi, kj, consts)
+      groups.setdefault((v.per_batch, v.per_head, v.per_q, v.per_k, v.per_offset),
+                        []).append(i)
+    count, step, first = offset_layout(nq, nk, self.block_q, self.block_k)
+    for (pb, ph, pq, pk, po), which in groups.items():
+      def one(b, h, qi, kj, which=which, po=po):
+        if po:
+          # qi is the offset's tile: any block pair with that offset gives
+          # the same tile; positions are left unclamped (they differ from
+          # the kernel's clamped ones only on padded rows and keys, which
+          # are masked or sliced off).
+          offset = first + qi * step
+          q_start = jnp.maximum(-offset, 0)
+          env = self._outside_env(b, h, q_start, q_start + offset, consts, which,
+                                  clamp=False)
+        else:
+          env = self._outside_env(b, h, qi * self.block_q, kj * self.block_k, consts, which)
         return [jnp.asarray(env[self.values[i].var]).reshape(self.values[i].shape)
                 .astype(self.values[i].stored_dtype) for i in which]
       fn = one
-      for axis in range(4)[::-1]:      # vmap over k blocks, q blocks, heads, batch
+      for axis in range(4)[::-1]:      # vmap over k blocks, q blocks (offsets), heads, batch
         fn = jax.vmap(fn, in_axes=tuple(0 if a == axis else None for a in range(4)))
-      axes = [jnp.arange(n if on else 1, dtype=jnp.int32)
-              for n, on in ((batch, pb), (heads, ph), (nq, pq), (nk, pk))]
+      sizes = ((batch, pb), (heads, ph), (count, True), (1, False)) if po else \
+          ((batch, pb), (heads, ph), (nq, pq), (nk, pk))
+      axes = [jnp.arange(n if on else 1, dtype=jnp.int32) for n, on in sizes]
       for i, arr in zip(which, fn(*axes)):
         out[i] = arr
     return out
 
-  def _outside_env(self, b, h, qi, kj, consts):
-    """Evaluates the outside equations for one program and block."""
-    q_pos = jnp.minimum(qi * self.block_q + jnp.arange(self.block_q, dtype=jnp.int32),
-                        self.q_len - 1)
-    k_pos = jnp.minimum(kj * self.block_k + jnp.arange(self.block_k, dtype=jnp.int32),
-                        self.kv_len - 1)
+  def _outside_env(self, b, h, q_start, k_start, consts, which, clamp=True):
+    """Evaluates the outside equations that the values ``which`` need, for
+    one program and the block starting at query ``q_start``, key ``k_start``."""
+    q_pos = q_start + jnp.arange(self.block_q, dtype=jnp.int32)
+    k_pos = k_start + jnp.arange(self.block_k, dtype=jnp.int32)
+    if clamp:
+      q_pos, k_pos = jnp.minimum(q_pos, self.q_len - 1), jnp.minimum(k_pos, self.kv_len - 1)
     index = [jnp.reshape(b, (1, 1, 1, 1)), jnp.reshape(h, (1, 1, 1, 1)),
              q_pos.reshape(1, 1, -1, 1), k_pos.reshape(1, 1, 1, -1)]
     env = dict(zip(self.jaxpr.constvars, consts))
     invars = self.jaxpr.invars[1:] if self.kind == "score_mod" else self.jaxpr.invars
     env.update(zip(invars, index))
-    inside = {id(e) for e in self.inside_eqns}
-    for eqn in self.jaxpr.eqns:
-      if id(eqn) not in inside:
-        _bind(eqn, env)
+    for eqn in _needed_eqns(self.jaxpr.eqns, [self.values[i].var for i in which]):
+      if not all(isinstance(v, jex_core.Literal) or v in env for v in eqn.invars):
+        continue           # reads what only the kernel makes (never needed here)
+      _bind(eqn, env)
     return env
 
   # -------------------------------------------------------------- inside
@@ -230,6 +298,17 @@ class Split:
     return modded, back
 
 
+def _needed_eqns(eqns, targets) -> List:
+  """The equations of ``eqns`` (in order) that ``targets`` depend on."""
+  live = {v for v in targets if not isinstance(v, jex_core.Literal)}
+  kept = []
+  for eqn in reversed(eqns):
+    if any(v in live for v in eqn.outvars):
+      kept.append(eqn)
+      live.update(v for v in eqn.invars if not isinstance(v, jex_core.Literal))
+  return kept[::-1]
+
+
 def _read(env, v):
   return v.val if isinstance(v, jex_core.Literal) else env[v]
 
@@ -265,14 +344,35 @@ def split(fn: Callable, kind: str, block_q: int, block_k: int, q_len: int,
     learned = traced and jnp.issubdtype(c.dtype, jnp.inexact)
     deps[var] = frozenset(({_PARAM} if learned else set()) | ({_TRACED} if traced else set()))
   of = lambda v: frozenset() if isinstance(v, jex_core.Literal) else deps[v]
+  # Which variables equal the query or the key position (as given, or
+  # broadcast, reshaped or cast): a sub of the two is the relative position.
+  position = {jaxpr.invars[-2]: _Q, jaxpr.invars[-1]: _K}
   inside_eqns, inside_vars = [], set()
   for eqn in jaxpr.eqns:
+    operands = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
     d = frozenset().union(*[of(v) for v in eqn.invars])
+    name = eqn.primitive.name
+    if name in _SAME_VALUE and len(operands) == 1 and operands[0] in position:
+      position[eqn.outvars[0]] = position[operands[0]]
+    elif (name == "sub" and len(operands) == 2
+          and {position.get(v) for v in operands} == {_Q, _K}):
+      d = frozenset({_REL})
     for var in eqn.outvars:
       deps[var] = d
-    if _SCORE in d or {_Q, _K} <= d:
+    # Inside: what reads the score or both positions, and what the kernel
+    # can compute from the relative position (j - i itself, ALiBi's
+    # slope * (j - i)); a gather by the relative position runs outside once
+    # per block offset.
+    both = {_Q, _K} <= d or (_REL in d and (_Q in d or _K in d))
+    relative = _REL in d and not both and all(
+        _REL not in of(v) or v in inside_vars for v in operands) and _lowers_inside(eqn)
+    if _SCORE in d or both or relative:
       inside_eqns.append(eqn)
       inside_vars.update(eqn.outvars)
+  # Keep only the inside equations the output needs (a relative index
+  # computed inside but read only by an outside gather is not).
+  inside_eqns = _needed_eqns(inside_eqns, jaxpr.outvars)
+  inside_vars = {v for eqn in inside_eqns for v in eqn.outvars}
   what = kind.replace("_", " ")
   sub = jex_core.Jaxpr(constvars=(), invars=(), outvars=(), eqns=inside_eqns)
   _check_inside(sub, what)
@@ -301,8 +401,13 @@ def split(fn: Callable, kind: str, block_q: int, block_k: int, q_len: int,
                     f"(not a per-block [1, 1, Q|1, K|1] array)")
     d = deps[var]
     grad = _PARAM in d and jnp.issubdtype(var.aval.dtype, jnp.inexact)
+    per_offset = _REL in d
+    if per_offset and (a, c) != (block_q, block_k):
+      raise Refused(f"its {what} reads a value of the relative position of shape {shape} "
+                    f"inside the block (not a [1, 1, Q, K] block)")
     values.append(Value(var, _BATCH in d, _HEAD in d, _Q in d, _K in d, (a, c),
-                        var.aval.dtype, grad and kind == "score_mod", _TRACED in d))
+                        var.aval.dtype, grad and kind == "score_mod", _TRACED in d,
+                        per_offset))
   for v in jaxpr.outvars:
     if isinstance(v, jex_core.Literal):
       continue

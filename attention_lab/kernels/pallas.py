@@ -176,7 +176,7 @@ class _Setting:
     ``with_vjp``) its vjp (``fused_mods.Split.inside_vjp``)."""
     q_start, k_start = qi * self.bq, kj * self.bk
     if self.mask_split is not None:
-      values = _block_values(self.mask_split, mask_refs, qi, kj)
+      values = _block_values(self, self.mask_split, mask_refs, qi, kj)
       ok = ok & self.mask_split.inside(None, q_start, k_start, values)
     back = None
     if self.score_split is not None:
@@ -185,7 +185,7 @@ class _Setting:
         hidden = s == -jnp.inf
         ok = ok & ~hidden
         s = jnp.where(hidden, 0.0, s)
-      values = _block_values(self.score_split, score_refs, qi, kj)
+      values = _block_values(self, self.score_split, score_refs, qi, kj)
       if with_vjp:
         s, back = self.score_split.inside_vjp(s, q_start, k_start, values)
       else:
@@ -206,10 +206,15 @@ class _Setting:
     ref[...] = jnp.broadcast_to(column, (column.shape[0], self.lanes))
 
 
-def _block_values(split, refs, qi, kj):
+def _block_values(st, split, refs, qi, kj):
   """A program's ``[a, c]`` block of each of ``split``'s values, read from
-  their ``[nq | 1, nk | 1, a, c]`` refs."""
-  return [ref[qi if v.per_q else 0, kj if v.per_k else 0] for v, ref in zip(split.values, refs)]
+  their ``[nq | 1, nk | 1, a, c]`` refs, or for a value of the relative
+  position from its ``[offsets, 1, bq, bk]`` ref at the pair's offset tile."""
+  def one(v, ref):
+    if v.per_offset:
+      return ref[fused_mods.offset_index(qi, kj, st.nq, st.bq, st.bk), 0]
+    return ref[qi if v.per_q else 0, kj if v.per_k else 0]
+  return [one(v, ref) for v, ref in zip(split.values, refs)]
 
 
 def _take(rest, n):
@@ -320,6 +325,17 @@ def _dq_kernel(*refs, st: _Setting):
   table_refs = _take(rest, 4 if st.block_table else 0)
   dq_ref, *dmod_refs = rest
   grads = st.grads_in("dq")
+  # Values of the relative position get one cotangent tile per visited key
+  # block ([nk, bq, bk] per program, summed per offset outside: no two key
+  # blocks of one query block share an offset); the others a running sum.
+  tiled = {i: ref for i, ref in zip(grads, dmod_refs) if st.score_split.values[i].per_offset}
+  summed = [i for i in grads if i not in tiled]
+  summed_refs = [ref for i, ref in zip(grads, dmod_refs) if i not in tiled]
+  for ref in tiled.values():       # blocks this program never visits
+    def zero(j, carry, ref=ref):
+      ref[j] = jnp.zeros(ref.shape[1:], ref.dtype)
+      return carry
+    lax.fori_loop(0, st.nk, zero, 0)
   qi = pl.program_id(2)
   kv_valid = st.kv_valid(len_ref)
   dropout = st.dropout_state(seed_ref)
@@ -339,15 +355,18 @@ def _dq_kernel(*refs, st: _Setting):
     ds = p * (st.drop(_qk(do, v), dropout, qi * st.bq, kj * st.bk) - delta)
     if back is not None:
       ds, d_values = back(ds)
-      dmods = [acc + d_values[st.score_split.grads.index(i)] for acc, i in zip(dmods, grads)]
+      d_of = lambda i: d_values[st.score_split.grads.index(i)]
+      dmods = [acc + d_of(i) for acc, i in zip(dmods, summed)]
+      for i, ref in tiled.items():
+        ref[kj] = d_of(i)
     dq = dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * st.scale
     return (dq, *dmods)
 
   init = [jnp.zeros(q.shape, jnp.float32)]
-  init += [jnp.zeros(st.score_split.values[i].shape, jnp.float32) for i in grads]
+  init += [jnp.zeros(st.score_split.values[i].shape, jnp.float32) for i in summed]
   dq, *dmods = st.visit("keys", qi, table_refs, body, tuple(init))
   dq_ref[...] = dq.astype(dq_ref.dtype)
-  for ref, d in zip(dmod_refs, dmods):
+  for ref, d in zip(summed_refs, dmods):
     ref[...] = d
 
 
@@ -448,10 +467,17 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
 
   def d_value_outputs(kernel, b, n, count):
     """Per-program partial cotangents of the score_mod values ``kernel`` sums:
-    ``[b, n, count, a, c]`` float32 each (``count`` its programs' blocks)."""
+    ``[b, n, count, a, c]`` float32 each (``count`` its programs' blocks);
+    a value of the relative position ``[b, n, nq, nk, bq, bk]``, one tile
+    per block pair."""
     shapes, specs = [], []
     for i in st.grads_in(kernel):
       a, c = st.score_split.values[i].shape
+      if st.score_split.values[i].per_offset:
+        shapes.append(jax.ShapeDtypeStruct((b, n, count, st.nk, a, c), jnp.float32))
+        specs.append(pl.BlockSpec((None, None, None, st.nk, a, c),
+                                  lambda b, n, i: (b, n, i, 0, 0, 0)))
+        continue
       shapes.append(jax.ShapeDtypeStruct((b, n, count, a, c), jnp.float32))
       specs.append(pl.BlockSpec((None, None, None, a, c), lambda b, n, i: (b, n, i, 0, 0)))
     return shapes, specs
@@ -507,6 +533,8 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
     d_score_values = [None] * len(score_values)
     for kernel, partials in (("dkdv", d_per_key), ("dq", d_per_query)):
       for i, g in zip(st.grads_in(kernel), partials):
+        if st.score_split.values[i].per_offset:
+          g = _sum_to_offsets(g, st)
         d_score_values[i] = _sum_to(g, score_values[i], kernel)
     return (d_q, d_k, d_v, None, None, d_bias, tuple(d_score_values),
             tuple(None for _ in mask_values), tuple(None for _ in tables))
@@ -522,6 +550,19 @@ def _sum_to(partial, value, kernel):
   g = jnp.expand_dims(partial, 2 if kernel == "dkdv" else 3)
   axes = tuple(i for i in range(4) if value.shape[i] == 1 and g.shape[i] != 1)
   return g.sum(axis=axes, keepdims=True).astype(value.dtype)
+
+
+def _sum_to_offsets(partial, st: _Setting):
+  """Cotangent tiles per block pair ``[b, n, nq, nk, bq, bk]`` summed onto
+  their offset's tile: ``[b, n, offsets, bq, bk]`` (``_sum_to`` then gives
+  the value's ``[b | 1, n | 1, offsets, 1, bq, bk]``)."""
+  b, n = partial.shape[:2]
+  qi, kj = np.meshgrid(np.arange(st.nq), np.arange(st.nk), indexing="ij")
+  tile = fused_mods.offset_index(qi, kj, st.nq, st.bq, st.bk).reshape(-1)
+  count = fused_mods.offset_layout(st.nq, st.nk, st.bq, st.bk)[0]
+  flat = jnp.moveaxis(partial.reshape((b, n, st.nq * st.nk) + partial.shape[4:]), 2, 0)
+  summed = jax.ops.segment_sum(flat, jnp.asarray(tile), num_segments=count)
+  return jnp.moveaxis(summed, 0, 2)                  # [b, n, offsets, bq, bk]
 
 
 def _block_tables(table, st: _Setting):
@@ -623,7 +664,8 @@ def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, 
 def pallas_refusal(shape: checks.AttentionShape, mask_mod, score_mod=None) -> Optional[str]:
   """Why the Pallas kernel cannot take these mods (None: it can): an
   operation per (query, key) pair that Triton and Mosaic do not lower (a
-  gather indexed by both positions), or a value of a shape no block holds
+  gather indexed by both positions otherwise than through ``kv_idx -
+  q_idx``), or a value of a shape no block holds
   (``fused_mods.split``). What a mod may compute does not depend on the
   block size, so the GPU's default blocks stand for every target."""
   block_q = max(16, min(DEFAULT_BLOCK_Q, pl.next_power_of_2(shape.q_length)))
@@ -667,8 +709,13 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
       per block inside the three kernels; what they compute per sequence,
       head, query row or key column runs before the kernel
       (``fused_mods``), and gradients reach the arrays a score_mod closes
-      over. A mod that needs a gather per (query, key) pair (a
-      relative-position table) is a ValueError (``pallas_refusal``).
+      over. What depends on the two positions only through ``kv_idx -
+      q_idx`` (a relative-position table, T5 buckets) runs before the
+      kernel once per block offset (``[.., offsets, 1, bq, bk]``, linear in
+      the length); its gradient comes from one cotangent tile per block
+      pair (``[batch, heads, q_padded, kv_padded]`` float32 in the backward
+      only, as a dense bias's gradient), summed per offset outside. Any
+      other gather per (query, key) pair is a ValueError (``pallas_refusal``).
     block_q / block_k: tile sizes (powers of two; at least 16 on GPU, rounded
       up to multiples of 128 on TPU).
     target: one of ``TARGETS``; None picks per lowering platform (Triton on
