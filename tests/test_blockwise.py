@@ -42,6 +42,32 @@ def test_block_sizes_and_skipping(q_len, kv_len, block_q, block_k, form):
   _check(q, k, v, block_q=block_q, block_k=block_k, **kw)
 
 
+@pytest.mark.parametrize("q_len, kv_len, block_q, block_k", [
+    (70, 70, 16, 8), (70, 70, 8, 32), (20, 50, 8, 8), (50, 20, 16, 8), (64, 64, 16, 16)])
+@pytest.mark.parametrize("causal, window", [
+    (True, None), (False, (5, 3)), (True, (9, 0)), (False, (0, 12)), (True, (40, 40)),
+    (False, (7, 7))])
+def test_band_block_mask_matches_every_pair(q_len, kv_len, block_q, block_k, causal, window):
+  """Causal and windowed attention's block mask, computed from block corners,
+  against the visible pairs counted one by one (padded keys hidden)."""
+  table = masks.band_block_mask(q_len, kv_len, block_q, block_k, is_causal=causal,
+                                window=window)
+  nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
+  want = np.zeros((nq, nk), np.int8)
+  for qi in range(nq):
+    for kj in range(nk):
+      pairs = [(q, k) for q in range(qi * block_q, min((qi + 1) * block_q, q_len))
+               for k in range(kj * block_k, (kj + 1) * block_k)]
+      seen = [k < kv_len and (not causal or k <= q)
+              and (window is None or q - window[0] <= k <= q + window[1]) for q, k in pairs]
+      want[qi, kj] = masks.FULL if all(seen) else masks.PARTIAL if any(seen) else masks.EMPTY
+  np.testing.assert_array_equal(table.state, want)
+  assert (table.state == masks.EMPTY).any()             # the shapes do skip blocks
+  loose = masks.band_block_mask(q_len, kv_len, block_q, block_k, is_causal=causal,
+                                window=window, exact=False)
+  np.testing.assert_array_equal(loose.state, np.minimum(want, masks.PARTIAL))
+
+
 def test_length_options_equal_a_dense_padding_mask():
   q, k, v = _inputs(2, 37, 53)
   q_lengths, kv_lengths = jnp.array([37, 10]), jnp.array([20, 0])

@@ -6,15 +6,17 @@ running maximum ``m``, normaliser ``l`` and weighted sum ``acc``
 full: the forward pass keeps ``out`` and the log-sum-exp per query, and the
 ``custom_vjp`` backward recomputes each block's probabilities from them.
 
-Causal and windowed attention skip key blocks that lie wholly outside the band,
-so causal attention does about half the work of full attention.
+Causal, windowed and ``mask_mod`` attention walk one block mask
+(``masks.band_block_mask``, ``masks.block_mask``): per query block, the key
+blocks it needs, the full ones without any masking, the partial ones masked,
+the empty ones never visited; so causal attention does about half the work of
+full attention.
 
 ``score_mod`` / ``mask_mod`` (``attention_lab.kernels.mods``) run on each
 block in the forward and again in the backward, which also returns the
 cotangents of the arrays a ``score_mod`` closes over (hoisted into explicit
-``custom_vjp`` inputs). A ``mask_mod`` with a static block mask
-(``masks.block_mask``) visits, per query block, only its non-empty key blocks,
-the full ones without any masking.
+``custom_vjp`` inputs). A ``mask_mod`` that reads traced arrays has no
+static block mask: it is evaluated in every block causal / window leave.
 
 Layout inside: heads-major ``[batch, heads, length, dim]`` so each block is a
 batch of plain matrix products.
@@ -104,44 +106,34 @@ class _Static:
     # (a third of the forward's elementwise work) is skipped.
     self.needs_mask = (causal or window is not None or has_mask or has_lengths
                        or mask_mod is not None or self.kv_padded != kv_len)
-    # Causal alone: blocks wholly below the diagonal need no mask, so only
-    # the diagonal blocks pay for it.
-    self.split_causal = (causal and window is None and mask_mod is None
-                         and not (has_mask or has_lengths))
     # A block mask's full blocks need no mask unless a dense mask or lengths
     # (which it does not see) may hide something inside them.
     self.full_unmasked = table is not None and not (has_mask or has_lengths)
 
   def key_loops(self, qi):
     """``([(start, end, masked)], block)``: the loop counter's ranges for query
-    block ``qi`` (whether each masks) and the map from counter to key block."""
-    if self.table is not None:
-      order, count = jnp.asarray(self.table.kv_blocks), jnp.asarray(self.table.kv_count)[qi]
-      block = lambda t: order[qi, t]
-      if self.full_unmasked:
-        mid = jnp.asarray(self.table.kv_full)[qi]
-        return [(0, mid, False), (mid, count, True)], block
-      return [(0, count, True)], block
-    lo, hi = self.key_block_range(qi)
-    if self.split_causal:
-      mid = self.unmasked_key_blocks_end(qi, lo, hi)
-      return [(lo, mid, False), (mid, hi, True)], lambda t: t
-    return [(lo, hi, self.needs_mask)], lambda t: t
+    block ``qi`` (whether each masks) and the map from counter to key block.
+    With a block mask (causal, window, mask_mod) the full key blocks come
+    first, unmasked, then the partial ones; empty ones are never visited."""
+    if self.table is None:
+      return [(0, self.nk, self.needs_mask)], lambda t: t
+    order, count = jnp.asarray(self.table.kv_blocks), jnp.asarray(self.table.kv_count)[qi]
+    block = lambda t: order[qi, t]
+    if self.full_unmasked:
+      mid = jnp.asarray(self.table.kv_full)[qi]
+      return [(0, mid, False), (mid, count, True)], block
+    return [(0, count, True)], block
 
   def query_loops(self, kj):
     """As ``key_loops`` for the backward: query blocks that see key block ``kj``."""
-    if self.table is not None:
-      order, count = jnp.asarray(self.table.q_blocks), jnp.asarray(self.table.q_count)[kj]
-      block = lambda t: order[kj, t]
-      if self.full_unmasked:
-        mid = jnp.asarray(self.table.q_full)[kj]
-        return [(0, mid, False), (mid, count, True)], block
-      return [(0, count, True)], block
-    lo, hi = self.query_block_range(kj)
-    if self.split_causal:
-      mid = self.unmasked_query_blocks_start(kj, lo, hi)
-      return [(lo, mid, True), (mid, hi, False)], lambda t: t
-    return [(lo, hi, self.needs_mask)], lambda t: t
+    if self.table is None:
+      return [(0, self.nq, self.needs_mask)], lambda t: t
+    order, count = jnp.asarray(self.table.q_blocks), jnp.asarray(self.table.q_count)[kj]
+    block = lambda t: order[kj, t]
+    if self.full_unmasked:
+      mid = jnp.asarray(self.table.q_full)[kj]
+      return [(0, mid, False), (mid, count, True)], block
+    return [(0, count, True)], block
 
   def mod_index(self, q_start, k_start):
     """A block's index arrays for the mods (``masks.mod_index_grid``); padded
@@ -157,42 +149,6 @@ class _Static:
     if self.has_bias:        # a -inf bias must keep its key hidden
       return mods.guarded_score_mod(mod, s, *index)
     return jnp.broadcast_to(jnp.asarray(mod(s, *index), s.dtype), s.shape)
-
-  def unmasked_key_blocks_end(self, qi, lo, hi):
-    """For split_causal: key blocks ``[lo, end)`` are fully visible to block ``qi``."""
-    end = jnp.minimum(qi * self.bq + 1, self.kv_len) // self.bk
-    return jnp.clip(end, lo, hi)
-
-  def unmasked_query_blocks_start(self, kj, lo, hi):
-    """For split_causal: query blocks ``[start, hi)`` see all of key block ``kj``."""
-    k_end = (kj + 1) * self.bk
-    start = (k_end - 1 + self.bq - 1) // self.bq
-    start = jnp.where(k_end <= self.kv_len, start, hi)     # a padded block stays masked
-    return jnp.clip(start, lo, hi)
-
-  def key_block_range(self, qi):
-    """Key blocks that can hold a visible key for query block ``qi``."""
-    lo, hi = 0, self.nk
-    q_first, q_last = qi * self.bq, qi * self.bq + self.bq - 1
-    if self.causal:
-      hi = jnp.minimum(hi, q_last // self.bk + 1)
-    if self.window is not None:
-      left, right = self.window
-      lo = jnp.maximum(lo, (q_first - left) // self.bk)
-      hi = jnp.minimum(hi, (q_last + right) // self.bk + 1)
-    return jnp.clip(lo, 0, self.nk), jnp.clip(hi, 0, self.nk)
-
-  def query_block_range(self, kj):
-    """Query blocks that can see a key of key block ``kj``."""
-    lo, hi = 0, self.nq
-    k_first, k_last = kj * self.bk, kj * self.bk + self.bk - 1
-    if self.causal:
-      lo = jnp.maximum(lo, k_first // self.bq)
-    if self.window is not None:
-      left, right = self.window
-      lo = jnp.maximum(lo, (k_first - right) // self.bq)
-      hi = jnp.minimum(hi, (k_last + left) // self.bq + 1)
-    return jnp.clip(lo, 0, self.nq), jnp.clip(hi, 0, self.nq)
 
   def valid(self, q_start, k_start, mask_blk, q_lengths, kv_lengths, mask_consts=()):
     """Boolean ``[batch|1, heads|1, bq, bk]`` of visible (query, key) pairs."""
@@ -598,6 +554,13 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
     mask_fn, mask_consts = mods.hoist(mask_mod, *index_spec)
     table = masks.block_mask(mask_mod, flat, shape.heads, shape.q_length, shape.kv_length,
                              block_q, block_k, is_causal=is_causal, window=window)
+  if table is None and (is_causal or window is not None):
+    # Causal and windowed attention walk the same block mask as a mask_mod;
+    # with a mod of traced arrays (no static block mask) the band's full
+    # blocks still need the mod's mask.
+    table = masks.band_block_mask(shape.q_length, shape.kv_length, block_q, block_k,
+                                  is_causal=is_causal, window=window,
+                                  exact=mask_mod is None)
   st = _Static(shape.q_length, shape.kv_length, block_q, block_k,
                shape.head_dim ** -0.5 if scale is None else scale, is_causal, window,
                has_mask=mask is not None,

@@ -259,6 +259,38 @@ def block_mask(mask_mod, batch: int, heads: int, q_length: int, kv_length: int,
   return result
 
 
+def band_block_mask(q_length: int, kv_length: int, block_q: int, block_k: int, *,
+                    is_causal: bool = False, window: Optional[Tuple[int, int]] = None,
+                    exact: bool = True) -> BlockMask:
+  """The block mask of causal and / or windowed attention, from the block
+  corners (no mod evaluated): the same ``BlockMask`` a ``mask_mod`` gets, so
+  a kernel walks causal, windowed and ``mask_mod`` attention with one loop.
+
+  Query ``q`` sees keys ``[lo(q), hi(q)]`` with ``lo(q) = q - left`` and
+  ``hi(q) = min(q + right, q if causal)``; both step right with ``q``, so
+  the rows of ``[q0, q1]`` together see the one interval ``[lo(q0), hi(q1)]``
+  and a block ``[q0, q1] x [k0, k1]`` (``k1`` cut at the last valid key)
+  holds a visible pair iff ``k0 <= hi(q1)`` and ``k1 >= lo(q0)``; every
+  pair is visible iff ``k0 >= lo(q1)`` and ``k1 <= hi(q0)``. Keys past ``kv_length`` are hidden (a block holding
+  padded keys is never full); query rows past ``q_length`` do not count.
+  ``exact=False`` marks full blocks partial (something else, a mod that
+  reads traced arrays, may still hide pairs inside them).
+  """
+  nq, nk = -(-q_length // block_q), -(-kv_length // block_k)
+  q0 = np.arange(nq)[:, None] * block_q
+  q1 = np.minimum(q0 + block_q, q_length) - 1
+  k0 = np.arange(nk)[None, :] * block_k
+  k1 = k0 + block_k - 1
+  big = q_length + kv_length + 1           # "no limit" on a side
+  left, right = window if window is not None else (big, big)
+  hi = lambda q: np.minimum(q + right, q) if is_causal else q + right
+  lo = lambda q: q - left
+  k1_valid = np.minimum(k1, kv_length - 1)
+  any_ = (k0 <= np.minimum(hi(q1), k1_valid)) & (k1_valid >= lo(q0))
+  all_ = (k0 >= lo(q1)) & (k1 <= hi(q0)) & (k1 <= kv_length - 1) & exact
+  return BlockMask.from_state(np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY)))
+
+
 @contextlib.contextmanager
 def _evaluate_now():
   """Evaluates a mod's JAX ops eagerly on the host while a step is traced,
