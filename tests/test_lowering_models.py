@@ -79,8 +79,8 @@ KERNELS = {
     "mnist_captions_sat": (NONE, NONE, "LSTM decoder, additive scores over CNN regions (layers.recurrent_attention), no kernel"),
     "mnist_captions_transformer": (FUSED, FUSED, ""),
     "speech_commands_kwt": (FUSED, FUSED, ""),
-    # The learned relative-position bias [1, heads, T, T] is read by our
-    # Pallas kernel (splash takes no bias).
+    # The learned relative-position table of each block is a score_mod our
+    # Pallas kernel reads per block offset (splash takes no score_mod).
     "speech_conformer": (FUSED, FUSED, ""),
     "speech_kwt": (FUSED, FUSED, ""),
     # As numbers_transformer, with the encoder over subsampled log-mel frames.

@@ -20,6 +20,7 @@ from attention_lab import train
 from attention_lab.data import audio
 from attention_lab.data import sources
 from attention_lab.data import synthetic_speech_commands as sc
+from attention_lab.layers import AttentionConfig
 from attention_lab.layers import conformer
 from attention_lab.layers.spectrogram import LogMelFrontEnd
 from attention_lab.viz import speech as speech_viz
@@ -168,15 +169,40 @@ def test_front_end_normalises_and_masks_only_in_training():
     front.apply(variables, clips[0])
 
 
-def test_relative_position_bias_depends_only_on_distance():
-  module = conformer.RelativePositionBias(num_heads=3, max_distance=4)
-  variables = module.init(jax.random.key(0), 10)
-  table = np.random.default_rng(0).standard_normal((9, 3)).astype(np.float32)
-  bias = np.asarray(module.apply({"params": {"table": table}}, 10))
-  assert bias.shape == (1, 3, 10, 10) and variables["params"]["table"].shape == (9, 3)
-  for i, j in [(0, 0), (2, 5), (5, 2), (0, 9), (9, 0)]:
-    d = int(np.clip(j - i, -4, 4))
-    np.testing.assert_array_equal(bias[0, :, i, j], table[d + 4])
+def test_conformer_relative_bias_is_a_score_mod_of_each_block():
+  """Each block's attention holds a ``[heads, 2D + 1]`` table applied as the
+  ``relative_bias`` score_mod: the block equals the same block given the
+  dense bias ``table[h, clip(j - i, -D, D) + D]`` written out in NumPy, and
+  the classifier has one table per block and no dense ``[T, T]`` bias."""
+  heads, distance, t, d = 2, 4, 10, 8
+  attention = conformer.with_relative_bias(AttentionConfig(), distance)
+  assert attention.score_mod == "relative_bias"
+  assert conformer.with_relative_bias(AttentionConfig(score_mod="alibi"), distance).score_mod \
+      == "alibi"                                  # a configured score_mod replaces it
+  block = conformer.ConformerBlock(num_heads=heads, mlp_dim=16, conv_kernel_size=3,
+                                   attention=attention)
+  x = jax.random.normal(jax.random.key(0), (2, t, d))
+  variables = block.init(jax.random.key(1), x)
+  table = np.random.default_rng(0).standard_normal((heads, 2 * distance + 1)).astype(np.float32)
+  assert variables["params"]["attention"]["relative_bias"].shape == table.shape
+  variables["params"]["attention"]["relative_bias"] = jnp.asarray(table)
+  got = block.apply(variables, x)
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  dense = table[:, np.clip(j - i, -distance, distance) + distance][None]    # [1, heads, t, t]
+  plain = conformer.ConformerBlock(num_heads=heads, mlp_dim=16, conv_kernel_size=3)
+  params = jax.tree_util.tree_map(lambda a: a, variables["params"])
+  del params["attention"]["relative_bias"]
+  want = plain.apply({**variables, "params": params}, x, bias=dense)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert not np.allclose(plain.apply({**variables, "params": params}, x), want, atol=1e-3)
+
+  model = models.build({"name": "conformer", "num_classes": 3, "hidden_dim": 8,
+                        "num_layers": 2, "num_heads": heads, "mlp_dim": 16, "num_mels": 20,
+                        "subsample_channels": 4, "attention_units": 8, "max_distance": 6})
+  params = model.init(jax.random.key(0), np.zeros((1, 16000), np.int16))["params"]
+  assert "relative_bias" not in params
+  assert [params[f"block{i}"]["attention"]["relative_bias"].shape for i in range(2)] \
+      == [(heads, 13)] * 2
 
 
 def test_conformer_block_has_the_papers_parts():

@@ -1,43 +1,36 @@
 """Conformer blocks (Gulati et al. 2020): self-attention for global context,
 convolution for local patterns, between two half-step feed-forward layers.
 
-Positions enter as a learned relative-position bias per head (distance
-clipped to ``max_distance``), added to the attention scores through the
-kernels' ``bias`` argument; the paper's Transformer-XL relative encoding
-plays the same role.
+Positions enter as a learned relative-position bias per head and clipped
+distance, added to the attention scores as a ``score_mod``
+(``kernels.mods.relative_bias``, built by the attention layer from
+``AttentionConfig(score_mod="relative_bias")``): the kernels read the
+``[heads, 2 * max_distance + 1]`` table per block, no ``[T, T]`` bias is ever
+materialised, and the fused Pallas kernel keeps it on GPU and TPU. The
+paper's Transformer-XL relative encoding plays the same role.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
-import numpy as np
 
 from attention_lab.layers.attention import AttentionConfig
 from attention_lab.layers.attention import SelfAttention
 from attention_lab.layers.transformer import MlpBlock
 
 
-class RelativePositionBias(nn.Module):
-  """A learned scalar per head and clipped distance ``key - query``.
-
-  Attributes:
-    num_heads: heads of the attention it feeds.
-    max_distance: distances beyond this share the edge value.
-  """
-  num_heads: int
-  max_distance: int = 32
-
-  @nn.compact
-  def __call__(self, length: int):
-    """-> float32 bias ``[1, heads, length, length]``."""
-    table = self.param("table", nn.initializers.zeros,
-                       (2 * self.max_distance + 1, self.num_heads))
-    distance = np.arange(length)[None, :] - np.arange(length)[:, None]
-    index = np.clip(distance, -self.max_distance, self.max_distance) + self.max_distance
-    return jnp.transpose(table[index], (2, 0, 1))[None]
+def with_relative_bias(attention: AttentionConfig, max_distance: int) -> AttentionConfig:
+  """``attention`` with the Conformer's position bias: a learned
+  ``relative_bias`` score_mod (per block, ``[heads, 2 * max_distance + 1]``
+  parameter ``relative_bias`` of its attention), unless the config already
+  names a score_mod (which then replaces it, e.g. ``alibi``)."""
+  if attention.score_mod is not None:
+    return attention
+  return dataclasses.replace(attention, score_mod="relative_bias",
+                             score_mod_args={"max_distance": int(max_distance)})
 
 
 class ConvModule(nn.Module):
@@ -71,7 +64,8 @@ class ConformerBlock(nn.Module):
   Attributes:
     num_heads, mlp_dim: attention heads and feed-forward width.
     conv_kernel_size: depthwise convolution width.
-    attention: the self-attention's settings (``AttentionConfig``).
+    attention: the self-attention's settings (``AttentionConfig``); its
+      ``score_mod`` carries the relative positions (``with_relative_bias``).
   """
   num_heads: int
   mlp_dim: int

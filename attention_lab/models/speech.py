@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from attention_lab.layers import AttentionConfig
 from attention_lab.layers import AttentionPooling
 from attention_lab.layers.conformer import ConformerBlock
-from attention_lab.layers.conformer import RelativePositionBias
+from attention_lab.layers.conformer import with_relative_bias
 from attention_lab.layers.spectrogram import LogMelFrontEnd
 from attention_lab.layers.spectrogram import LogMelSettings
 from attention_lab.models.token_classifier import TokenClassifier
@@ -67,7 +67,10 @@ class ConformerClassifier(LogMelSettings):
     conv_kernel_size: the Conformer convolution's width (in subsampled frames).
     subsample_channels: channels of the subsampling convolutions.
     attention_units: hidden width of the additive pooling score.
-    max_distance: relative positions beyond it share a bias.
+    max_distance: relative positions beyond it share a bias (each block's
+      attention learns a ``[heads, 2 * max_distance + 1]`` table, applied as
+      the ``relative_bias`` score_mod; an ``attention.score_mod`` set in the
+      config replaces it).
     num_mels, max_warp, time_masks, time_width, freq_masks, freq_width: the
       front end's (``LogMelSettings``), keyword-only.
     attention: the blocks' attention settings (``AttentionConfig``).
@@ -101,11 +104,14 @@ class ConformerClassifier(LogMelSettings):
     batch, frames = x.shape[:2]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="project")(x.reshape(batch, frames, -1))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    bias = RelativePositionBias(self.num_heads, self.max_distance, name="relative_bias")(frames)
+    # Per block, not one table shared by all: each layer learns its own
+    # distance profile (Shaw et al. 2018), for 2 * (2D + 1) * heads more
+    # parameters, through the same config path as any other score_mod.
+    attention = with_relative_bias(self.attention, self.max_distance)
     for i in range(self.num_layers):
       x = ConformerBlock(self.num_heads, self.mlp_dim, self.conv_kernel_size,
-                         self.dropout_rate, self.attention, self.dtype,
-                         name=f"block{i}")(x, bias=bias, train=train)
+                         self.dropout_rate, attention, self.dtype,
+                         name=f"block{i}")(x, train=train)
     pooled, _ = AttentionPooling(self.attention_units, dtype=self.dtype, name="pooling")(x)
     pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=not train)
     return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(pooled)   # float32 logits
