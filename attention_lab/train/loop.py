@@ -136,10 +136,14 @@ class Trainer:
     self.state_sharding = sharding.param_sharding(state, self.mesh, config.mesh.shard_params)
     self.initial_state = jax.device_put(state, self.state_sharding)
     replicated = sharding.replicated(self.mesh)
+    # The un-jitted step, for tools that lower it themselves
+    # (benchmarks/train.py counts its FLOPs); training calls train_step.
+    self.train_step_fn = functools.partial(
+        train_step, model=self.model, task=self.task, config=config,
+        schedule=self.schedule, dropout_key=self.dropout_key)
     self.train_step = self._under_mesh(jax.jit(
-        functools.partial(train_step, model=self.model, task=self.task, config=config,
-                          schedule=self.schedule, dropout_key=self.dropout_key),
-        out_shardings=(self.state_sharding, replicated), donate_argnums=0))
+        self.train_step_fn, out_shardings=(self.state_sharding, replicated),
+        donate_argnums=0))
     self.eval_step = self._under_mesh(jax.jit(
         functools.partial(eval_step, model=self.model, task=self.task,
                           with_predictions=self.task.corpus_metrics is not None),
