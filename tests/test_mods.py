@@ -259,7 +259,39 @@ def _case(name, t=LENGTH, s=LENGTH):
                             mods.and_masks(mods.prefix_lm(50), mods.sliding_window((100, s))),
                             jnp.asarray(bias))
     return build, {}, (np_mod, visible, bias.astype(np.float64), lambda d_s: {})
+  if name == "atan_distance_learned":
+    # Elementwise, but through an operation (atan) that mods.hoist_keys_major
+    # does not vouch for: the backward keeps its blocks query-major.
+    weights = rng.uniform(0.5, 2.0, HEADS).astype(np.float32)
+    curve = np.arctan(_distance(t, s) / 8.0)
+    np_mod = lambda raw: (raw + np.asarray(weights, np.float64)[None, :, None, None] * curve,
+                          np.ones_like(raw))
+    build = lambda p, ids: (_atan_distance(p["w"]), mods.causal(), None)
+    grads = lambda d_s: {"w": (d_s * curve).sum(axis=(0, 2, 3))}
+    return build, {"w": jnp.asarray(weights)}, (np_mod, _causal(t, s), None, grads)
   raise KeyError(name)
+
+
+def _atan_distance(weights):
+  return lambda score, b, h, q_idx, kv_idx: score + weights[h] * jnp.arctan((kv_idx - q_idx) / 8.0)
+
+
+def test_score_mods_run_in_the_backwards_layout_when_free_of_the_axis_order():
+  """blockwise's backward keeps its blocks keys-major and evaluates a mod
+  there when its operations cannot depend on the axis order; the rest run
+  query-major (both layouts checked against float64 above)."""
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  args = (jax.ShapeDtypeStruct((2, HEADS, 16, 8), jnp.float32), spec(2, 1, 1, 1),
+          spec(1, HEADS, 1, 1), spec(1, 1, 16, 1), spec(1, 1, 1, 8))
+  free = {"alibi": mods.alibi(HEADS), "softcap": mods.softcap(4.0),
+          "relative_bias": mods.relative_bias(jnp.ones((HEADS, 17)), 8),
+          "t5": mods.t5_relative_bias(jnp.ones((HEADS, 32)))}
+  tied = {"atan": _atan_distance(jnp.ones(HEADS)),
+          "row_sum": lambda s, *i: s - s.sum(-1, keepdims=True),
+          "reversed": lambda s, *i: s + s[..., ::-1]}
+  for name, mod in {**free, **tied}.items():
+    _, consts = mods.hoist(mod, *args)
+    assert (mods.hoist_keys_major(mod, consts, *args) is not None) == (name in free), name
 
 
 @pytest.mark.parametrize("name, dtype", [
@@ -267,7 +299,9 @@ def _case(name, t=LENGTH, s=LENGTH):
     ("alibi_learned_causal", jnp.bfloat16),
     ("bias_table_traced_documents", jnp.float32),
     ("softcap_fixed_alibi_prefix_window_neg_inf_bias", jnp.float32),
-], ids=["alibi_causal-f32", "alibi_causal-bf16", "table_documents-f32", "softcap_prefix-f32"])
+    ("atan_distance_learned", jnp.float32),
+], ids=["alibi_causal-f32", "alibi_causal-bf16", "table_documents-f32", "softcap_prefix-f32",
+        "atan_query_major-f32"])
 def test_blockwise_mods_forward_and_gradients_match_float64(name, dtype):
   build, params, (np_mod, visible, bias, np_param_grads) = _case(name)
   q, k, v, cot = _inputs(0, dtype)

@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 
 from attention_lab.kernels import masks
 
@@ -107,16 +108,76 @@ def hoist(fn: Callable, *example_args) -> Tuple[Callable, List]:
   shapes.
   """
   closed = jax.make_jaxpr(fn)(*example_args)
-  consts = list(closed.consts)
-  jaxpr = closed.jaxpr
-  n_args = len(example_args)
+  return _converted(closed, len(example_args)), list(closed.consts)
 
+
+def _converted(closed, n_args: int) -> Callable:
+  """A traced function as ``f(*args, *consts)``."""
   def converted(*args_and_consts):
     args, hoisted = args_and_consts[:n_args], args_and_consts[n_args:]
-    (out,) = jax.core.eval_jaxpr(jaxpr, list(hoisted), *args)
+    (out,) = jax.core.eval_jaxpr(closed.jaxpr, list(hoisted), *args)
     return out
 
-  return converted, consts
+  return converted
+
+
+# What a mod may do and still give the same answer on a transposed block:
+# elementwise work, broadcasts of the index grids, gathers from the arrays it
+# closes over (a table indexed by head or position), casts. Reshapes, slices,
+# reductions and iotas of a block are tied to its axis order.
+_LAYOUT_FREE = frozenset({
+    "add", "sub", "mul", "div", "rem", "neg", "max", "min", "abs", "sign", "exp", "exp2",
+    "log", "log1p", "expm1", "tanh", "logistic", "sqrt", "rsqrt", "pow", "integer_pow",
+    "square", "floor", "ceil", "round", "sin", "cos", "erf", "and", "or", "not", "xor",
+    "eq", "ne", "lt", "le", "gt", "ge", "select_n", "convert_element_type", "clamp",
+    "broadcast_in_dim", "gather", "shift_left", "shift_right_logical",
+    "shift_right_arithmetic", "copy", "copy_p", "stop_gradient", "jit", "pjit",
+    "custom_jvp_call",
+})
+
+
+def _layout_free(jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    # jnp indexing stacks its integer index arrays along a new last axis.
+    if name == "concatenate" and all(jnp.issubdtype(v.aval.dtype, jnp.integer)
+                                     for v in eqn.invars):
+      continue
+    if name not in _LAYOUT_FREE:
+      return False
+    for sub in jex_core.jaxprs_in_params(eqn.params):
+      if not _layout_free(sub):
+        return False
+  return True
+
+
+def hoist_keys_major(fn: Callable, consts: List, score, batch, head, q_idx, kv_idx
+                     ) -> Optional[Callable]:
+  """``fn`` (a score_mod hoisted by ``hoist`` for query-major blocks
+  ``score [b, n, bq, bk]`` with ``q_idx [1, 1, bq, 1]``, ``kv_idx [1, 1, 1,
+  bk]``) hoisted again for keys-major blocks (``[b, n, bk, bq]``, ``q_idx
+  [1, 1, 1, bq]``, ``kv_idx [1, 1, bk, 1]``), taking the same ``consts``; or
+  None when it cannot be trusted to give the transposed answer (its
+  operations depend on the axis order, or it closes over other arrays).
+
+  A backward pass that keeps its blocks keys-major then evaluates the mod in
+  place instead of transposing the mod's terms into its layout.
+  """
+  swap = lambda a: jax.ShapeDtypeStruct(a.shape[:-2] + a.shape[-2:][::-1], a.dtype)
+  args = (swap(score), batch, head, swap(q_idx), swap(kv_idx))
+  try:
+    closed = jax.make_jaxpr(fn)(*args)
+  except Exception:   # noqa: BLE001: a mod tied to the block's shape
+    return None
+  if len(closed.consts) != len(consts) or not _layout_free(closed.jaxpr):
+    return None
+  for a, b in zip(closed.consts, consts):
+    if a is b:
+      continue
+    if (isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer)
+        or np.shape(a) != np.shape(b) or not np.array_equal(np.asarray(a), np.asarray(b))):
+      return None
+  return _converted(closed, len(args))
 
 
 # ---------------------------------------------------------------- score mods
