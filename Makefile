@@ -23,8 +23,11 @@ install: $(VENV)/.installed
 run: install
 	$(PY) run.py --experiment=mnist_vit --workdir=$(WORKDIR)
 
+# The suite on every core, at most four workers (each holds its own JAX and
+# TensorFlow); `make test PYTEST_WORKERS=0` runs it in one process.
+PYTEST_WORKERS ?= auto
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --maxprocesses=4 --dist worksteal
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
