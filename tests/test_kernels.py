@@ -267,11 +267,13 @@ def test_default_dispatch_per_backend(monkeypatch):
   assert kernels.preference("cpu")[0] == "blockwise"
   assert kernels.preference("gpu")[:2] == ["cudnn", "pallas"]
   assert kernels.preference("tpu")[:2] == ["splash", "pallas"]
-  # Attention dropout: blockwise draws it in place on long sequences; short
-  # ones, below blockwise's length, go to the materialised reference (jax.nn
-  # has no dropout).
+  # Attention dropout: blockwise draws it in place; below its cut-over
+  # length it yields to jax.nn, which has no dropout, so blockwise keeps it
+  # rather than the materialised reference.
   short = kernels.checks.AttentionShape((1,), 128, 128, 8, 8, 64, 64)
-  assert kernels.select(frozenset({"dropout"}), "cpu", "float32", short).name == "reference"
+  assert kernels.select(frozenset({"dropout"}), "cpu", "float32", short).name == "blockwise"
+  assert kernels.select(frozenset({"dropout", "weights"}), "cpu", "float32",
+                        short).name == "reference"
   assert kernels.select(frozenset({"dropout"}), "cpu", "float32",
                         short._replace(q_length=2048, kv_length=2048)).name == "blockwise"
   # On GPU: cuDNN for half precision, the Pallas kernel for float32, jax.nn

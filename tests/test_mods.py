@@ -410,15 +410,19 @@ def test_automatic_dispatch_and_kernels_without_the_feature(caplog):
   # no score_mod); tests/test_pallas_mods.py checks it.
   assert select("gpu", "float32") == "pallas"
   assert select("tpu", "bfloat16") == "pallas"
-  # Short sequences on CPU: blockwise declines the shape, jax_nn lacks the
-  # hooks; the reference runs, and the log says why the others did not.
+  # Short sequences on CPU: blockwise's cut-over yields to jax_nn, which lacks
+  # the hooks, so blockwise runs them (not the float32, materialised
+  # reference, which would also undo a bfloat16 model's precision); without
+  # hooks jax_nn runs. The log says why the others did not.
   kernels.dispatch._LOGGED_CHOICES.clear()
   with caplog.at_level(logging.INFO, logger="absl"):
     out = kernels.dot_product_attention(q, k, v, score_mod=alibi, mask_mod=causal)
   chosen = [r.getMessage() for r in caplog.records
             if "attention kernel on cpu for ['mask_mod', 'score_mod']" in r.getMessage()]
-  assert chosen and chosen[0].split(": ")[1].startswith("reference"), chosen
-  assert "jax_nn (lacks mask_mod, score_mod)" in chosen[0]
+  assert chosen and chosen[0].split(": ")[1].startswith("blockwise"), chosen
+  short = kernels.checks.AttentionShape((1,), 16, 16, 2, 2, 8, 8)
+  assert kernels.select(frozenset({"causal"}), "cpu", "float32", short).name == "jax_nn"
+  assert kernels.select(frozenset({"causal"}), "cpu", "float32", long).name == "blockwise"
   want, _ = np_attention(q, k, v, np.zeros(q.shape), mod=np_alibi(mods.alibi_slopes(2), 16, 16)[0],
                          visible=_causal(16, 16))
   _close(out, want, 2e-5, "automatic")

@@ -123,6 +123,7 @@ register(KernelSpec(
     features=frozenset({"mask", "bias", "causal", "window", "residual", "score_mod",
                         "mask_mod", "dropout"}),
     applies=lambda s: s.kv_length >= tuning.blockwise_min_kv_length(BLOCKWISE_MIN_KV_LENGTH),
+    yields_to="jax_nn",
     description="online softmax over key blocks, custom_vjp; O(length) memory; "
                 "grouped K/V heads without copies, hashed dropout"))
 register(KernelSpec(

@@ -59,7 +59,10 @@ def _why_not(spec: registry.KernelSpec, features, dtype, shape,
   if dtype is not None and str(dtype) not in spec.dtypes:
     return f"not for {dtype}"
   if shape is not None and spec.applies is not None and not spec.applies(shape):
-    return "not for this shape"
+    faster = registry.get(spec.yields_to) if spec.yields_to else None
+    if faster is None or not _why_not(faster, features, dtype, shape, kv_lengths,
+                                      mask_mod, score_mod):
+      return "not for this shape" if faster is None else f"{faster.name} is faster here"
   if (shape is not None and spec.refuses is not None
       and (mask_mod is not None or score_mod is not None)):
     return spec.refuses(shape, mask_mod, score_mod)

@@ -37,6 +37,11 @@ class KernelSpec:
       skips the kernel when it says no (a hard limit such as cuDNN's head
       sizes, or shapes where the next kernel is measurably faster). An
       explicit ``implementation=`` ignores it.
+    yields_to: for an ``applies`` that is a speed cut-over, the kernel it
+      was measured against: below the cut-over the kernel still runs calls
+      that one cannot (blockwise's cut-over is against ``jax_nn``; a
+      score_mod below it would otherwise reach the float32, materialised
+      ``reference``).
     automatic: False for kernels that only run when named (``ring`` needs a
       device mesh with a sequence axis, which a call cannot infer).
     per_device: a ``pallas_call`` inside: GSPMD cannot partition it, so
@@ -62,6 +67,7 @@ class KernelSpec:
   dtypes: Tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
   description: str = ""
   applies: Optional[Callable[[checks.AttentionShape], bool]] = None
+  yields_to: Optional[str] = None
   automatic: bool = True
   per_device: bool = False
   semantics: str = SOFTMAX
