@@ -252,9 +252,5 @@ def test_score_mods_lower_our_pallas_kernel_with_their_gradients(mods_form):
   args = _abstract(dtype) + (jax.ShapeDtypeStruct((4,), jnp.float32),
                              jax.ShapeDtypeStruct((2, 256), jnp.int32))
   grad = jax.grad(fn, (0, 1, 2, 3))
-  for platform, call in (("tpu", "tpu_custom_call"), ("cuda", lowering.TRITON_CALL)):
-    text = lowering.lower_for(grad, args, platform)
-    assert call in lowering.custom_calls(text), platform
-    names = lowering.kernel_names(text)
-    assert {"attention_lab_flash_forward", "attention_lab_flash_dkdv",
-            "attention_lab_flash_dq"} <= names, (platform, names)
+  for platform, names in lowering.fused_kernels(grad, args).items():
+    assert lowering.FLASH_KERNELS <= names, (platform, names)

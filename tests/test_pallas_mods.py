@@ -256,12 +256,8 @@ def test_relative_bias_lowers_the_fused_kernel_for_tpu_and_cuda():
   qkv = jax.ShapeDtypeStruct((2, 384, 4, 64), jnp.float32)
   args = (qkv, qkv, qkv, jax.ShapeDtypeStruct((4, 65), jnp.float32))
   grad = jax.grad(loss, (0, 1, 2, 3))
-  for platform, call in (("tpu", "tpu_custom_call"), ("cuda", lowering.TRITON_CALL)):
-    text = lowering.lower_for(grad, args, platform)
-    assert call in lowering.custom_calls(text), platform
-    names = lowering.kernel_names(text)
-    assert {"attention_lab_flash_forward", "attention_lab_flash_dkdv",
-            "attention_lab_flash_dq"} <= names, (platform, names)
+  for platform, names in lowering.fused_kernels(grad, args).items():
+    assert lowering.FLASH_KERNELS <= names, (platform, names)
 
 
 MESH_CHECK = """

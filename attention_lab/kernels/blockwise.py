@@ -117,23 +117,21 @@ class _Static:
     block ``qi`` (whether each masks) and the map from counter to key block.
     With a block mask (causal, window, mask_mod) the full key blocks come
     first, unmasked, then the partial ones; empty ones are never visited."""
-    if self.table is None:
-      return [(0, self.nk, self.needs_mask)], lambda t: t
-    order, count = jnp.asarray(self.table.kv_blocks), jnp.asarray(self.table.kv_count)[qi]
-    block = lambda t: order[qi, t]
-    if self.full_unmasked:
-      mid = jnp.asarray(self.table.kv_full)[qi]
-      return [(0, mid, False), (mid, count, True)], block
-    return [(0, count, True)], block
+    return self._loops(qi, "kv", self.nk)
 
   def query_loops(self, kj):
     """As ``key_loops`` for the backward: query blocks that see key block ``kj``."""
+    return self._loops(kj, "q", self.nq)
+
+  def _loops(self, i, side, n):
+    """``key_loops`` (side ``"kv"``) or ``query_loops`` (``"q"``) of block ``i``."""
     if self.table is None:
-      return [(0, self.nq, self.needs_mask)], lambda t: t
-    order, count = jnp.asarray(self.table.q_blocks), jnp.asarray(self.table.q_count)[kj]
-    block = lambda t: order[kj, t]
+      return [(0, n, self.needs_mask)], lambda t: t
+    order = jnp.asarray(getattr(self.table, f"{side}_blocks"))
+    count = jnp.asarray(getattr(self.table, f"{side}_count"))[i]
+    block = lambda t: order[i, t]
     if self.full_unmasked:
-      mid = jnp.asarray(self.table.q_full)[kj]
+      mid = jnp.asarray(getattr(self.table, f"{side}_full"))[i]
       return [(0, mid, False), (mid, count, True)], block
     return [(0, count, True)], block
 

@@ -15,7 +15,7 @@ Usage::
 from __future__ import annotations
 
 import re
-from typing import Sequence, Set
+from typing import Dict, Sequence, Set
 
 import jax
 from jax import export
@@ -24,6 +24,11 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 # Colab's TPU runtimes today (v5e, and v6e on paid tiers) and an older pod chip.
 TPU_KINDS = ("TPU v5 lite", "TPU v6 lite", "TPU v4")
 TRITON_CALL = "__gpu$xla.gpu.triton"
+# The fused kernel's custom call per platform, and the three Pallas kernels
+# of a training step (forward, dK/dV, dQ).
+FUSED_CALLS = {"tpu": "tpu_custom_call", "cuda": TRITON_CALL}
+FLASH_KERNELS = frozenset({"attention_lab_flash_forward", "attention_lab_flash_dkdv",
+                           "attention_lab_flash_dq"})
 
 
 def tpu_mesh(device_kind: str = TPU_KINDS[0], devices: int = 1,
@@ -59,4 +64,14 @@ def kernel_names(text: str) -> Set[str]:
   """Names of the Pallas / splash kernels in a lowered module."""
   found = set(re.findall(r"(attention_lab_flash_\w+)", text))
   found |= {"splash"} if "splash" in text else set()
+  return found
+
+
+def fused_kernels(fn, args) -> Dict[str, Set[str]]:
+  """``{"tpu": names, "cuda": names}``: the Pallas kernels in ``fn`` lowered
+  for each platform, empty where the platform's fused call is missing."""
+  found = {}
+  for platform, call in FUSED_CALLS.items():
+    text = lower_for(fn, args, platform)
+    found[platform] = kernel_names(text) if call in custom_calls(text) else set()
   return found
