@@ -303,12 +303,21 @@ def test_dispatch_logs_the_choice_and_what_it_skipped(caplog):
   kernels.dispatch._LOGGED_CHOICES.clear()   # each choice is logged once per process
   q, k, v = _inputs(0, q_len=3, kv_len=3)
   with caplog.at_level(logging.INFO, logger="absl"):
-    out = kernels.dot_product_attention(q, k, v, dropout_rate=0.5,
-                                        dropout_rng=jax.random.key(0))
-  assert out.shape == q.shape
-  chosen = [r.getMessage() for r in caplog.records
-            if "attention kernel on cpu for ['dropout']" in r.getMessage()]
-  assert chosen and "reference" in chosen[0] and "jax_nn (lacks dropout)" in chosen[0]
+    out = kernels.dot_product_attention(q, k, v, mask=jnp.tril(jnp.ones((3, 3), bool)))
+    dropped = kernels.dot_product_attention(q, k, v, dropout_rate=0.5,
+                                            dropout_rng=jax.random.key(0))
+    _, weights = kernels.dot_product_attention(q, k, v, dropout_rate=0.5, return_weights=True,
+                                               dropout_rng=jax.random.key(0))
+  assert out.shape == dropped.shape == q.shape and weights.shape[-2:] == (3, 3)
+  logged = lambda features: [r.getMessage().split("for ")[1] for r in caplog.records
+                             if f"attention kernel on cpu for {features}" in r.getMessage()]
+  # Three tokens: below blockwise's cut-over, so jax_nn runs what it can,
+  # blockwise what jax_nn cannot (dropout), reference the weights.
+  assert logged("['mask']") == ["['mask']: jax_nn; skipped blockwise (jax_nn is faster here)"]
+  assert logged("['dropout']") == ["['dropout']: blockwise"]
+  assert logged("['dropout', 'weights']") == [
+      "['dropout', 'weights']: reference; skipped blockwise (lacks weights), "
+      "jax_nn (lacks dropout, weights)"]
 
 
 def test_explicit_kernel_checks_platform_and_dtype():
