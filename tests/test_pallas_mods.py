@@ -51,6 +51,20 @@ def _dense(q, k, v, term, visible):
   return jnp.einsum("bnts,bsnd->btnd", w, v)
 
 
+def _t5_buckets(relative, num_buckets=8, max_distance=20):
+  """T5's bidirectional buckets of ``kv - q`` (Raffel et al. 2020), written out:
+  per direction, half the buckets exact distances, half log-spaced up to
+  ``max_distance``."""
+  n = -np.asarray(relative)
+  half = num_buckets // 2
+  offset = np.where(n < 0, half, 0)
+  n = np.abs(n)
+  exact = half // 2
+  log_bucket = exact + np.floor(np.log(np.maximum(n, 1) / exact)
+                                / np.log(max_distance / exact) * (half - exact))
+  return offset + np.where(n < exact, n, np.minimum(log_bucket, half - 1)).astype(int)
+
+
 # name -> (learned array, kernel keywords(learned, ids), float64 term(learned)(s), visible)
 CASES = {
     # Learned ALiBi slopes (one value per head, read per program), causal.
@@ -93,6 +107,14 @@ CASES = {
         lambda p, ids: dict(score_mod=mods.relative_bias(p, 4), is_causal=True),
         lambda p: lambda s: s + p[:, np.clip(J - I, -4, 4) + 4][None],
         np.broadcast_to(J <= I, (1, 1, T, T))),
+    # T5's learned bucketed bias: a log-scale bucket of kv_idx - q_idx, also
+    # gathered once per block offset; padded keys in the second sequence.
+    "t5_buckets_learned_kv_lengths": (
+        np.random.default_rng(5).normal(size=(H, 8)).astype(np.float32),
+        lambda p, ids: dict(score_mod=mods.t5_relative_bias(p, max_distance=20),
+                            kv_lengths=jnp.array([T, 37])),
+        lambda p: lambda s: s + p[:, _t5_buckets(J - I)][None],
+        np.broadcast_to(J < np.array([T, 37])[:, None, None, None], (B, 1, T, T))),
 }
 
 
