@@ -563,14 +563,11 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
       (flat, 1, 1, 1), (1, shape.heads, 1, 1), (1, 1, block_q, 1), (1, 1, 1, block_k)))
   score_fn, score_consts, score_params, score_fn_t = None, (), (), None
   if score_mod is not None:
-    score_fn, score_consts = mods.hoist(
-        score_mod, jax.ShapeDtypeStruct((flat, shape.heads, block_q, block_k), jnp.float32),
-        *index_spec)
+    score_spec = jax.ShapeDtypeStruct((flat, shape.heads, block_q, block_k), jnp.float32)
+    score_fn, score_consts = mods.hoist(score_mod, score_spec, *index_spec)
     score_params = [isinstance(c, jax.core.Tracer) and jnp.issubdtype(c.dtype, jnp.inexact)
                     for c in score_consts]
-    score_fn_t = mods.hoist_keys_major(
-        score_mod, score_consts,
-        jax.ShapeDtypeStruct((flat, shape.heads, block_q, block_k), jnp.float32), *index_spec)
+    score_fn_t = mods.hoist_keys_major(score_mod, score_consts, score_spec, *index_spec)
   mask_fn, mask_consts, table = None, (), None
   if mask_mod is not None:
     mask_fn, mask_consts = mods.hoist(mask_mod, *index_spec)

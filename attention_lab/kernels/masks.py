@@ -271,8 +271,9 @@ def band_block_mask(q_length: int, kv_length: int, block_q: int, block_k: int, *
   the rows of ``[q0, q1]`` together see the one interval ``[lo(q0), hi(q1)]``
   and a block ``[q0, q1] x [k0, k1]`` (``k1`` cut at the last valid key)
   holds a visible pair iff ``k0 <= hi(q1)`` and ``k1 >= lo(q0)``; every
-  pair is visible iff ``k0 >= lo(q1)`` and ``k1 <= hi(q0)``. Keys past ``kv_length`` are hidden (a block holding
-  padded keys is never full); query rows past ``q_length`` do not count.
+  pair is visible iff ``k0 >= lo(q1)`` and ``k1 <= hi(q0)``. Keys past
+  ``kv_length`` are hidden (a block holding padded keys is never full);
+  query rows past ``q_length`` do not count.
   ``exact=False`` marks full blocks partial (something else, a mod that
   reads traced arrays, may still hide pairs inside them).
   """

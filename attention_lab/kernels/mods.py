@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
+from attention_lab.kernels import fused_mods
 from attention_lab.kernels import masks
 
 SCORE_MOD, MASK_MOD = "score_mod", "mask_mod"
@@ -122,18 +123,11 @@ def _converted(closed, n_args: int) -> Callable:
 
 
 # What a mod may do and still give the same answer on a transposed block:
-# elementwise work, broadcasts of the index grids, gathers from the arrays it
-# closes over (a table indexed by head or position), casts. Reshapes, slices,
-# reductions and iotas of a block are tied to its axis order.
-_LAYOUT_FREE = frozenset({
-    "add", "sub", "mul", "div", "rem", "neg", "max", "min", "abs", "sign", "exp", "exp2",
-    "log", "log1p", "expm1", "tanh", "logistic", "sqrt", "rsqrt", "pow", "integer_pow",
-    "square", "floor", "ceil", "round", "sin", "cos", "erf", "and", "or", "not", "xor",
-    "eq", "ne", "lt", "le", "gt", "ge", "select_n", "convert_element_type", "clamp",
-    "broadcast_in_dim", "gather", "shift_left", "shift_right_logical",
-    "shift_right_arithmetic", "copy", "copy_p", "stop_gradient", "jit", "pjit",
-    "custom_jvp_call",
-})
+# what a fused kernel body takes, less what is tied to a block's axis order
+# (reshapes, iotas), plus gathers from the arrays it closes over (a table
+# indexed by head or position).
+_LAYOUT_FREE = ((fused_mods.INSIDE_PRIMITIVES - {"reshape", "squeeze", "expand_dims", "iota"})
+                | {"gather"})
 
 
 def _layout_free(jaxpr) -> bool:
