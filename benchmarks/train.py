@@ -286,27 +286,23 @@ def _step_flops(trainer, state, batch) -> Tuple[float, bool, List[Tuple[tuple, d
   return float(cost.get("flops", 0.0)), has_while, recorder.calls, recorder.problems
 
 
-class _LoopClock:
-  """Stands in for the loop's metric writer: notes the time of each train
-  log (the loop has just fetched that interval's metrics, so every step
-  before it has finished)."""
+def _loop_clock():
+  """A metric writer that writes nothing (``progress.NullWriter``) and notes
+  the time of each train log (the loop has just fetched that interval's
+  metrics, so every step before it has finished)."""
+  from attention_lab.train import progress
 
-  def __init__(self):
-    self.times: List[float] = []
+  class LoopClock(progress.NullWriter):
 
-  def scalars(self, split, step, metrics):
-    del step, metrics
-    if split == "train":
-      self.times.append(time.perf_counter())
+    def __init__(self):
+      self.times: List[float] = []
 
-  def image(self, *args):
-    del args
+    def scalars(self, split, step, metrics):
+      del step, metrics
+      if split == "train":
+        self.times.append(time.perf_counter())
 
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
+  return LoopClock()
 
 
 def _offline_reason(config) -> Optional[str]:
@@ -412,7 +408,7 @@ def _time_experiment(name: str, peak: float) -> str:
   spreads, failed = timing.time_rotating(candidates, rounds)
   problems += list(failed.values())
 
-  clock = _LoopClock()
+  clock = _loop_clock()
   workdir = tempfile.mkdtemp(prefix="train_benchmark_")
   ckpts = loop._checkpoints(config, workdir)
   try:
