@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from attention_lab import kernels
+from attention_lab.kernels import blockwise
 from attention_lab.kernels import masks
+from attention_lab.kernels import mods
 from attention_lab.kernels.blockwise import blockwise_attention
 
 
@@ -203,3 +205,133 @@ def test_many_sequences_run_in_passes_and_match_float64(monkeypatch):
     for name, g, w in zip(["q", "k", "v", "bias"], grads, want):
       assert g.shape == w.shape, name
       np.testing.assert_allclose(g, w, atol=1e-4, err_msg=name)
+
+
+# ---------------------------------------------------------------- blocks placed on a finer grain
+
+def _visible_pairs(visible, outer, block, padded, visits):
+  """Per outer block, how many visits count each (outer, inner) pair, with
+  ``visible`` a bool ``[outer positions, inner positions]`` and ``visits``
+  a ``masks.Visits``: ``[outer blocks, outer block, padded]`` int."""
+  counts = np.zeros((len(visits.count), outer, padded), np.int32)
+  for o, n in enumerate(visits.count):
+    for start, low in zip(visits.starts[o, :n], visits.lows[o, :n]):
+      assert 0 <= start <= low < start + block <= padded
+      counts[o, :, low:start + block] += 1
+  return counts
+
+
+@pytest.mark.parametrize("pattern", ["documents", "window", "causal_window", "two_spans", "random"])
+@pytest.mark.parametrize("q_len, kv_len, block_q, block_k, grain", [
+    (150, 150, 32, 32, 8), (100, 130, 16, 64, 16), (128, 128, 32, 64, 8)])
+def test_place_visits_counts_every_visible_pair_once(pattern, q_len, kv_len, block_q, block_k,
+                                                    grain):
+  """Blocks placed on a finer grain, against the visible pairs written out in
+  NumPy: every visible pair counted by exactly one visit of its block, a full
+  visit only where every pair is visible, never more visits than aligned
+  blocks need, fewer for bands and documents."""
+  rng = np.random.default_rng(q_len + kv_len)
+  qi, ki = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+  ids_q = np.sort(rng.integers(0, 5, q_len))
+  ids_k = np.sort(rng.integers(0, 5, kv_len))
+  visible = {
+      "documents": ids_q[:, None] == ids_k[None, :],
+      "window": (ki >= qi - 11) & (ki <= qi + 6),
+      "causal_window": (ki <= qi) & (ki >= qi - 20),
+      # Keys of two spans far apart: the second visit is shifted back over
+      # the first to end inside the padded length.
+      "two_spans": ((ki >= 9) & (ki < 14)) | (ki >= kv_len - 5) & (qi >= 0),
+      "random": np.repeat(np.repeat(rng.random((q_len // 8 + 1, kv_len // 8 + 1)) < 0.2, 8, 0),
+                          8, 1)[:q_len, :kv_len],
+  }[pattern]
+  mod = lambda b, h, q, k: jnp.asarray(visible)[q, k]
+  fine = masks.block_mask(mod, 1, 1, q_len, kv_len, grain, grain)
+  q_pad, kv_pad = -(-q_len // block_q) * block_q, -(-kv_len // block_k) * block_k
+  fwd = masks.place_visits(fine.state, block_q // grain, q_pad // block_q, block_k, grain, kv_pad)
+  bwd = masks.place_visits(fine.state.T, block_k // grain, kv_pad // block_k, block_q, grain,
+                           q_pad)
+  for visits, seen, outer, block, padded in [
+      (fwd, visible, block_q, block_k, kv_pad), (bwd, visible.T, block_k, block_q, q_pad)]:
+    counts = _visible_pairs(seen, outer, block, padded, visits)
+    padded_seen = np.zeros((len(visits.count) * outer, padded), bool)
+    padded_seen[:seen.shape[0], :seen.shape[1]] = seen
+    per_block = padded_seen.reshape(len(visits.count), outer, padded)
+    assert (counts[per_block] == 1).all()                  # each visible pair once
+    assert (counts <= 1).all()                             # no pair counted twice
+    real = np.arange(len(visits.count) * outer).reshape(-1, outer) < seen.shape[0]
+    for o, n_full in enumerate(visits.full):
+      for start in visits.starts[o, :n_full]:              # full visits: nothing to hide
+        assert per_block[o][real[o]][:, start:start + block].all()
+    aligned = masks.block_mask(mod, 1, 1, q_len, kv_len, block_q, block_k)
+    aligned_count = aligned.kv_count if visits is fwd else aligned.q_count
+    assert visits.visited <= int(aligned_count.sum())
+  if pattern in ("window", "causal_window") and block_k == 64:    # a band narrower than a block
+    assert fwd.visited < int(aligned.kv_count.sum())
+  if pattern == "two_spans" and kv_len == 128:
+    assert fwd.shifted and bwd.visited == fwd.visited
+
+
+def _attention64(q, k, v, visible, cot):
+  """Float64 NumPy attention under ``visible [Tq, Tk]`` (``[b, t, h, d]``
+  inputs, default scale): the output and the gradients of ``sum(out * cot)``,
+  the softmax backward written out (rows without a visible key give zeros)."""
+  q, k, v, cot = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v, cot))
+  scale = q.shape[-1] ** -0.5
+  s = np.where(visible, np.einsum("bhqd,bhkd->bhqk", q, k) * scale, -np.inf)
+  top = s.max(-1, keepdims=True)
+  e = np.where(visible, np.exp(s - np.where(np.isfinite(top), top, 0.0)), 0.0)
+  total = e.sum(-1, keepdims=True)
+  p = np.where(total > 0, e / np.where(total > 0, total, 1.0), 0.0)
+  out = np.einsum("bhqk,bhkd->bhqd", p, v)
+  d_v = np.einsum("bhqk,bhqd->bhkd", p, cot)
+  d_p = np.einsum("bhqd,bhkd->bhqk", cot, v)
+  d_s = p * (d_p - (d_p * p).sum(-1, keepdims=True))
+  d_q = np.einsum("bhqk,bhkd->bhqd", d_s, k) * scale
+  d_k = np.einsum("bhqk,bhqd->bhkd", d_s, q) * scale
+  back = lambda x: x.transpose(0, 2, 1, 3)
+  return back(out), (back(d_q), back(d_k), back(d_v))
+
+
+@pytest.mark.parametrize("form", ["documents", "causal_window", "window", "two_spans",
+                                  "traced_documents_causal"])
+def test_placed_blocks_match_float64(monkeypatch, form):
+  """blockwise with key and query blocks placed on a grain of 8 (blocks of
+  32 and 64) against float64 NumPy, forward and gradients: documents, bands,
+  two far spans (a visit shifted back over the one before, its overlap
+  masked) and traced document ids under causal (the band on a grain, every
+  visit masked)."""
+  monkeypatch.setattr(blockwise, "GRAIN", 8)
+  q_len = kv_len = 128
+  q, k, v = _inputs(5, q_len, kv_len, batch=1)
+  cot = np.random.default_rng(6).normal(size=q.shape)
+  qi, ki = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+  ids = np.sort(np.random.default_rng(7).integers(0, 6, kv_len)).astype(np.int32)
+  same_doc = ids[:, None] == ids[None, :]
+  kw = {"block_q": 32, "block_k": 64}
+  spans = ((ki >= 9) & (ki < 14)) | (ki >= kv_len - 5)
+  call, visible = {
+      "documents": (lambda q, k, v: blockwise_attention(
+          q, k, v, mask_mod=mods.document(ids[None]), **kw), same_doc),
+      "causal_window": (lambda q, k, v: blockwise_attention(
+          q, k, v, is_causal=True, local_window_size=(21, 0), **kw),
+          (ki <= qi) & (ki >= qi - 21)),
+      "window": (lambda q, k, v: blockwise_attention(
+          q, k, v, local_window_size=(5, 9), **kw), (ki >= qi - 5) & (ki <= qi + 9)),
+      "two_spans": (lambda q, k, v: blockwise_attention(
+          q, k, v, mask_mod=lambda b, h, qq, kk: ((kk >= 9) & (kk < 14)) | (kk >= kv_len - 5),
+          **kw), spans & (qi >= 0)),
+      "traced_documents_causal": (lambda q, k, v: jax.jit(
+          lambda q, k, v, t: blockwise_attention(q, k, v, is_causal=True,
+                                                 mask_mod=mods.document(t), **kw))(
+              q, k, v, jnp.asarray(ids[None])), same_doc & (ki <= qi)),
+  }[form]
+  assert blockwise._grain(64) == 8
+  if form == "two_spans":
+    table = masks.block_mask(lambda b, h, qq, kk: jnp.asarray(spans)[qq, kk], 1, 2, q_len,
+                             kv_len, 8, 8)
+    assert blockwise._visits(table.state, 32, 64, 8, 8, q_len, kv_len)["kv"].shifted
+  want, want_grads = _attention64(q, k, v, visible, cot)
+  np.testing.assert_allclose(call(q, k, v), want, rtol=2e-5, atol=2e-5)
+  grads = jax.grad(lambda q, k, v: jnp.sum(call(q, k, v) * cot), (0, 1, 2))(q, k, v)
+  for got, ref in zip(grads, want_grads):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
