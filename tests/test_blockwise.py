@@ -293,13 +293,15 @@ def _attention64(q, k, v, visible, cot):
 
 
 @pytest.mark.parametrize("form", ["documents", "causal_window", "window", "two_spans",
-                                  "traced_documents_causal"])
+                                  "two_query_spans", "traced_documents_causal"])
 def test_placed_blocks_match_float64(monkeypatch, form):
   """blockwise with key and query blocks placed on a grain of 8 (blocks of
-  32 and 64) against float64 NumPy, forward and gradients: documents, bands,
-  two far spans (a visit shifted back over the one before, its overlap
-  masked) and traced document ids under causal (the band on a grain, every
-  visit masked)."""
+  32 and 64) against float64 NumPy, forward and gradients: documents and
+  bands (the backward walks queries outer: fewer visits), two far spans of
+  keys, then of queries (a visit shifted back over the one before, its
+  overlap masked, in the forward, then in the backward walking keys outer)
+  and traced document ids under causal (the band on a grain, every visit
+  masked)."""
   monkeypatch.setattr(blockwise, "GRAIN", 8)
   q_len = kv_len = 128
   q, k, v = _inputs(5, q_len, kv_len, batch=1)
@@ -308,7 +310,10 @@ def test_placed_blocks_match_float64(monkeypatch, form):
   ids = np.sort(np.random.default_rng(7).integers(0, 6, kv_len)).astype(np.int32)
   same_doc = ids[:, None] == ids[None, :]
   kw = {"block_q": 32, "block_k": 64}
-  spans = ((ki >= 9) & (ki < 14)) | (ki >= kv_len - 5)
+  # Spans whose second visit's overlap with the first holds visible pairs:
+  # counted twice unless the overlap is masked.
+  spans = ((ki >= 9) & (ki < 70)) | (ki >= kv_len - 5)
+  query_spans = (((qi >= 72) & (qi < 100)) | (qi >= q_len - 5)) & (ki >= 0)
   call, visible = {
       "documents": (lambda q, k, v: blockwise_attention(
           q, k, v, mask_mod=mods.document(ids[None]), **kw), same_doc),
@@ -318,20 +323,79 @@ def test_placed_blocks_match_float64(monkeypatch, form):
       "window": (lambda q, k, v: blockwise_attention(
           q, k, v, local_window_size=(5, 9), **kw), (ki >= qi - 5) & (ki <= qi + 9)),
       "two_spans": (lambda q, k, v: blockwise_attention(
-          q, k, v, mask_mod=lambda b, h, qq, kk: ((kk >= 9) & (kk < 14)) | (kk >= kv_len - 5),
+          q, k, v, mask_mod=lambda b, h, qq, kk: ((kk >= 9) & (kk < 70)) | (kk >= kv_len - 5),
           **kw), spans & (qi >= 0)),
+      "two_query_spans": (lambda q, k, v: blockwise_attention(
+          q, k, v, mask_mod=lambda b, h, qq, kk: ((qq >= 72) & (qq < 100)) | (qq >= q_len - 5),
+          **kw), query_spans),
       "traced_documents_causal": (lambda q, k, v: jax.jit(
           lambda q, k, v, t: blockwise_attention(q, k, v, is_causal=True,
                                                  mask_mod=mods.document(t), **kw))(
               q, k, v, jnp.asarray(ids[None])), same_doc & (ki <= qi)),
   }[form]
   assert blockwise._grain(64) == 8
-  if form == "two_spans":
-    table = masks.block_mask(lambda b, h, qq, kk: jnp.asarray(spans)[qq, kk], 1, 2, q_len,
+  # Which walk and which shifted visit each form exercises.
+  pattern = {"two_spans": spans & (qi >= 0), "two_query_spans": query_spans,
+             "documents": same_doc, "window": visible}.get(form)
+  if pattern is not None:
+    table = masks.block_mask(lambda b, h, qq, kk: jnp.asarray(pattern)[qq, kk], 1, 2, q_len,
                              kv_len, 8, 8)
-    assert blockwise._visits(table.state, 32, 64, 8, 8, q_len, kv_len)["kv"].shifted
+    visits = blockwise._visits(table.state, 32, 64, 8, 8, q_len, kv_len)
+    queries_outer = visits["kv"].visited < visits["q"].visited
+    assert {"two_spans": visits["kv"].shifted and not queries_outer,
+            "two_query_spans": visits["q"].shifted and not queries_outer,
+            "documents": queries_outer, "window": queries_outer}[form]
   want, want_grads = _attention64(q, k, v, visible, cot)
   np.testing.assert_allclose(call(q, k, v), want, rtol=2e-5, atol=2e-5)
   grads = jax.grad(lambda q, k, v: jnp.sum(call(q, k, v) * cot), (0, 1, 2))(q, k, v)
   for got, ref in zip(grads, want_grads):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_queries_outer_backward_with_bias_score_mod_and_grouped_heads(monkeypatch):
+  """The backward walking queries outer (a window narrower than a key block)
+  with everything it accumulates in place: a dense bias's gradient, a learned
+  ALiBi slope's gradient, and grouped K/V heads (one K/V head for two query
+  heads), against float64 NumPy with the ALiBi term, the bias and the head
+  groups written out."""
+  monkeypatch.setattr(blockwise, "GRAIN", 8)
+  q_len = kv_len = 128
+  rng = np.random.default_rng(11)
+  q = jnp.asarray(rng.normal(size=(2, q_len, 2, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, kv_len, 1, 8)), jnp.float32) for _ in range(2))
+  bias = jnp.asarray(rng.normal(size=(1, 2, q_len, kv_len)), jnp.float32)
+  slopes = jnp.asarray([0.3, 0.05], jnp.float32)
+  cot = rng.normal(size=q.shape)
+  qi, ki = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+  visible = (ki >= qi - 5) & (ki <= qi + 9)
+  kw = dict(local_window_size=(5, 9), block_q=32, block_k=64)
+  table = masks.band_block_mask(q_len, kv_len, 8, 8, window=(5, 9))
+  visits = blockwise._visits(table.state, 32, 64, 8, 8, q_len, kv_len)
+  assert visits["kv"].visited < visits["q"].visited          # the queries-outer walk
+
+  def loss(q, k, v, bias, slopes):
+    out = blockwise_attention(q, k, v, bias=bias, score_mod=mods.alibi(slopes), **kw)
+    return jnp.sum(out * cot)
+
+  grads = jax.grad(loss, (0, 1, 2, 3, 4))(q, k, v, bias, slopes)
+
+  # float64: logits = q.k / sqrt(d) + bias + slope[h] (j - i), K/V head 0 for both query heads.
+  q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+  distance = (ki - qi).astype(np.float64)
+  extra = np.asarray(bias, np.float64) + np.asarray(slopes, np.float64)[None, :, None, None] * distance
+  k_rep, v_rep = np.repeat(k64, 2, axis=2), np.repeat(v64, 2, axis=2)
+  scale = 8 ** -0.5
+  s = np.einsum("bqhd,bkhd->bhqk", q64, k_rep) * scale + extra
+  s = np.where(visible, s, -np.inf)
+  e = np.exp(s - s.max(-1, keepdims=True))
+  p = e / e.sum(-1, keepdims=True)
+  c64 = np.asarray(cot, np.float64)
+  d_v = np.einsum("bhqk,bqhd->bkhd", p, c64).sum(2, keepdims=True)
+  d_p = np.einsum("bqhd,bkhd->bhqk", c64, v_rep)
+  d_s = p * (d_p - (d_p * p).sum(-1, keepdims=True))
+  d_q = np.einsum("bhqk,bkhd->bqhd", d_s, k_rep) * scale
+  d_k = (np.einsum("bhqk,bqhd->bkhd", d_s, q64) * scale).sum(2, keepdims=True)
+  d_bias = d_s.sum(0, keepdims=True)
+  d_slopes = (d_s * distance).sum((0, 2, 3))
+  for got, want in zip(grads, (d_q, d_k, d_v, d_bias, d_slopes)):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)

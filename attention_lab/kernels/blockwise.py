@@ -13,7 +13,9 @@ the empty ones never visited; so causal attention does about half the work of
 full attention. The mask is known on a grain finer than the blocks
 (``GRAIN``) and each visited block starts where the needed keys start
 (``masks.place_visits``), not at a multiple of its size: a sliding window or
-a short document costs fewer blocks.
+a short document costs fewer blocks. The backward walks key blocks outer
+(dQ added in place), or query blocks outer over the forward's visits (dK and
+dV added in place) when those are fewer: a window narrower than a key block.
 
 ``score_mod`` / ``mask_mod`` (``attention_lab.kernels.mods``) run on each
 block in the forward and again in the backward, which also returns the
@@ -143,6 +145,12 @@ class _Static:
     # A block mask's full blocks need no mask unless a dense mask or lengths
     # (which it does not see) may hide something inside them.
     self.full_unmasked = visits is not None and not (has_mask or has_lengths)
+    # The backward walks key blocks outer (each visiting its query blocks)
+    # unless the forward's query-outer walk visits fewer blocks: a sliding
+    # window narrower than a key block needs more query rows per key block
+    # than keys per query block (causal window of 256 keys at 4,096 tokens,
+    # 256 x 512 blocks: 24 visits keys outer, 16 queries outer).
+    self.queries_outer = visits is not None and (visits["kv"].visited < visits["q"].visited)
 
   def key_loops(self, qi):
     """``([(start, end, masked)], start_of, low_of)``: the loop counter's
@@ -396,73 +404,119 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
     axes = tuple(i for i, d in enumerate(shape) if d == 1 and x.shape[i] != 1)
     return x.sum(axis=axes, keepdims=True) if axes else x
 
+  def block_grads(q_start, k_start, qb, kb, vb, dob, lse_b, delta_b, d_params, masked,
+                  q_low=None, k_low=None):
+    """One block's terms: ``(d_qb [b, n, bq, d], d_kb [b, h, bk, d], d_vb,
+    the bias's gradient block or None, d_params)``, float32."""
+    s_t = _per_head(*spec["s"], qb, kb, st.groups)              # in the block layout
+    bias_blk = _block(bias, q_start, st.bq, k_start, st.bk)
+    if bias_blk is not None:
+      s_t = s_t + lay(bias_blk).astype(f32)
+    if st.score_mod is not None:
+      # The mod is recomputed, and its vjp carries ds back to the raw
+      # score (for dq, dk, d bias) and to its parameters.
+      params = tuple(score_consts[i].astype(acc_dtype(score_consts[i])) for i in param_at)
+      s_t, mod_vjp = jax.vjp(functools.partial(modded, q_start=q_start, k_start=k_start),
+                             s_t, params)
+    # Rows with no visible key (lse = -inf, from masks or a -inf bias) get
+    # probabilities exp(s - 0) with s = -inf or masked below: zero, not NaN.
+    lse_safe = jnp.where(lse_b == _NEG_INF, 0.0, lse_b)
+    if masked:
+      ok = st.valid(q_start, k_start, _block(mask, q_start, st.bq, k_start, st.bk),
+                    q_lengths, kv_lengths, mask_consts, q_low=q_low, k_low=k_low)
+      p_t = jnp.where(lay(ok), jnp.exp(s_t - row(lse_safe)), 0.0)
+    else:
+      p_t = jnp.exp(s_t - row(lse_safe))
+    dp_t = _per_head(*spec["s"], dob, vb, st.groups)
+    pd_t = p_t
+    if st.keep_prob is not None:
+      keep_t = lay(st.keep(q_start, k_start, seeds))
+      pd_t, dp_t = st.drop(p_t, keep_t), st.drop(dp_t, keep_t)
+    d_vb = _summed_over_group(*spec["dv"], pd_t.astype(dob.dtype), dob, st.groups)
+    ds_t = p_t * (dp_t - row(delta_b))
+    if st.score_mod is not None:
+      ds_t, d_params_blk = mod_vjp(ds_t)
+      d_params = tuple(a + b for a, b in zip(d_params, d_params_blk))
+    d_qb = _per_head(*spec["dq"], ds_t.astype(kb.dtype), kb, st.groups)
+    d_kb = _summed_over_group(*spec["dv"], ds_t.astype(qb.dtype), qb, st.groups)  # qb pre-scaled
+    grad = None if bias is None else reduce_to(lay(ds_t), bias.shape)
+    return d_qb, d_kb, d_vb, grad, d_params
+
+  def add_at(x, part, start):
+    """``x[:, :, start:start + len(part)] += part``."""
+    size = part.shape[2]
+    return lax.dynamic_update_slice_in_dim(
+        x, lax.dynamic_slice_in_dim(x, start, size, axis=2) + part, start, axis=2)
+
+  def add_bias(d_bias, grad, q_start, k_start):
+    if d_bias is None:
+      return None
+    starts = (0, 0, q_start if d_bias.shape[2] != 1 else 0,
+              k_start if d_bias.shape[3] != 1 else 0)
+    return lax.dynamic_update_slice(
+        d_bias, lax.dynamic_slice(d_bias, starts, grad.shape) + grad, starts)
+
+  query_rows = lambda q_start: tuple(lax.dynamic_slice_in_dim(x, q_start, st.bq, axis=2)
+                                     for x in (q, d_out, lse, delta))
+  key_rows = lambda k_start: tuple(lax.dynamic_slice_in_dim(x, k_start, st.bk, axis=2)
+                                   for x in (k, v))
+
   def key_block(kj, carry):
+    """Keys outer: the query blocks that see key block ``kj``; dK and dV
+    carried, dQ added in place."""
     d_q, d_k, d_v, d_bias, d_params = carry
     k_start = kj * st.bk
-    kb = lax.dynamic_slice_in_dim(k, k_start, st.bk, axis=2)
-    vb = lax.dynamic_slice_in_dim(v, k_start, st.bk, axis=2)
+    kb, vb = key_rows(k_start)
     loops, query_start_of, query_low_of = st.query_loops(kj)
 
-    def query_block(t, inner, masked):
+    def visit(t, inner, masked):
       d_q, d_kb, d_vb, d_bias, d_params = inner
       q_start = query_start_of(t)
-      qb = lax.dynamic_slice_in_dim(q, q_start, st.bq, axis=2)
-      dob = lax.dynamic_slice_in_dim(d_out, q_start, st.bq, axis=2)
-      lse_b = lax.dynamic_slice_in_dim(lse, q_start, st.bq, axis=2)
-      delta_b = lax.dynamic_slice_in_dim(delta, q_start, st.bq, axis=2)
-      s_t = _per_head(*spec["s"], qb, kb, st.groups)            # in the block layout
-      bias_blk = _block(bias, q_start, st.bq, k_start, st.bk)
-      if bias_blk is not None:
-        s_t = s_t + lay(bias_blk).astype(f32)
-      if st.score_mod is not None:
-        # The mod is recomputed, and its vjp carries ds back to the raw
-        # score (for dq, dk, d bias) and to its parameters.
-        params = tuple(score_consts[i].astype(acc_dtype(score_consts[i])) for i in param_at)
-        s_t, mod_vjp = jax.vjp(functools.partial(modded, q_start=q_start, k_start=k_start),
-                               s_t, params)
-      # Rows with no visible key (lse = -inf, from masks or a -inf bias) get
-      # probabilities exp(s - 0) with s = -inf or masked below: zero, not NaN.
-      lse_safe = jnp.where(lse_b == _NEG_INF, 0.0, lse_b)
-      if masked:
-        ok = st.valid(q_start, k_start, _block(mask, q_start, st.bq, k_start, st.bk),
-                      q_lengths, kv_lengths, mask_consts,
-                      q_low=None if query_low_of is None else query_low_of(t))
-        p_t = jnp.where(lay(ok), jnp.exp(s_t - row(lse_safe)), 0.0)
-      else:
-        p_t = jnp.exp(s_t - row(lse_safe))
-      dp_t = _per_head(*spec["s"], dob, vb, st.groups)
-      pd_t = p_t
-      if st.keep_prob is not None:
-        keep_t = lay(st.keep(q_start, k_start, seeds))
-        pd_t, dp_t = st.drop(p_t, keep_t), st.drop(dp_t, keep_t)
-      d_vb = d_vb + _summed_over_group(*spec["dv"], pd_t.astype(dob.dtype), dob, st.groups)
-      ds_t = p_t * (dp_t - row(delta_b))
-      if st.score_mod is not None:
-        ds_t, d_params_blk = mod_vjp(ds_t)
-        d_params = tuple(a + b for a, b in zip(d_params, d_params_blk))
-      d_qb = _per_head(*spec["dq"], ds_t.astype(kb.dtype), kb, st.groups)
-      d_q = lax.dynamic_update_slice_in_dim(
-          d_q, lax.dynamic_slice_in_dim(d_q, q_start, st.bq, axis=2) + d_qb, q_start, axis=2)
-      d_kb = d_kb + _summed_over_group(*spec["dv"], ds_t.astype(qb.dtype), qb,
-                                       st.groups)                          # qb pre-scaled
-      if d_bias is not None:
-        grad = reduce_to(lay(ds_t), d_bias.shape)
-        starts = (0, 0, q_start if d_bias.shape[2] != 1 else 0,
-                  k_start if d_bias.shape[3] != 1 else 0)
-        d_bias = lax.dynamic_update_slice(
-            d_bias, lax.dynamic_slice(d_bias, starts, grad.shape) + grad, starts)
-      return d_q, d_kb, d_vb, d_bias, d_params
+      qb, dob, lse_b, delta_b = query_rows(q_start)
+      d_qb, dk, dv, grad, d_params = block_grads(
+          q_start, k_start, qb, kb, vb, dob, lse_b, delta_b, d_params, masked,
+          q_low=None if query_low_of is None else query_low_of(t))
+      return (add_at(d_q, d_qb, q_start), d_kb + dk, d_vb + dv,
+              add_bias(d_bias, grad, q_start, k_start), d_params)
 
     inner = (d_q, jnp.zeros(kb.shape, f32), jnp.zeros(vb.shape, f32), d_bias, d_params)
     for start, end, masked in loops:
-      inner = lax.fori_loop(start, end, functools.partial(query_block, masked=masked), inner)
+      inner = lax.fori_loop(start, end, functools.partial(visit, masked=masked), inner)
     d_q, d_kb, d_vb, d_bias, d_params = inner
     d_k = lax.dynamic_update_slice_in_dim(d_k, d_kb, k_start, axis=2)
     d_v = lax.dynamic_update_slice_in_dim(d_v, d_vb, k_start, axis=2)
     return d_q, d_k, d_v, d_bias, d_params
 
-  d_q, d_k, d_v, d_bias, d_params = lax.fori_loop(
-      0, st.nk, key_block, (d_q, d_k, d_v, d_bias, d_params))
+  def query_block(qi, carry):
+    """Queries outer: the forward's key visits of query block ``qi``; dQ
+    carried, dK and dV added in place."""
+    d_q, d_k, d_v, d_bias, d_params = carry
+    q_start = qi * st.bq
+    qb, dob, lse_b, delta_b = query_rows(q_start)
+    loops, key_start_of, key_low_of = st.key_loops(qi)
+
+    def visit(t, inner, masked):
+      d_qb, d_k, d_v, d_bias, d_params = inner
+      k_start = key_start_of(t)
+      kb, vb = key_rows(k_start)
+      dq, d_kb, d_vb, grad, d_params = block_grads(
+          q_start, k_start, qb, kb, vb, dob, lse_b, delta_b, d_params, masked,
+          k_low=None if key_low_of is None else key_low_of(t))
+      return (d_qb + dq, add_at(d_k, d_kb, k_start), add_at(d_v, d_vb, k_start),
+              add_bias(d_bias, grad, q_start, k_start), d_params)
+
+    inner = (jnp.zeros(qb.shape[:3] + (q.shape[-1],), f32), d_k, d_v, d_bias, d_params)
+    for start, end, masked in loops:
+      inner = lax.fori_loop(start, end, functools.partial(visit, masked=masked), inner)
+    d_qb, d_k, d_v, d_bias, d_params = inner
+    d_q = lax.dynamic_update_slice_in_dim(d_q, d_qb, q_start, axis=2)
+    return d_q, d_k, d_v, d_bias, d_params
+
+  carry = (d_q, d_k, d_v, d_bias, d_params)
+  if st.queries_outer:
+    d_q, d_k, d_v, d_bias, d_params = lax.fori_loop(0, st.nq, query_block, carry)
+  else:
+    d_q, d_k, d_v, d_bias, d_params = lax.fori_loop(0, st.nk, key_block, carry)
   d_score_consts = [None] * len(score_consts)
   for i, g in zip(param_at, d_params):
     d_score_consts[i] = g.astype(jnp.result_type(score_consts[i]))
