@@ -399,3 +399,40 @@ def test_queries_outer_backward_with_bias_score_mod_and_grouped_heads(monkeypatc
   d_slopes = (d_s * distance).sum((0, 2, 3))
   for got, want in zip(grads, (d_q, d_k, d_v, d_bias, d_slopes)):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("lengths", [(150, 97), (64, 40), (0, 150), (200, 3)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_key_lengths_skip_padded_blocks_and_unmask_the_rest(lengths, with_bias):
+  """Key lengths as the only masking: key blocks below every sequence's
+  length run unmasked, those past the longest one's are skipped; against
+  float64 NumPy with the padding written out, forward and gradients (with a
+  bias too, whose gradient the skipped blocks must leave at zero)."""
+  q, k, v = _inputs(8, 150, 150)
+  cot = np.random.default_rng(9).normal(size=q.shape)
+  kv_lengths = jnp.asarray(lengths)
+  bias = (jnp.asarray(np.random.default_rng(10).normal(size=(2, 2, 150, 150)), jnp.float32)
+          if with_bias else None)
+  call = lambda q, k, v, bias: blockwise_attention(q, k, v, bias=bias, kv_lengths=kv_lengths,
+                                                   block_q=32, block_k=32)
+  visible = np.arange(150)[None, None, None, :] < np.minimum(lengths, 150)[:, None, None, None]
+  q64, k64, v64, c64 = (np.asarray(x, np.float64) for x in (q, k, v, cot))
+  s = np.einsum("bqhd,bkhd->bhqk", q64, k64) * 8 ** -0.5
+  if bias is not None:
+    s = s + np.asarray(bias, np.float64)
+  s = np.where(visible, s, -np.inf)
+  top = s.max(-1, keepdims=True)
+  e = np.where(visible, np.exp(s - np.where(np.isfinite(top), top, 0.0)), 0.0)
+  total = e.sum(-1, keepdims=True)
+  p = np.where(total > 0, e / np.where(total > 0, total, 1.0), 0.0)
+  want = np.einsum("bhqk,bkhd->bqhd", p, v64)
+  d_p = np.einsum("bqhd,bkhd->bhqk", c64, v64)
+  d_s = p * (d_p - (d_p * p).sum(-1, keepdims=True))
+  wants = (np.einsum("bhqk,bkhd->bqhd", d_s, k64) * 8 ** -0.5,
+           np.einsum("bhqk,bqhd->bkhd", d_s, q64) * 8 ** -0.5,
+           np.einsum("bhqk,bqhd->bkhd", p, c64), d_s)
+  np.testing.assert_allclose(call(q, k, v, bias), want, rtol=2e-5, atol=2e-5)
+  argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
+  grads = jax.grad(lambda *a: jnp.sum(call(*a) * cot), argnums)(q, k, v, bias)
+  for got, ref in zip(grads, wants):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
