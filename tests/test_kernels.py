@@ -191,6 +191,64 @@ def test_reference_matches_independent_numpy_loops():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
 
 
+def _attention_by_loops(q, k, v, bias=None, mask=None, is_causal=False, window=None):
+  """The textbook formula in float64, one (batch element, head, query) at a
+  time: ``q [batch..., T, N, D]``, ``k [batch..., S, K, D]``, ``v [batch...,
+  S, K, Dv]``; bias / mask broadcastable to ``[batch..., N, T, S]``; query
+  head ``h`` reads key/value head ``h // (N // K)`` (jax.nn's grouping);
+  causal keeps ``s <= t`` and a window ``(left, right)`` (an int ``w`` means
+  ``(w, w)``) keeps ``t - left <= s <= t + right``, both start-aligned as in
+  jax.nn. A query with no visible key gives zeros. Returns ``[batch..., T, N, Dv]``."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  batch, (q_len, heads, head_dim) = q.shape[:-3], q.shape[-3:]
+  kv_len, kv_heads = k.shape[-3], k.shape[-2]
+  scores_shape = batch + (heads, q_len, kv_len)
+  bias = np.zeros(scores_shape) if bias is None else np.broadcast_to(
+      np.asarray(bias, np.float64), scores_shape)
+  mask = np.ones(scores_shape, bool) if mask is None else np.broadcast_to(
+      np.asarray(mask, bool), scores_shape)
+  if isinstance(window, int):
+    window = (window, window)
+  out = np.zeros(batch + (q_len, heads, v.shape[-1]))
+  for b in np.ndindex(*batch):
+    for h in range(heads):
+      g = h // (heads // kv_heads)
+      for t in range(q_len):
+        logits, seen = [], []
+        for s in range(kv_len):
+          visible = mask[b + (h, t, s)]
+          visible &= not is_causal or s <= t
+          visible &= window is None or t - window[0] <= s <= t + window[1]
+          if visible:
+            logits.append(q[b + (t, h)] @ k[b + (s, g)] / np.sqrt(head_dim) + bias[b + (h, t, s)])
+            seen.append(s)
+        if not seen:
+          continue
+        p = np.exp(np.array(logits) - max(logits))
+        p /= p.sum()
+        out[b + (t, h)] = sum(w * v[b + (s, g)] for w, s in zip(p, seen))
+  return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reference_matches_numpy_loops_for_every_case(case):
+  """The ground truth for every case the kernels are checked on (grouped K/V
+  heads, value_dim != head_dim, two batch dims, causal + window + bias +
+  padding with empty query rows, ...), against the loops above in float64."""
+  (q, k, v), kwargs = _build(CASES[case], jnp.float32)
+  kw = dict(kwargs)
+  want = _attention_by_loops(q, k, v, bias=kw.pop("bias", None), mask=kw.pop("mask", None),
+                             is_causal=kw.pop("is_causal", False),
+                             window=kw.pop("local_window_size", None))
+  assert not kw, kw
+  with enable_x64():
+    as64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
+    got = kernels.reference_attention(*map(as64, (q, k, v)), bias=as64(kwargs.get("bias")),
+                                      **{n: x for n, x in kwargs.items() if n != "bias"})
+  assert got.dtype == jnp.float64
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+
+
 def test_reference_matches_jax_nn_semantics_for_causal_and_window():
   """Causal and window masks mean what they mean in jax.nn (start-aligned)."""
   q, k, v = _inputs(1, q_len=5, kv_len=9)
@@ -395,12 +453,24 @@ def test_mask_helpers():
 
 @pytest.mark.parametrize("q_len, kv_len, window", list(itertools.product((1, 4), (1, 5), (0, 2))))
 def test_window_and_causal_masks_match_jax_nn(q_len, kv_len, window):
+  """Causal plus a ``(window, 0)`` band: the mask helpers give the pairs
+  written as index comparisons; the reference's flags give the float64 loops'
+  answer and, on every row with a key, jax.nn's (jax.nn gives an empty row
+  the mean of the values, ours zeros)."""
   q, k, v = _inputs(8, q_len=q_len, kv_len=kv_len)
+  t, s = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+  pairs = (s <= t) & (s >= t - window)                            # [q, kv]
+  got = kernels.reference_attention(q, k, v, is_causal=True, local_window_size=(window, 0))
+  np.testing.assert_allclose(got, _attention_by_loops(q, k, v, mask=pairs), rtol=1e-5, atol=1e-5)
+  want = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(window, 0),
+                                      implementation="xla")
+  rows = pairs.any(-1)
+  np.testing.assert_allclose(np.asarray(got)[:, rows], np.asarray(want)[:, rows],
+                             rtol=2e-5, atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(got)[:, ~rows], 0.0)
   explicit = masks.combine_masks(masks.causal_mask(q_len, kv_len),
                                  masks.sliding_window_mask(q_len, kv_len, (window, 0)))
-  got = kernels.reference_attention(q, k, v, mask=explicit)
-  want = kernels.reference_attention(q, k, v, is_causal=True, local_window_size=(window, 0))
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(explicit, pairs)
 
 
 # Lengths that span several blocks, with the blockwise kernel's blocks made
