@@ -4,7 +4,6 @@ attention regulariser, the LSTM and Transformer decoders over the region
 grid, word-level BLEU, the word-by-word attention pictures, and one tiny
 end-to-end run."""
 
-import math
 import os
 
 import jax

@@ -21,7 +21,6 @@ import pytest
 
 from attention_lab import train
 from attention_lab.train import checkpoint as checkpoint_lib
-from attention_lab.train import loop
 from conftest import ROOT
 from conftest import tiny_vit_config
 

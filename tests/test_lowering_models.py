@@ -97,7 +97,6 @@ FORWARD = {"splash": r"splash_\w+_fwd", "pallas": r"attention_lab_flash_forward"
 BACKWARD = {"splash": (r"splash_\w+_dkv", r"splash_\w+_dq"),
             "pallas": (r"attention_lab_flash_dkdv", r"attention_lab_flash_dq")}
 FUSED_KERNELS = {"tpu": ("splash", "pallas"), "gpu": ("pallas",)}
-FUSED_CALLS = {"tpu": "tpu_custom_call", "gpu": lowering.TRITON_CALL}
 PLATFORMS = {"tpu": "tpu", "gpu": "cuda"}    # ours -> lower_for's
 
 
@@ -254,8 +253,9 @@ def check_step(text, platform, step, expected, kernels):
             f"dispatch chose {sorted(kernels) or 'none'}; module calls {calls or 'none'}"]
   wanted = [FORWARD[fused[0]]] + (list(BACKWARD[fused[0]]) if step == "train" else [])
   missing = [w for w in wanted if not any(re.fullmatch(w + r"\w*", c) for c in calls)]
-  if FUSED_CALLS[platform] not in lowering.custom_calls(text) or missing:
-    return [f"{where}: {fused[0]} chosen but the module lacks {missing or FUSED_CALLS[platform]}"
+  call = lowering.FUSED_CALLS[PLATFORMS[platform]]
+  if call not in lowering.custom_calls(text) or missing:
+    return [f"{where}: {fused[0]} chosen but the module lacks {missing or call}"
             f"; it calls {calls or 'none'}"]
   return []
 

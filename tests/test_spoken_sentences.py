@@ -4,11 +4,9 @@ builder, word and character error rates, the Transformer recogniser over
 log-mel frames, the transcript pictures, and a tiny end-to-end run (slow)."""
 
 import itertools
-import os
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

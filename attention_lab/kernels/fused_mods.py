@@ -46,7 +46,6 @@ dispatch moves on to ``blockwise``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
 

@@ -7,8 +7,6 @@ import os
 import time
 from typing import Dict, List
 
-from absl import logging
-
 
 def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
