@@ -175,21 +175,54 @@ def test_broken_contract_is_named(kernel, case):
     kernels.dot_product_attention(*arrays, implementation=kernel)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+# Output tolerance relative to max|want|. The float64 answer is taken from
+# the inputs as rounded to the dtype, so what is left is the kernel's own
+# rounding: float32 logits of ~3e3 (ulp 2.4e-4), then the output's (2^-11
+# float16, 2^-8 bfloat16). Measured, all three CPU kernels: 1.3e-5 (float32),
+# 1.6e-4 (float16), 1.9e-3 (bfloat16).
+HUGE_SCORE_TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_float_masks_and_huge_scores(dtype):
-  """Flax-style float 0/1 masks mean "attend where nonzero"; scores near the
-  dtype's limit stay finite."""
+  """Flax-style float 0/1 masks mean "attend where nonzero"; scores of ~3e3
+  (exp overflows float16 and float32 without the max subtracted) give the
+  float64 softmax over the mask written out here. Keys near one shared
+  direction make the scores huge but only a few units apart, so the weights
+  stay soft (top weights 0.52-0.996 in rows with two keys or more): a kernel
+  that loses the softmax's precision, or only finds the top key, fails. One
+  query row sees no key: zeros."""
   rng = np.random.default_rng(0)
-  q = jnp.asarray(rng.normal(size=(1, 4, 2, 8)) * 30.0, dtype)   # scores of order 1e3
-  mask = jnp.asarray(rng.random((1, 1, 4, 4)) < 0.5, jnp.float32)
+  shared = rng.normal(size=(1, 1, 2, 8)) * 30.0
+  q = jnp.asarray(shared + rng.normal(size=(1, 4, 2, 8)) * 0.05, dtype)
+  k = jnp.asarray(shared + rng.normal(size=(1, 4, 2, 8)) * 0.05, dtype)
+  v = jnp.asarray(rng.normal(size=(1, 4, 2, 8)), dtype)
+  allowed = rng.random((1, 1, 4, 4)) < 0.5
+  allowed[..., 3, :] = False                            # a query with no key
+  mask = jnp.asarray(allowed, jnp.float32)
+
+  q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
+  scores = np.einsum("bqhd,bkhd->bhqk", q64, k64) / np.sqrt(8)
+  assert np.abs(scores).max() > 2e3
+  visible = np.broadcast_to(allowed, scores.shape)
+  weights = np.zeros_like(scores)
+  for index in np.ndindex(*scores.shape[:-1]):
+    seen = visible[index]
+    if seen.any():
+      e = np.exp(scores[index][seen] - scores[index][seen].max())
+      weights[index][seen] = e / e.sum()
+  several = visible.sum(-1) >= 2                        # rows with a choice of keys
+  top = weights.max(-1)[several]
+  assert top.size and top.max() < 0.999 and top.min() < 0.7
+  want = np.einsum("bhqk,bkhd->bqhd", weights, v64)
+  tol = HUGE_SCORE_TOLERANCE[dtype] * np.abs(want).max()
   for kernel in CPU_KERNELS:
-    out = kernels.dot_product_attention(q, q, q, mask=mask, implementation=kernel)
-    assert np.all(np.isfinite(np.asarray(out, np.float32))), kernel
-    want = kernels.dot_product_attention(q.astype(jnp.float32), q.astype(jnp.float32),
-                                         q.astype(jnp.float32), mask=mask != 0,
-                                         implementation="reference")
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want),
-                               rtol=0.05, atol=0.05 * float(jnp.abs(want).max()))
+    out = kernels.dot_product_attention(q, k, v, mask=mask, implementation=kernel)
+    assert out.dtype == jnp.dtype(dtype), kernel
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    assert np.all(np.isfinite(out)), kernel
+    np.testing.assert_array_equal(out[:, 3], 0.0, err_msg=kernel)
+    np.testing.assert_allclose(out, want, rtol=0, atol=tol, err_msg=kernel)
 
 
 def test_zero_length_with_weights_requested():
