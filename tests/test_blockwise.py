@@ -436,3 +436,47 @@ def test_key_lengths_skip_padded_blocks_and_unmask_the_rest(lengths, with_bias):
   grads = jax.grad(lambda *a: jnp.sum(call(*a) * cot), argnums)(q, k, v, bias)
   for got, ref in zip(grads, wants):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_placed_blocks_random_shapes_match_float64(monkeypatch, seed):
+  """Random lengths, block sizes and masks (documents, windows, causal,
+  random block patterns) on a grain of 8, forward and gradients against
+  float64 NumPy: whichever walk and placement each draw gets."""
+  monkeypatch.setattr(blockwise, "GRAIN", 8)
+  rng = np.random.default_rng(100 + seed)
+  q_len, kv_len = (int(x) for x in rng.integers(40, 161, 2))
+  block_q, block_k = (int(x) for x in rng.choice([16, 24, 32, 48, 64], 2))
+  q, k, v = _inputs(seed, q_len, kv_len, batch=1)
+  cot = rng.normal(size=q.shape)
+  qi, ki = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+  causal = bool(rng.integers(2))
+  window = tuple(int(x) for x in rng.integers(0, 40, 2)) if rng.integers(2) else None
+  kind = ["documents", "blocks", "none"][int(rng.integers(3))]
+  visible = np.ones((q_len, kv_len), bool)
+  kw = {}
+  if kind == "documents":
+    q_ids = np.sort(rng.integers(0, 5, q_len)).astype(np.int32)
+    kv_ids = np.sort(rng.integers(0, 5, kv_len)).astype(np.int32)
+    kw["mask_mod"] = mods.document(q_ids[None], kv_ids[None])
+    visible &= q_ids[:, None] == kv_ids[None, :]
+  elif kind == "blocks":
+    pattern = rng.random((q_len // 8 + 1, kv_len // 8 + 1)) < 0.3
+    pattern = np.repeat(np.repeat(pattern, 8, 0), 8, 1)[:q_len, :kv_len]
+    kw["mask_mod"] = lambda b, h, qq, kk: jnp.asarray(pattern)[qq, kk]
+    visible &= pattern
+  if causal:
+    kw["is_causal"] = True
+    visible &= ki <= qi
+  if window is not None:
+    kw["local_window_size"] = window
+    visible &= (ki >= qi - window[0]) & (ki <= qi + window[1])
+  if kind == "none" and not causal and window is None:
+    kw["local_window_size"] = window = (7, 3)
+    visible &= (ki >= qi - 7) & (ki <= qi + 3)
+  call = lambda q, k, v: blockwise_attention(q, k, v, block_q=block_q, block_k=block_k, **kw)
+  want, want_grads = _attention64(q, k, v, visible, cot)
+  np.testing.assert_allclose(call(q, k, v), want, rtol=2e-5, atol=2e-5)
+  grads = jax.grad(lambda q, k, v: jnp.sum(call(q, k, v) * cot), (0, 1, 2))(q, k, v)
+  for got, ref in zip(grads, want_grads):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
