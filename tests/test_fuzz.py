@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck
+from hypothesis import example
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -236,22 +237,31 @@ def test_zero_length_with_weights_requested():
 @settings(FUZZ, max_examples=15)    # each example compiles the layer afresh
 @given(batch=st.integers(1, 3), length=st.integers(0, 5), features=st.sampled_from([4, 8]),
        heads=st.sampled_from([1, 2]), lengths_seed=st.integers(0, 1000))
+@example(batch=3, length=5, features=8, heads=2, lengths_seed=3)   # key lengths [0, 4, 5]
 def test_self_attention_layer_with_padding_and_empty_rows(batch, length, features, heads,
                                                           lengths_seed):
   """The Flax layer over padded batches: rows with every key padded give
-  zeros through the kernel, the output is finite and the padding of one
-  example never changes another."""
+  zeros through the kernel (the output projection's bias alone), the output
+  is finite and the padding of one example never changes another."""
   rng = np.random.default_rng(lengths_seed)
   x = jnp.asarray(rng.normal(size=(batch, length, features)), jnp.float32)
   valid = np.arange(length)[None, :] < rng.integers(0, length + 1, batch)[:, None]
   mask = jnp.asarray(valid[:, None, None, :])
   layer = SelfAttention(num_heads=heads, attention=AttentionConfig(kernel="blockwise"))
   params = layer.init(jax.random.key(0), x, mask=mask)
+  # A nonzero output bias (it starts at zero), so that an empty row's output,
+  # the bias alone, differs from both zeros and a projection of the values.
+  out_bias = rng.normal(size=(features,)).astype(np.float32)
+  params = {"params": {**params["params"], "out": {**params["params"]["out"],
+                                                   "bias": jnp.asarray(out_bias)}}}
   out = np.asarray(layer.apply(params, x, mask=mask))
   assert out.shape == x.shape and np.all(np.isfinite(out))
   for b in range(batch):
     alone = np.asarray(layer.apply(params, x[b:b + 1], mask=mask[b:b + 1]))
     np.testing.assert_allclose(out[b:b + 1], alone, rtol=1e-5, atol=1e-6)
+    if not valid[b].any():            # no key to attend: a zero context, projected
+      np.testing.assert_allclose(out[b], np.broadcast_to(out_bias, out[b].shape),
+                                 rtol=1e-6, atol=1e-6)
 
 
 def test_self_attention_layer_names_a_mask_of_the_wrong_shape():
