@@ -69,18 +69,25 @@ def test_the_thread_stops_when_the_consumer_leaves_early():
     time.sleep(0.01)
     return {"step": step}
 
+  def consume(leave):
+    with pipeline.Prefetcher(slow, start=0, stop=10_000, depth=2) as batches:
+      assert batches.get(0) == {"step": 0}
+      deadline = time.monotonic() + 30
+      while len(built) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)                   # the queue fills; the producer waits with step 3
+      if leave is not None:
+        raise leave("stop")
+
   for leave in (None, RuntimeError, KeyboardInterrupt):
     built.clear()
-    try:
-      with pipeline.Prefetcher(slow, start=0, stop=10_000, depth=2) as batches:
-        batches.get(0)
-        time.sleep(0.1)                    # let the queue fill up
-        if leave is not None:
-          raise leave("stop")
-    except (RuntimeError, KeyboardInterrupt):
-      pass
-    assert not _prefetch_threads()
-    assert len(built) <= 5                 # bounded: one served, two queued, one in hand
+    if leave is None:
+      consume(None)                        # a plain return: nothing may be raised
+    else:
+      # The consumer's own exception leaves the with-block, unchanged.
+      with pytest.raises(leave, match="^stop$"):
+        consume(leave)
+    assert not _prefetch_threads(), leave
+    assert 4 <= len(built) <= 5, (leave, built)   # one served, two queued, one in hand
 
 
 def test_no_thread_when_off_or_nothing_to_serve():
