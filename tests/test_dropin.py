@@ -257,11 +257,35 @@ def test_residual_needs_a_kernel_that_has_it():
     kernels.dot_product_attention(q, k, v, return_weights=True, return_residual=True)
 
 
-def test_jax_implementation_names():
+def test_jax_implementation_names(monkeypatch):
+  """jax.nn's implementation names run our wrappers of jax.nn's own paths:
+  ``"xla"`` the jax_nn kernel, which calls ``jax.nn.dot_product_attention``
+  with no implementation (XLA's on a CPU), ``"cudnn"`` the cudnn kernel,
+  which asks jax.nn for cuDNN (GPU only). Recorded at the call into jax.nn:
+  any correct kernel would match jax.nn's output."""
+  assert kernels.registry.parse_choice("xla") == "jax_nn"
+  assert kernels.registry.parse_choice("cudnn") == "cudnn"
+  asked = []
+  jax_nn_attention = jax.nn.dot_product_attention
+
+  def recording(*args, implementation=None, **kw):
+    asked.append(implementation)
+    # cuDNN cannot run here: what matters is that it was asked for.
+    return jax_nn_attention(*args, implementation=None if implementation == "cudnn"
+                            else implementation, **kw)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
   q, k, v, _ = _inputs(jnp.float32)
-  np.testing.assert_allclose(
-      kernels.dot_product_attention(q, k, v, implementation="xla"),
-      jax.nn.dot_product_attention(q, k, v, implementation="xla"), atol=2e-5)
+  want = jax_nn_attention(q, k, v, implementation="xla")
+  np.testing.assert_allclose(kernels.dot_product_attention(q, k, v, implementation="xla"),
+                             want, atol=2e-5)
+  assert asked == [None]
+  kernels.dot_product_attention(q, k, v, implementation="blockwise")
+  assert asked == [None]                               # other kernels do not call jax.nn
+  np.testing.assert_allclose(kernels.get("cudnn").fn(q, k, v), want, atol=2e-5)
+  assert asked == [None, "cudnn"]
+  if jax.default_backend() == "cpu":
+    with pytest.raises(ValueError, match=r"'cudnn' does not run on 'cpu'"):
+      kernels.dot_product_attention(q, k, v, implementation="cudnn")
   with pytest.raises(ValueError, match=r"unknown attention kernel 'triton'; known kernels: "
                                        r"blockwise, cudnn, jax_nn"):
     kernels.dot_product_attention(q, k, v, implementation="triton")
