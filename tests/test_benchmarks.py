@@ -2,12 +2,52 @@
 the tables, the kernels skipped with their reasons, no crash."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The machine line the benchmarks print (benchmarks/timing.cpu_description and
+# each script's own tail), on any CPU: the model, then the matmul flags each
+# with yes/no, or why there are none; CPUs used of the machine's; jax versions.
+MACHINE_LINE = re.compile(
+    r"machine: cpu (?P<model>.+?) \((?P<flags>avx512f (yes|no), avx512_bf16 (yes|no), "
+    r"amx (yes|no)|flags unknown: no /proc/cpuinfo flags)\); (?P<used>\d+) of "
+    r"(?P<total>\d+) CPUs used; jax (?P<jax>\S+) \(jaxlib (?P<jaxlib>\S+)\) on "
+    r"(?P<backend>\w+)(?P<rest>.*)")
+
+
+def _cpuinfo_flags():
+  """The first CPU's flags in /proc/cpuinfo, or None without them."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+          return set(value.split())
+  except OSError:
+    pass
+  return None
+
+
+def _check_machine_line(lines):
+  """The ``machine:`` line's structure, and its yes/no as /proc/cpuinfo says
+  (whatever this CPU has); returns the regex match."""
+  line = next(line for line in lines if line.startswith("machine: "))
+  match = MACHINE_LINE.fullmatch(line)
+  assert match, line
+  flags = _cpuinfo_flags()
+  if flags is None:
+    assert match["flags"].startswith("flags unknown"), line
+  else:
+    want = {"avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "amx": any(flag.startswith("amx") for flag in flags)}
+    assert match["flags"] == ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in want.items())
+  assert 1 <= int(match["used"]) <= int(match["total"]) == os.cpu_count(), line
+  return match
 
 
 def test_kernels_benchmark_default_command_in_quick_mode():
@@ -16,9 +56,9 @@ def test_kernels_benchmark_default_command_in_quick_mode():
                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
-  machine = next(line for line in lines if line.startswith("machine: "))
-  assert "avx512f " in machine and "amx " in machine and "jax " in machine
-  assert " torch " in machine                     # a version, or why there is no column
+  machine = _check_machine_line(lines)
+  # The device kind, then torch's version or why there is no torch column.
+  assert re.fullmatch(r" \([^)]*\); torch \S.*", machine["rest"]), machine.group(0)
   assert any(line.startswith("threads: XLA ") and "torch" in line for line in lines)
   skipped = next(line for line in lines if line.startswith("skipped: "))
   assert "cudnn (gpu only)" in skipped and "ring (needs a device mesh" in skipped
@@ -46,7 +86,7 @@ def test_flex_benchmark_quick_mode_prints_every_case():
                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
-  assert next(line for line in lines if line.startswith("machine: ")).count("avx512f ") == 1
+  assert _check_machine_line(lines)["rest"] == ""
   rows = {line.split(" | ")[1] for line in lines if line.startswith("| 256 | ")}
   assert rows == {"causal", "causal mask_mod", "causal+alibi", "causal+softcap",
                   "documents mask_mod", "documents traced ids", "documents dense mask"}
