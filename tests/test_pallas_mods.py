@@ -18,6 +18,7 @@ import pytest
 
 from attention_lab import kernels
 from attention_lab.kernels import lowering
+from attention_lab.kernels import masks
 from attention_lab.kernels import mods
 from attention_lab.kernels.pallas import pallas_attention
 from conftest import assert_matches_float64
@@ -329,3 +330,47 @@ def test_per_device_rows_read_their_own_documents_on_a_data_mesh():
           "a traced array by the batch index") in out, out
   errors = [float(x) for x in out.split("errors")[1].split()]
   assert errors[0] < 2e-5 and max(errors[1:]) < 2e-4, errors
+
+
+# ---------------------------------------------------------------- full blocks run unmasked
+
+@pytest.mark.parametrize("form", [dict(local_window_size=(40, 24)),
+                                  dict(is_causal=True, local_window_size=(40, 0)),
+                                  dict(is_causal=True)],
+                         ids=["window", "causal_window", "causal"])
+def test_full_blocks_of_the_band_run_unmasked_and_match_float64(form):
+  """Blocks of 16 over 72 tokens: in all three kernels the band's full
+  blocks (every pair visible, ranges worked out from the block corners)
+  skip the mask, the rest are masked; against float64 with the band written
+  out here, output and gradients."""
+  from attention_lab.kernels.pallas import _Setting
+  causal, window = form.get("is_causal", False), form.get("local_window_size")
+  st = _Setting(T, T, 16, 16, 1.0, causal, window, tpu=False)
+  assert st.unmasked_full
+  full_keys = [np.subtract(*st.full_keys(i, T)[::-1]) for i in range(st.nq)]
+  full_queries = [np.subtract(*st.full_queries(j, T)[::-1]) for j in range(st.nk)]
+  assert max(full_keys) > 0 and max(full_queries) > 0     # the shapes have full blocks
+  q, k, v, cot = _inputs(7)
+  visible = np.ones((T, T), bool)
+  if causal:
+    visible &= J <= I
+  if window is not None:
+    visible &= (J >= I - window[0]) & (J <= I + window[1])
+  f = lambda q, k, v: pallas_attention(q, k, v, block_q=16, block_k=16, interpret=True, **form)
+  assert_matches_float64(f, lambda q, k, v: _dense(q, k, v, lambda s: s, visible[None, None]),
+                         q, k, v, cot, atol=2e-5, grad_atol=1e-4)
+
+
+def test_static_document_mask_runs_its_full_blocks_unmasked_and_matches_float64():
+  """Concrete document ids: the block table's full blocks (first in each
+  list) skip the mask in all three kernels, its partial ones are masked;
+  against float64, output and gradients."""
+  ids = _documents()
+  table = masks.block_mask(mods.document(ids), B, H, T, T, 16, 16)
+  assert (table.state == masks.FULL).any() and (table.state == masks.PARTIAL).any()
+  q, k, v, cot = _inputs(8)
+  visible = (ids[:, :, None] == ids[:, None, :])[:, None]
+  f = lambda q, k, v: pallas_attention(q, k, v, mask_mod=mods.document(ids), block_q=16,
+                                       block_k=16, interpret=True)
+  assert_matches_float64(f, lambda q, k, v: _dense(q, k, v, lambda s: s, visible),
+                         q, k, v, cot, atol=2e-5, grad_atol=1e-4)

@@ -72,7 +72,7 @@ class _Setting:
 
   def __init__(self, q_len, kv_len, block_q, block_k, scale, causal, window, tpu,
                keep_prob=None, broadcast_dropout=True, heads=1, bias_shape=None,
-               score_split=None, mask_split=None, block_table=False):
+               score_split=None, mask_split=None, block_table=False, has_lengths=False):
     self.q_len, self.kv_len = q_len, kv_len
     # A static mask_mod's block mask (masks.block_mask) as kernel inputs:
     # each program visits only the blocks it needs (empty ones skipped).
@@ -88,6 +88,9 @@ class _Setting:
     self.nq, self.nk = self.q_padded // block_q, self.kv_padded // block_k
     self.scale, self.causal, self.window = scale, causal, window
     self.tpu = tpu
+    # Whether key lengths were given: a block mask's full blocks may then
+    # hold padded keys (the band's full blocks are bounded by the lengths).
+    self.has_lengths = has_lengths
     # Per-row statistics are stored [.., length, lanes]: 128 lanes on TPU
     # (a lane-dense store), one elsewhere.
     self.lanes = TPU_LANES if tpu else 1
@@ -159,23 +162,72 @@ class _Setting:
     values = self.score_split.values
     return [i for i in self.score_split.grads if values[i].per_k == (kernel == "dkdv")]
 
-  def visit(self, over, i, table_refs, body, init):
-    """``fori_loop`` of ``body(block, carry)`` over the key blocks query
-    block ``i`` needs (``over="keys"``), or the query blocks that need key
-    block ``i`` (``"queries"``): from the block table when there is one,
-    else the causal / window band."""
+  @property
+  def unmasked_full(self):
+    """Whether full blocks (every pair visible) run without the mask: not
+    with a dense bias (a -inf in it must still hide its key), nor with a
+    mask_mod that has no block table (it may hide pairs in any block)."""
+    if self.bias_shape or (self.mask_split is not None and not self.block_table):
+      return False
+    return not (self.block_table and self.has_lengths)
+
+  def full_keys(self, qi, kv_valid):
+    """``[lo, hi)``: key blocks in which every query of block ``qi`` sees
+    every key (below ``kv_valid``, inside the causal / window band)."""
+    q0, q1 = qi * self.bq, qi * self.bq + self.bq - 1
+    lo, hi = 0, kv_valid // self.bk
+    if self.causal:                        # last key <= first query
+      hi = jnp.minimum(hi, (q0 + 1) // self.bk)
+    if self.window is not None:
+      left, right = self.window
+      lo = jnp.maximum(lo, -((left - q1) // self.bk))     # first key >= last query - left
+      hi = jnp.minimum(hi, (q0 + right + 1) // self.bk)   # last key <= first query + right
+    return lo, hi
+
+  def full_queries(self, kj, kv_valid):
+    """``[lo, hi)``: query blocks whose every query sees every key of block
+    ``kj`` (none when the block holds keys past ``kv_valid``)."""
+    k0, k1 = kj * self.bk, kj * self.bk + self.bk - 1
+    lo, hi = 0, jnp.where(k1 < kv_valid, self.nq, 0)
+    if self.causal:                        # first query >= last key
+      lo = jnp.maximum(lo, -(-k1 // self.bq))
+    if self.window is not None:
+      left, right = self.window
+      lo = jnp.maximum(lo, -((right - k1) // self.bq))    # first query >= last key - right
+      hi = jnp.minimum(hi, (k0 + left + 1) // self.bq)    # last query <= first key + left
+    return lo, hi
+
+  def visit(self, over, i, table_refs, body, init, kv_valid):
+    """``fori_loop`` of ``body(block, carry, masked)`` over the key blocks
+    query block ``i`` needs (``over="keys"``), or the query blocks that need
+    key block ``i`` (``"queries"``): from the block table when there is one,
+    else the causal / window band. Full blocks run with ``masked=False``
+    when ``unmasked_full``: on the band's or the table's full blocks."""
+    unmasked = lambda t, carry: body(t, carry, False)
+    masked = lambda t, carry: body(t, carry, True)
     if self.block_table:
-      order, count = table_refs[:2] if over == "keys" else table_refs[2:]
-      return lax.fori_loop(0, count[i], lambda t, carry: body(order[i, t], carry), init)
+      order, count, full = (table_refs[:3] if over == "keys" else table_refs[3:])
+      at = lambda step: (lambda t, carry: step(order[i, t], carry))
+      mid = full[i] if self.unmasked_full else 0
+      init = lax.fori_loop(0, mid, at(unmasked), init)
+      return lax.fori_loop(mid, count[i], at(masked), init)
     lo, hi = self.key_blocks(i) if over == "keys" else self.query_blocks(i)
-    return lax.fori_loop(lo, hi, body, init)
+    if not self.unmasked_full:
+      return lax.fori_loop(lo, hi, masked, init)
+    f_lo, f_hi = self.full_keys(i, kv_valid) if over == "keys" else self.full_queries(i, kv_valid)
+    f_lo = jnp.clip(f_lo, lo, hi)
+    f_hi = jnp.clip(f_hi, f_lo, hi)
+    init = lax.fori_loop(lo, f_lo, masked, init)
+    init = lax.fori_loop(f_lo, f_hi, unmasked, init)
+    return lax.fori_loop(f_hi, hi, masked, init)
 
   def mods(self, s, ok, qi, kj, score_refs, mask_refs, with_vjp=False):
     """The mods on one ``[bq, bk]`` block: ``(s, ok, back)`` with ``ok``
     narrowed by the mask_mod, ``s`` the score_mod's score and ``back`` (with
-    ``with_vjp``) its vjp (``fused_mods.Split.inside_vjp``)."""
+    ``with_vjp``) its vjp (``fused_mods.Split.inside_vjp``). ``ok`` None: a
+    full block (the mask_mod is true on all of it; there is no bias)."""
     q_start, k_start = qi * self.bq, kj * self.bk
-    if self.mask_split is not None:
+    if self.mask_split is not None and ok is not None:
       values = _block_values(self, self.mask_split, mask_refs, qi, kj)
       ok = ok & self.mask_split.inside(None, q_start, k_start, values)
     back = None
@@ -235,7 +287,7 @@ def _forward_kernel(*refs, st: _Setting):
   len_ref, seed_ref, q_ref, k_ref, v_ref, *rest = refs
   bias_ref = rest.pop(0) if st.bias_shape else None
   score_refs, mask_refs = _take(rest, st.n_score), _take(rest, st.n_mask)
-  table_refs = _take(rest, 4 if st.block_table else 0)
+  table_refs = _take(rest, 6 if st.block_table else 0)
   o_ref, lse_ref = rest
   qi = pl.program_id(2)
   kv_valid = st.kv_valid(len_ref)
@@ -243,18 +295,21 @@ def _forward_kernel(*refs, st: _Setting):
   q = q_ref[...]
   dv = v_ref.shape[-1]
 
-  def body(kj, carry):
+  def body(kj, carry, masked):
     m, l, acc = carry
     cols = st.rows(kj, st.bk)
     k, v = k_ref[cols, :], v_ref[cols, :]
-    ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
+    ok = st.visible(qi * st.bq, kj * st.bk, kv_valid) if masked else None
     s = _qk(q, k) * st.scale
     if bias_ref is not None:
       s = s + bias_ref[:, cols].astype(jnp.float32)
     s, ok, _ = st.mods(s, ok, qi, kj, score_refs, mask_refs)
-    s = jnp.where(ok, s, _MASKED)
+    if masked:
+      s = jnp.where(ok, s, _MASKED)
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-    p = jnp.where(ok, jnp.exp(s - m_new), 0.0)
+    p = jnp.exp(s - m_new)
+    if masked:
+      p = jnp.where(ok, p, 0.0)
     correction = jnp.exp(m - m_new)
     l = correction * l + p.sum(axis=1, keepdims=True)      # the normaliser sees every weight
     p = st.drop(p, dropout, qi * st.bq, kj * st.bk)
@@ -263,7 +318,7 @@ def _forward_kernel(*refs, st: _Setting):
 
   init = (jnp.full((st.bq, 1), _MASKED, jnp.float32), jnp.zeros((st.bq, 1), jnp.float32),
           jnp.zeros((st.bq, dv), jnp.float32))
-  m, l, acc = st.visit("keys", qi, table_refs, body, init)
+  m, l, acc = st.visit("keys", qi, table_refs, body, init, kv_valid)
   has_key = l > 0.0
   safe_l = jnp.where(has_key, l, 1.0)
   o_ref[...] = jnp.where(has_key, acc / safe_l, 0.0).astype(o_ref.dtype)
@@ -274,7 +329,7 @@ def _dkdv_kernel(*refs, st: _Setting):
   len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
   bias_ref = rest.pop(0) if st.bias_shape else None
   score_refs, mask_refs = _take(rest, st.n_score), _take(rest, st.n_mask)
-  table_refs = _take(rest, 4 if st.block_table else 0)
+  table_refs = _take(rest, 6 if st.block_table else 0)
   dk_ref, dv_ref = _take(rest, 2)
   dbias_ref = rest.pop(0) if st.bias_shape else None
   grads = st.grads_in("dkdv")
@@ -286,17 +341,19 @@ def _dkdv_kernel(*refs, st: _Setting):
   dropout = st.dropout_state(seed_ref)
   k, v = k_ref[...], v_ref[...]
 
-  def body(qi, carry):
+  def body(qi, carry, masked):
     dk, dv, *dmods = carry
     rows = st.rows(qi, st.bq)
     q, do = q_ref[rows, :], do_ref[rows, :]
     lse, delta = lse_ref[rows, :][:, :1], delta_ref[rows, :][:, :1]
-    ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
+    ok = st.visible(qi * st.bq, kj * st.bk, kv_valid) if masked else None
     s = _qk(q, k) * st.scale
     if bias_ref is not None:
       s = s + bias_ref[rows, :].astype(jnp.float32)
     s, ok, back = st.mods(s, ok, qi, kj, score_refs, mask_refs, with_vjp=True)
-    p = jnp.where(ok, jnp.exp(s - lse), 0.0)                            # [bq, bk]
+    p = jnp.exp(s - lse)                                                # [bq, bk]
+    if masked:
+      p = jnp.where(ok, p, 0.0)
     dv = dv + _tq(st.drop(p, dropout, qi * st.bq, kj * st.bk).astype(do.dtype), do)
     # delta = rowsum(dO * O) with O the dropped output: FlashAttention's
     # dropout backward, dS = P * (drop(dP) - delta).
@@ -311,7 +368,7 @@ def _dkdv_kernel(*refs, st: _Setting):
 
   init = [jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)]
   init += [jnp.zeros(st.score_split.values[i].shape, jnp.float32) for i in grads]
-  dk, dv, *dmods = st.visit("queries", kj, table_refs, body, tuple(init))
+  dk, dv, *dmods = st.visit("queries", kj, table_refs, body, tuple(init), kv_valid)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
   for ref, d in zip(dmod_refs, dmods):
@@ -322,7 +379,7 @@ def _dq_kernel(*refs, st: _Setting):
   len_ref, seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
   bias_ref = rest.pop(0) if st.bias_shape else None
   score_refs, mask_refs = _take(rest, st.n_score), _take(rest, st.n_mask)
-  table_refs = _take(rest, 4 if st.block_table else 0)
+  table_refs = _take(rest, 6 if st.block_table else 0)
   dq_ref, *dmod_refs = rest
   grads = st.grads_in("dq")
   # Values of the relative position get one cotangent tile per visited key
@@ -342,16 +399,18 @@ def _dq_kernel(*refs, st: _Setting):
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...][:, :1], delta_ref[...][:, :1]
 
-  def body(kj, carry):
+  def body(kj, carry, masked):
     dq, *dmods = carry
     cols = st.rows(kj, st.bk)
     k, v = k_ref[cols, :], v_ref[cols, :]
-    ok = st.visible(qi * st.bq, kj * st.bk, kv_valid)
+    ok = st.visible(qi * st.bq, kj * st.bk, kv_valid) if masked else None
     s = _qk(q, k) * st.scale
     if bias_ref is not None:
       s = s + bias_ref[:, cols].astype(jnp.float32)
     s, ok, back = st.mods(s, ok, qi, kj, score_refs, mask_refs, with_vjp=True)
-    p = jnp.where(ok, jnp.exp(s - lse), 0.0)
+    p = jnp.exp(s - lse)
+    if masked:
+      p = jnp.where(ok, p, 0.0)
     ds = p * (st.drop(_qk(do, v), dropout, qi * st.bq, kj * st.bk) - delta)
     if back is not None:
       ds, d_values = back(ds)
@@ -364,7 +423,7 @@ def _dq_kernel(*refs, st: _Setting):
 
   init = [jnp.zeros(q.shape, jnp.float32)]
   init += [jnp.zeros(st.score_split.values[i].shape, jnp.float32) for i in summed]
-  dq, *dmods = st.visit("keys", qi, table_refs, body, tuple(init))
+  dq, *dmods = st.visit("keys", qi, table_refs, body, tuple(init), kv_valid)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   for ref, d in zip(summed_refs, dmods):
     ref[...] = d
@@ -567,15 +626,16 @@ def _sum_to_offsets(partial, st: _Setting):
 
 def _block_tables(table, st: _Setting):
   """A ``masks.BlockMask`` as the kernels read it: int32 ``kv_blocks [nq, nk]``,
-  ``kv_count [nq]``, ``q_blocks [nk, nq]``, ``q_count [nk]`` (which key
-  blocks each query block visits, and the reverse for dK/dV), padded to
-  powers of two for Triton's loads."""
+  ``kv_count [nq]``, ``kv_full [nq]``, ``q_blocks [nk, nq]``, ``q_count
+  [nk]``, ``q_full [nk]`` (which key blocks each query block visits, full
+  ones first, and the reverse for dK/dV), padded to powers of two for
+  Triton's loads."""
   def padded(x):
     x = np.asarray(x, np.int32)
     size = [pl.next_power_of_2(d) for d in x.shape]
     return jnp.asarray(np.pad(x, [(0, s - d) for s, d in zip(size, x.shape)]))
-  return tuple(padded(x) for x in (table.kv_blocks, table.kv_count, table.q_blocks,
-                                   table.q_count))
+  return tuple(padded(x) for x in (table.kv_blocks, table.kv_count, table.kv_full,
+                                   table.q_blocks, table.q_count, table.q_full))
 
 
 def _bias_4d(bias, shape, q_padded, kv_padded):
@@ -590,7 +650,7 @@ def _bias_4d(bias, shape, q_padded, kv_padded):
 
 def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, is_causal,
                window, block_q, block_k, return_residual=False, keep_prob=None,
-               broadcast_dropout=True, score_mod=None, mask_mod=None):
+               broadcast_dropout=True, score_mod=None, mask_mod=None, has_lengths=True):
   """The whole call for one target: tiles, padding, kernel, unpadding."""
   tpu = target in ("tpu", "tpu_interpret")
   batch = shape.batch
@@ -619,7 +679,7 @@ def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, 
     raise ValueError(f"pallas_attention: {e}; blockwise takes any score_mod / mask_mod") from None
   st = _Setting(shape.q_length, shape.kv_length, block_q, block_k, scale, is_causal,
                 window, tpu, keep_prob, broadcast_dropout, shape.heads,
-                score_split=score_split, mask_split=mask_split)
+                score_split=score_split, mask_split=mask_split, has_lengths=has_lengths)
   # The mods' outside parts, for every sequence, head and block (plain JAX,
   # so gradients reach the arrays they read through autodiff).
   flat = math.prod(batch) if batch else 1
@@ -750,7 +810,8 @@ def pallas_attention(query, key, value, bias=None, mask=None, *,
       _attend_on, shape=shape, scale=shape.head_dim ** -0.5 if scale is None else scale,
       is_causal=is_causal, window=window, block_q=block_q, block_k=block_k,
       return_residual=return_residual, keep_prob=keep_prob,
-      broadcast_dropout=broadcast_dropout, score_mod=score_mod, mask_mod=mask_mod)
+      broadcast_dropout=broadcast_dropout, score_mod=score_mod, mask_mod=mask_mod,
+      has_lengths=kv_lengths is not None)
   if target is not None:
     return run(target, query, key, value, lengths, seed, bias)
   return lax.platform_dependent(
