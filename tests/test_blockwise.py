@@ -271,13 +271,18 @@ def test_place_visits_counts_every_visible_pair_once(pattern, q_len, kv_len, blo
     assert fwd.shifted and bwd.visited == fwd.visited
 
 
-def _attention64(q, k, v, visible, cot):
-  """Float64 NumPy attention under ``visible [Tq, Tk]`` (``[b, t, h, d]``
-  inputs, default scale): the output and the gradients of ``sum(out * cot)``,
-  the softmax backward written out (rows without a visible key give zeros)."""
+def _attention64(q, k, v, visible, cot, bias=None):
+  """Float64 NumPy attention under ``visible`` (broadcast to ``[b, h, Tq,
+  Tk]``; ``[b, t, h, d]`` inputs, default scale, plus a ``bias [b, h, Tq,
+  Tk]``): the output and the gradients of ``sum(out * cot)`` wrt q, k, v
+  (and the bias), the softmax backward written out (rows without a visible
+  key give zeros)."""
   q, k, v, cot = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v, cot))
   scale = q.shape[-1] ** -0.5
-  s = np.where(visible, np.einsum("bhqd,bhkd->bhqk", q, k) * scale, -np.inf)
+  s = np.einsum("bhqd,bhkd->bhqk", q, k) * scale
+  if bias is not None:
+    s = s + np.asarray(bias, np.float64)
+  s = np.where(visible, s, -np.inf)
   top = s.max(-1, keepdims=True)
   e = np.where(visible, np.exp(s - np.where(np.isfinite(top), top, 0.0)), 0.0)
   total = e.sum(-1, keepdims=True)
@@ -289,7 +294,8 @@ def _attention64(q, k, v, visible, cot):
   d_q = np.einsum("bhqk,bhkd->bhqd", d_s, k) * scale
   d_k = np.einsum("bhqk,bhqd->bhkd", d_s, q) * scale
   back = lambda x: x.transpose(0, 2, 1, 3)
-  return back(out), (back(d_q), back(d_k), back(d_v))
+  grads = (back(d_q), back(d_k), back(d_v)) + ((d_s,) if bias is not None else ())
+  return back(out), grads
 
 
 @pytest.mark.parametrize("form", ["documents", "causal_window", "window", "two_spans",
@@ -416,21 +422,7 @@ def test_key_lengths_skip_padded_blocks_and_unmask_the_rest(lengths, with_bias):
   call = lambda q, k, v, bias: blockwise_attention(q, k, v, bias=bias, kv_lengths=kv_lengths,
                                                    block_q=32, block_k=32)
   visible = np.arange(150)[None, None, None, :] < np.minimum(lengths, 150)[:, None, None, None]
-  q64, k64, v64, c64 = (np.asarray(x, np.float64) for x in (q, k, v, cot))
-  s = np.einsum("bqhd,bkhd->bhqk", q64, k64) * 8 ** -0.5
-  if bias is not None:
-    s = s + np.asarray(bias, np.float64)
-  s = np.where(visible, s, -np.inf)
-  top = s.max(-1, keepdims=True)
-  e = np.where(visible, np.exp(s - np.where(np.isfinite(top), top, 0.0)), 0.0)
-  total = e.sum(-1, keepdims=True)
-  p = np.where(total > 0, e / np.where(total > 0, total, 1.0), 0.0)
-  want = np.einsum("bhqk,bkhd->bqhd", p, v64)
-  d_p = np.einsum("bqhd,bkhd->bhqk", c64, v64)
-  d_s = p * (d_p - (d_p * p).sum(-1, keepdims=True))
-  wants = (np.einsum("bhqk,bkhd->bqhd", d_s, k64) * 8 ** -0.5,
-           np.einsum("bhqk,bqhd->bkhd", d_s, q64) * 8 ** -0.5,
-           np.einsum("bhqk,bqhd->bkhd", p, c64), d_s)
+  want, wants = _attention64(q, k, v, visible, cot, bias=bias)
   np.testing.assert_allclose(call(q, k, v, bias), want, rtol=2e-5, atol=2e-5)
   argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
   grads = jax.grad(lambda *a: jnp.sum(call(*a) * cot), argnums)(q, k, v, bias)
