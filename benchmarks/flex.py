@@ -13,6 +13,9 @@ float32 by default) in one process, side by side:
   mask path (skips the upper blocks, no masking in full blocks);
 - ``causal+alibi``: ``is_causal`` and ``score_mod=mods.alibi(heads)``;
 - ``causal+softcap``: ``is_causal`` and ``score_mod=mods.softcap(20)``;
+- ``causal window``: ``is_causal`` and ``local_window_size=(--window, 0)``,
+  a sliding window of that many earlier keys (visited blocks start where
+  the window starts);
 - ``documents mask_mod``: ``--documents`` packed documents of random lengths
   as ``mods.document(ids)`` with NumPy ids (a static block mask: blocks
   between documents are skipped); the baseline of the next two;
@@ -60,6 +63,7 @@ flags.DEFINE_integer("batch", 1, "batch size")
 flags.DEFINE_integer("heads", 8, "attention heads")
 flags.DEFINE_integer("head_dim", 64, "head width")
 flags.DEFINE_integer("documents", 8, "packed documents in the document-mask cases")
+flags.DEFINE_integer("window", 256, "earlier keys each query sees in the causal window case")
 flags.DEFINE_integer("repeats", 5, "timed rounds per measurement (median, min-max)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "inputs")
 flags.DEFINE_integer("threads", 0, "CPUs to pin the process to; 0: all it may use")
@@ -76,7 +80,7 @@ QUICK = {"lengths": ["256"], "heads": 2, "head_dim": 32, "repeats": 3, "torch": 
 # case -> its baseline (the ratio column divides by the baseline's median).
 BASELINE = {
     "causal": None, "causal mask_mod": "causal", "causal+alibi": "causal",
-    "causal+softcap": "causal", "documents mask_mod": None,
+    "causal+softcap": "causal", "causal window": "causal", "documents mask_mod": None,
     "documents traced ids": "documents mask_mod", "documents dense mask": "documents mask_mod",
 }
 
@@ -108,6 +112,8 @@ def make_cases(length: int) -> Dict[str, Tuple[Callable, tuple]]:
                                               score_mod=mods.alibi(FLAGS.heads)), ()),
       "causal+softcap": (lambda q, k, v: attend(q, k, v, is_causal=True,
                                                 score_mod=mods.softcap(20.0)), ()),
+      "causal window": (lambda q, k, v: attend(q, k, v, is_causal=True,
+                                               local_window_size=(FLAGS.window, 0)), ()),
       "documents mask_mod": (lambda q, k, v: attend(q, k, v, mask_mod=mods.document(ids)), ()),
       "documents traced ids": (lambda q, k, v, t: attend(q, k, v, mask_mod=mods.document(t)),
                                (jnp.asarray(ids),)),
@@ -139,10 +145,12 @@ def torch_flex_cases(length: int, q, k, v):
   slopes = torch.from_numpy(np.asarray(mods.alibi_slopes(FLAGS.heads)))
   causal = lambda b, h, qi, ki: qi >= ki
   documents = lambda b, h, qi, ki: ids[b, qi] == ids[b, ki]
+  window = lambda b, h, qi, ki: (qi >= ki) & (qi - ki <= FLAGS.window)
   alibi = lambda s, b, h, qi, ki: s + slopes[h] * (ki - qi)
   softcap = lambda s, b, h, qi, ki: 20.0 * torch.tanh(s / 20.0)
   block = lambda fn, batch: create_block_mask(fn, batch, None, length, length, device="cpu")
   causal_blocks, doc_blocks = block(causal, None), block(documents, FLAGS.batch)
+  window_blocks = block(window, None)
   compiled = torch.compile(flex_attention)
 
   def run(**kw):
@@ -155,6 +163,7 @@ def torch_flex_cases(length: int, q, k, v):
            "causal mask_mod": run(block_mask=causal_blocks),
            "causal+alibi": run(score_mod=alibi, block_mask=causal_blocks),
            "causal+softcap": run(score_mod=softcap, block_mask=causal_blocks),
+           "causal window": run(block_mask=window_blocks),
            "documents mask_mod": run(block_mask=doc_blocks),
            "documents traced ids": run(block_mask=doc_blocks)}
   return {name: fn for name, fn in cases.items() if name in (FLAGS.cases or cases)}
