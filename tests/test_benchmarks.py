@@ -88,7 +88,7 @@ def test_flex_benchmark_quick_mode_prints_every_case():
   lines = proc.stdout.splitlines()
   assert _check_machine_line(lines)["rest"] == ""
   rows = {line.split(" | ")[1] for line in lines if line.startswith("| 256 | ")}
-  assert rows == {"causal", "causal mask_mod", "causal+alibi", "causal+softcap",
+  assert rows == {"causal", "causal mask_mod", "causal+alibi", "causal+softcap", "causal window",
                   "documents mask_mod", "documents traced ids", "documents dense mask"}
 
 
