@@ -99,3 +99,38 @@ def test_dispatch_keeps_long_dropout_on_the_fused_cpu_kernel():
   spec = kernels.select(kernels.requested_features(dropout=True), "cpu",
                         shape=kernels.checks.AttentionShape((1,), 2048, 2048, 4, 4, 64, 64))
   assert spec.name == "blockwise"
+
+
+def test_blockwise_dropout_with_placed_blocks_and_the_queries_outer_walk(monkeypatch):
+  """blockwise's visits placed on a grain of 8 under a causal window of 30
+  keys (the backward then walks query blocks outer, over the forward's own
+  visits), per-head dropout and grouped K/V heads: the regenerated mask
+  must be the written-out one wherever the blocks start."""
+  from attention_lab.kernels import blockwise
+  from attention_lab.kernels import masks
+  monkeypatch.setattr(blockwise, "GRAIN", 8)
+  rate, rng = 0.3, jax.random.PRNGKey(11)
+  b, t, n, kvh, d = 1, 150, 4, 2, 8
+  data = np.random.default_rng(5)
+  q = jnp.asarray(data.normal(size=(b, t, n, d)), jnp.float32)
+  k, v = (jnp.asarray(data.normal(size=(b, t, kvh, d)), jnp.float32) for _ in range(2))
+  table = masks.band_block_mask(t, t, 8, 8, is_causal=True, window=(30, 0))
+  visits = blockwise._visits(table.state, 32, 64, 8, 8, t, t)
+  assert visits["kv"].visited < visits["q"].visited           # the queries-outer walk
+  f = lambda q, k, v: blockwise_attention(
+      q, k, v, is_causal=True, local_window_size=(30, 0), dropout_rate=rate, dropout_rng=rng,
+      broadcast_dropout=False, block_q=32, block_k=64)
+  seeds = np.asarray(jax.random.bits(rng, (2,), jnp.uint32))
+  keep = _keep_mask(seeds.view(np.int32), 1 - rate, b, n, t, t, False)
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  visible = ((j <= i) & (j >= i - 30))[None, None]
+
+  def dense(q, k, v):                      # float64, [b, t, n, d]; K/V heads repeated
+    k, v = np.repeat(k, n // kvh, axis=2), np.repeat(v, n // kvh, axis=2)
+    s = jnp.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(d)
+    s = jnp.where(visible, s, -jnp.inf)
+    w = jax.nn.softmax(s, axis=-1) * jnp.where(keep, 1 / (1 - rate), 0.0)
+    return jnp.einsum("bnts,bsnd->btnd", w, v)
+
+  assert_matches_float64(f, dense, q, k, v, data.normal(size=q.shape), atol=3e-5,
+                         grad_atol=1e-4)
