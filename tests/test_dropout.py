@@ -45,6 +45,19 @@ def _keep_mask(seeds, keep_prob, batch, heads, q_len, kv_len, broadcast):
   return (h >> np.uint32(8)) < np.uint32(round(keep_prob * (1 << 24)))
 
 
+def _dropped_attention64(visible, keep, rate):
+  """Dense attention (run under float64) with the written-out dropout mask:
+  ``f(q [b, t, n, d], k, v [b, t, kvh, d])``, K/V heads repeated to ``n``,
+  softmax over ``visible``, kept weights scaled by ``1 / (1 - rate)``."""
+  def dense(q, k, v):
+    k, v = (np.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
+    s = jnp.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(q.shape[-1])
+    s = jnp.where(visible, s, -jnp.inf)
+    w = jax.nn.softmax(s, axis=-1) * jnp.where(keep, 1 / (1 - rate), 0.0)
+    return jnp.einsum("bnts,bsnd->btnd", w, v)
+  return dense
+
+
 KERNELS = {
     "pallas_gpu_layout": functools.partial(pallas_attention, block_q=32, block_k=64,
                                            target="interpret"),
@@ -73,12 +86,7 @@ def test_dropout_matches_its_written_out_mask_forward_and_gradients(broadcast, k
   visible = np.tril(np.ones((t, t), bool))[None, None] & (
       np.arange(t)[None, None, None, :] < np.asarray(kv_lengths)[:, None, None, None])
 
-  def dense(q, k, v):                      # float64, [b, t, n, d]; K/V heads repeated
-    k, v = np.repeat(k, n // kvh, axis=2), np.repeat(v, n // kvh, axis=2)
-    s = jnp.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(d)
-    s = jnp.where(visible, s, -jnp.inf)
-    w = jax.nn.softmax(s, axis=-1) * jnp.where(keep, 1 / (1 - rate), 0.0)
-    return jnp.einsum("bnts,bsnd->btnd", w, v)
+  dense = _dropped_attention64(visible, keep, rate)
 
   assert_matches_float64(f, dense, q, k, v, data.normal(size=q.shape), atol=3e-5,
                          grad_atol=1e-4)
@@ -125,12 +133,7 @@ def test_blockwise_dropout_with_placed_blocks_and_the_queries_outer_walk(monkeyp
   i, j = np.arange(t)[:, None], np.arange(t)[None, :]
   visible = ((j <= i) & (j >= i - 30))[None, None]
 
-  def dense(q, k, v):                      # float64, [b, t, n, d]; K/V heads repeated
-    k, v = np.repeat(k, n // kvh, axis=2), np.repeat(v, n // kvh, axis=2)
-    s = jnp.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(d)
-    s = jnp.where(visible, s, -jnp.inf)
-    w = jax.nn.softmax(s, axis=-1) * jnp.where(keep, 1 / (1 - rate), 0.0)
-    return jnp.einsum("bnts,bsnd->btnd", w, v)
+  dense = _dropped_attention64(visible, keep, rate)
 
   assert_matches_float64(f, dense, q, k, v, data.normal(size=q.shape), atol=3e-5,
                          grad_atol=1e-4)
