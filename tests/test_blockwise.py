@@ -209,10 +209,9 @@ def test_many_sequences_run_in_passes_and_match_float64(monkeypatch):
 
 # ---------------------------------------------------------------- blocks placed on a finer grain
 
-def _visible_pairs(visible, outer, block, padded, visits):
-  """Per outer block, how many visits count each (outer, inner) pair, with
-  ``visible`` a bool ``[outer positions, inner positions]`` and ``visits``
-  a ``masks.Visits``: ``[outer blocks, outer block, padded]`` int."""
+def _visit_counts(visits, outer, block, padded):
+  """Per outer block, how many visits of ``visits`` (a ``masks.Visits``)
+  count each (outer, inner) pair: ``[outer blocks, outer block, padded]`` int."""
   counts = np.zeros((len(visits.count), outer, padded), np.int32)
   for o, n in enumerate(visits.count):
     for start, low in zip(visits.starts[o, :n], visits.lows[o, :n]):
@@ -252,7 +251,7 @@ def test_place_visits_counts_every_visible_pair_once(pattern, q_len, kv_len, blo
                            q_pad)
   for visits, seen, outer, block, padded in [
       (fwd, visible, block_q, block_k, kv_pad), (bwd, visible.T, block_k, block_q, q_pad)]:
-    counts = _visible_pairs(seen, outer, block, padded, visits)
+    counts = _visit_counts(visits, outer, block, padded)
     padded_seen = np.zeros((len(visits.count) * outer, padded), bool)
     padded_seen[:seen.shape[0], :seen.shape[1]] = seen
     per_block = padded_seen.reshape(len(visits.count), outer, padded)

@@ -481,6 +481,8 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
     return lax.dynamic_update_slice(
         d_bias, lax.dynamic_slice(d_bias, starts, grad.shape) + grad, starts)
 
+  # Read once, outside the loops (key_block's bounds).
+  key_bounds = st.key_bounds(kv_lengths) if st.length_bounds else None
   query_rows = lambda q_start: tuple(lax.dynamic_slice_in_dim(x, q_start, st.bq, axis=2)
                                      for x in (q, d_out, lse, delta))
   key_rows = lambda k_start: tuple(lax.dynamic_slice_in_dim(x, k_start, st.bk, axis=2)
@@ -493,8 +495,8 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
     k_start = kj * st.bk
     kb, vb = key_rows(k_start)
     bounds = None
-    if st.length_bounds:            # every query block of this key block, or none
-      unmasked, live = st.key_bounds(kv_lengths)
+    if key_bounds is not None:      # every query block of this key block, or none
+      unmasked, live = key_bounds
       bounds = (jnp.where(kj < unmasked, st.nq, 0), jnp.where(kj < live, st.nq, 0))
     loops, query_start_of, query_low_of = st.query_loops(kj, bounds)
 
