@@ -211,12 +211,20 @@ def test_many_sequences_run_in_passes_and_match_float64(monkeypatch):
 
 def _visit_counts(visits, outer, block, padded):
   """Per outer block, how many visits of ``visits`` (a ``masks.Visits``)
-  count each (outer, inner) pair: ``[outer blocks, outer block, padded]`` int."""
+  count each (outer, inner) pair: ``[outer blocks, outer block, padded]`` int.
+  Also checks each visit's length (``block``, or a trimmed multiple of the
+  grain below it) and that ``ranges`` sorts them by length, full ones first."""
   counts = np.zeros((len(visits.count), outer, padded), np.int32)
   for o, n in enumerate(visits.count):
-    for start, low in zip(visits.starts[o, :n], visits.lows[o, :n]):
-      assert 0 <= start <= low < start + block <= padded
-      counts[o, :, low:start + block] += 1
+    for start, low, size in zip(visits.starts[o, :n], visits.lows[o, :n], visits.sizes[o, :n]):
+      assert 0 <= start <= low < start + size <= padded and size <= block
+      counts[o, :, low:start + size] += 1
+    assert (visits.sizes[o, n:] == 0).all()
+    for g, size in enumerate(visits.groups):
+      begin, mid, end = visits.ranges[o, g]
+      assert (visits.sizes[o, begin:end] == size).all()
+    assert visits.ranges[o, -1, 2] == n
+    assert (visits.ranges[o, :, 1] - visits.ranges[o, :, 0]).sum() == visits.full[o]
   return counts
 
 
@@ -249,8 +257,13 @@ def test_place_visits_counts_every_visible_pair_once(pattern, q_len, kv_len, blo
   fwd = masks.place_visits(fine.state, block_q // grain, q_pad // block_q, block_k, grain, kv_pad)
   bwd = masks.place_visits(fine.state.T, block_k // grain, kv_pad // block_k, block_q, grain,
                            q_pad)
+  trimmed = masks.place_visits(fine.state, block_q // grain, q_pad // block_q, block_k, grain,
+                               kv_pad, trim=True)
+  assert fwd.groups == (block_k,) and bwd.groups == (block_q,)     # whole blocks
+  assert not trimmed.shifted and (trimmed.sizes % grain == 0).all()
   for visits, seen, outer, block, padded in [
-      (fwd, visible, block_q, block_k, kv_pad), (bwd, visible.T, block_k, block_q, q_pad)]:
+      (fwd, visible, block_q, block_k, kv_pad), (bwd, visible.T, block_k, block_q, q_pad),
+      (trimmed, visible, block_q, block_k, kv_pad)]:
     counts = _visit_counts(visits, outer, block, padded)
     padded_seen = np.zeros((len(visits.count) * outer, padded), bool)
     padded_seen[:seen.shape[0], :seen.shape[1]] = seen
@@ -258,12 +271,21 @@ def test_place_visits_counts_every_visible_pair_once(pattern, q_len, kv_len, blo
     assert (counts[per_block] == 1).all()                  # each visible pair once
     assert (counts <= 1).all()                             # no pair counted twice
     real = np.arange(len(visits.count) * outer).reshape(-1, outer) < seen.shape[0]
-    for o, n_full in enumerate(visits.full):
-      for start in visits.starts[o, :n_full]:              # full visits: nothing to hide
-        assert per_block[o][real[o]][:, start:start + block].all()
+    for o in range(len(visits.count)):
+      for g, size in enumerate(visits.groups):           # full visits: nothing to hide
+        begin, mid, _ = visits.ranges[o, g]
+        for start in visits.starts[o, begin:mid]:
+          assert per_block[o][real[o]][:, start:start + size].all()
     aligned = masks.block_mask(mod, 1, 1, q_len, kv_len, block_q, block_k)
-    aligned_count = aligned.kv_count if visits is fwd else aligned.q_count
+    aligned_count = aligned.q_count if visits is bwd else aligned.kv_count
     assert visits.visited <= int(aligned_count.sum())
+  # Trimming keeps the visits where they start and only ends them earlier:
+  # never more keys than whole blocks, fewer wherever a visit's needed keys
+  # end inside it (documents, bands, random spans at these sizes).
+  assert trimmed.visited == fwd.visited
+  assert trimmed.sizes.sum() <= fwd.visited * block_k
+  if pattern != "two_spans":
+    assert trimmed.sizes.sum() < fwd.visited * block_k and len(trimmed.groups) > 1
   if pattern in ("window", "causal_window") and block_k == 64:    # a band narrower than a block
     assert fwd.visited < int(aligned.kv_count.sum())
   if pattern == "two_spans" and kv_len == 128:
@@ -350,6 +372,9 @@ def test_placed_blocks_match_float64(monkeypatch, form):
     assert {"two_spans": visits["kv"].shifted and not queries_outer,
             "two_query_spans": visits["q"].shifted and not queries_outer,
             "documents": queries_outer, "window": queries_outer}[form]
+    # The forward's visits trimmed (several lengths, one loop each), the
+    # backward's whole blocks.
+    assert (len(visits["fwd"].groups) > 1) == (form != "two_query_spans")
   want, want_grads = _attention64(q, k, v, visible, cot)
   np.testing.assert_allclose(call(q, k, v), want, rtol=2e-5, atol=2e-5)
   grads = jax.grad(lambda q, k, v: jnp.sum(call(q, k, v) * cot), (0, 1, 2))(q, k, v)
@@ -377,6 +402,7 @@ def test_queries_outer_backward_with_bias_score_mod_and_grouped_heads(monkeypatc
   table = masks.band_block_mask(q_len, kv_len, 8, 8, window=(5, 9))
   visits = blockwise._visits(table.state, 32, 64, 8, 8, q_len, kv_len)
   assert visits["kv"].visited < visits["q"].visited          # the queries-outer walk
+  assert len(visits["fwd"].groups) > 1                        # a trimmed forward
 
   def loss(q, k, v, bias, slopes):
     out = blockwise_attention(q, k, v, bias=bias, score_mod=mods.alibi(slopes), **kw)
@@ -404,6 +430,63 @@ def test_queries_outer_backward_with_bias_score_mod_and_grouped_heads(monkeypatc
   d_slopes = (d_s * distance).sum((0, 2, 3))
   for got, want in zip(grads, (d_q, d_k, d_v, d_bias, d_slopes)):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["trimmed", "mod_tied_to_block_shape"])
+def test_trimmed_forward_with_lengths_bias_score_mod_and_grouped_heads(monkeypatch, fallback):
+  """The forward's trimmed visits (keys of several lengths, every one masked:
+  key lengths and a dense bias leave no block unmasked) under causal
+  documents, with a dense bias, learned ALiBi slopes and two query heads per
+  K/V head, against float64 NumPy with every term written out, forward and
+  gradients (bias and slopes too). A mask_mod that builds an array from its
+  block's shape cannot run on shorter blocks: the forward keeps whole blocks
+  and gives the same answer."""
+  monkeypatch.setattr(blockwise, "GRAIN", 8)
+  length, heads = 128, 2
+  rng = np.random.default_rng(12)
+  q = jnp.asarray(rng.normal(size=(2, length, heads, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, length, 1, 8)), jnp.float32) for _ in range(2))
+  bias = jnp.asarray(rng.normal(size=(1, heads, length, length)), jnp.float32)
+  slopes = jnp.asarray([0.2, 0.07], jnp.float32)
+  kv_lengths = jnp.asarray([128, 77])
+  cot = rng.normal(size=q.shape)
+  ids = np.sort(rng.integers(0, 5, length)).astype(np.int32)
+  qi, ki = np.arange(length)[:, None], np.arange(length)[None, :]
+  visible = ((ids[:, None] == ids[None, :]) & (ki <= qi))[None, None] & (
+      ki[None, None] < np.asarray(kv_lengths)[:, None, None, None])
+  document = mods.document(ids[None])
+  mask_mod = document
+  if fallback:
+    # Reads a constant as long as its key block: tied to the block's shape.
+    mask_mod = lambda b, h, qq, kk: document(b, h, qq, kk) & jnp.asarray(
+        np.ones(kk.shape[-1], bool))
+  table = masks.block_mask(document, 2, heads, length, length, 8, 8, is_causal=True)
+  assert len(blockwise._visits(table.state, 32, 64, 8, 8, length, length)["fwd"].groups) > 1
+  spec = jax.ShapeDtypeStruct((1, 1, 1, 64), jnp.int32), jax.ShapeDtypeStruct(
+      (1, 1, 1, 40), jnp.int32)
+  index = [jax.ShapeDtypeStruct(x, jnp.int32) for x in ((2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 32, 1))]
+  hoisted, consts = mods.hoist(mask_mod, *index, spec[0])
+  assert (mods.rehoist(mask_mod, consts, *index, spec[1]) is None) == fallback
+
+  def loss(q, k, v, bias, slopes):
+    out = blockwise_attention(q, k, v, bias=bias, is_causal=True, mask_mod=mask_mod,
+                              kv_lengths=kv_lengths, score_mod=mods.alibi(slopes),
+                              block_q=32, block_k=64)
+    return jnp.sum(out * cot), out
+
+  grads, out = jax.grad(loss, (0, 1, 2, 3, 4), has_aux=True)(q, k, v, bias, slopes)
+
+  distance = (ki - qi).astype(np.float64)
+  extra = (np.asarray(bias, np.float64)
+           + np.asarray(slopes, np.float64)[None, :, None, None] * distance)
+  k_rep, v_rep = (np.repeat(np.asarray(x), 2, axis=2) for x in (k, v))
+  want, (d_q, d_k, d_v, d_s) = _attention64(q, k_rep, v_rep, visible, cot,
+                                            bias=np.broadcast_to(extra, (2,) + extra.shape[1:]))
+  np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
+  expected = (d_q, d_k.sum(2, keepdims=True), d_v.sum(2, keepdims=True),
+              d_s.sum(0, keepdims=True), (d_s * distance).sum((0, 2, 3)))
+  for name, got, ref in zip(["q", "k", "v", "bias", "slopes"], grads, expected):
+    np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4, err_msg=name)
 
 
 @pytest.mark.parametrize("lengths", [(150, 97), (64, 40), (0, 150), (200, 3)])

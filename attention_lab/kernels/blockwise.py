@@ -13,9 +13,11 @@ the empty ones never visited; so causal attention does about half the work of
 full attention. The mask is known on a grain finer than the blocks
 (``GRAIN``) and each visited block starts where the needed keys start
 (``masks.place_visits``), not at a multiple of its size: a sliding window or
-a short document costs fewer blocks. The backward walks key blocks outer
-(dQ added in place), or query blocks outer over the forward's visits (dK and
-dV added in place) when those are fewer: a window narrower than a key block.
+a short document costs fewer blocks. The forward also ends each visit after
+the last grain of keys it needs (``TRIM_SAVES``), one loop per visit length.
+The backward walks key blocks outer (dQ added in place), or query blocks
+outer over the forward's visits as whole blocks (dK and dV added in place)
+when those are fewer: a window narrower than a key block.
 
 ``score_mod`` / ``mask_mod`` (``attention_lab.kernels.mods``) run on each
 block in the forward and again in the backward, which also returns the
@@ -100,12 +102,30 @@ def _grain(block: int) -> int:
   return grain if 4 * grain >= GRAIN or grain == block else block
 
 
-def _visits(state, block_q, block_k, grain_q, grain_k, q_len, kv_len):
-  """``{"kv": forward visits, "q": backward visits}`` of a block mask on the
-  ``grain_q x grain_k`` grid (``masks.place_visits``)."""
+# The forward trims its visits (masks.place_visits(trim=True)) only when that
+# saves at least this fraction of the keys visited. Loops whose trip counts
+# are the same for every query block (a table of equal entries) become
+# static for XLA, which removes one-trip loops; a few trimmed visits break
+# that: a causal window of 256 at 4,096 tokens, one visit in 16 trimmed
+# (3% of the keys), ran its forward 1.14x slower trimmed. Where it pays:
+# benchmarks/flex.py's 8 documents at 1,024 tokens visit a third fewer keys,
+# forward 0.77-0.79x the time of whole blocks; at 8,192 tokens 11% fewer, 0.94-0.95x.
+TRIM_SAVES = 0.05
+
+
+def _visits(state, block_q, block_k, grain_q, grain_k, q_len, kv_len, trim=True):
+  """``{"fwd": the forward's visits, trimmed, "kv": the same whole blocks
+  long (the backward's queries-outer walk), "q": the backward's keys-outer
+  visits}`` of a block mask on the ``grain_q x grain_k`` grid
+  (``masks.place_visits``)."""
   q_padded, kv_padded = _round_up(q_len, block_q), _round_up(kv_len, block_k)
-  return {"kv": masks.place_visits(state, block_q // grain_q, q_padded // block_q, block_k,
-                                   grain_k, kv_padded),
+  place_kv = functools.partial(masks.place_visits, state, block_q // grain_q,
+                               q_padded // block_q, block_k, grain_k, kv_padded)
+  kv = place_kv()
+  fwd = place_kv(trim=True) if trim else kv
+  if fwd.sizes.sum() > (1 - TRIM_SAVES) * kv.visited * block_k:
+    fwd = kv
+  return {"fwd": fwd, "kv": kv,
           "q": masks.place_visits(np.asarray(state).T, block_k // grain_k,
                                   kv_padded // block_k, block_q, grain_q, q_padded)}
 
@@ -118,7 +138,7 @@ class _Static:
                has_mask=False, has_lengths=False, batch=1, heads=1, has_bias=False,
                score_mod=None, score_params=(), mask_mod=None, visits=None,
                groups=1, keep_prob=None, broadcast_dropout=True, score_mod_t=None,
-               length_bounds=False):
+               length_bounds=False, sized_mods=None):
     self.q_len, self.kv_len = q_len, kv_len
     self.batch, self.heads, self.has_bias = batch, heads, has_bias
     # Query heads per K/V head: K and V stay [b, heads / groups, ...] and
@@ -134,6 +154,10 @@ class _Static:
     # {"kv": forward visits per query block, "q": backward visits per key
     # block} (masks.Visits), or None: every block visited.
     self.mask_mod, self.visits = mask_mod, visits
+    # {key block length: (score_mod, mask_mod)} hoisted for the forward's
+    # trimmed visits shorter than block_k (visits["fwd"].groups).
+    self.sized_mods = dict(sized_mods or {})
+    self.sized_mods[block_k] = (score_mod, mask_mod)
     self.bq, self.bk = block_q, block_k
     self.q_padded = _round_up(q_len, block_q)
     self.kv_padded = _round_up(kv_len, block_k)
@@ -175,6 +199,26 @@ class _Static:
     never visited."""
     return self._loops(qi, "kv", self.nk, self.bk, bounds)
 
+  def forward_loops(self, qi, bounds=None):
+    """``([(start, end, masked, length)], start_of, low_of)``: as
+    ``key_loops`` for the forward, whose visits may be trimmed
+    (``masks.place_visits(trim=True)``): a range per visit length, longest
+    first."""
+    if self.visits is None or self.visits["fwd"] is self.visits["kv"]:
+      loops, start_of, low_of = self.key_loops(qi, bounds)
+      return [loop + (self.bk,) for loop in loops], start_of, low_of
+    visits = self.visits["fwd"]
+    starts = jnp.asarray(visits.starts)[qi]
+    ranges = jnp.asarray(visits.ranges)[qi]
+    loops = []
+    for g, size in enumerate(visits.groups):
+      begin, mid, end = ranges[g, 0], ranges[g, 1], ranges[g, 2]
+      if self.full_unmasked:
+        loops += [(begin, mid, False, size), (mid, end, True, size)]
+      else:
+        loops.append((begin, end, True, size))
+    return loops, lambda t: starts[t], None
+
   def query_loops(self, kj, bounds=None):
     """As ``key_loops`` for the backward: query blocks that see key block ``kj``."""
     return self._loops(kj, "q", self.nq, self.bq, bounds)
@@ -203,19 +247,20 @@ class _Static:
       return [(0, mid, False), (mid, count, True)], start_of, low_of
     return [(0, count, True)], start_of, low_of
 
-  def mod_index(self, q_start, k_start):
+  def mod_index(self, q_start, k_start, bk=None):
     """A block's index arrays for the mods (``masks.mod_index_grid``); padded
-    positions clamped to the last valid one (they are masked or sliced off)."""
+    positions clamped to the last valid one (they are masked or sliced off).
+    ``bk``: the block's keys (a trimmed visit's), default ``self.bk``."""
     q_pos = jnp.minimum(q_start + jnp.arange(self.bq), self.q_len - 1)
-    k_pos = jnp.minimum(k_start + jnp.arange(self.bk), self.kv_len - 1)
+    k_pos = jnp.minimum(k_start + jnp.arange(bk or self.bk), self.kv_len - 1)
     return masks.mod_index_grid(self.batch, self.heads, q_pos, k_pos)
 
-  def apply_score_mod(self, s, q_start, k_start, consts, keys_major=False):
+  def apply_score_mod(self, s, q_start, k_start, consts, keys_major=False, bk=None):
     """``score_mod`` on a float32 ``[b, n, bq, bk]`` score block (keys-major:
     ``[b, n, bk, bq]``, through ``score_mod_t``)."""
-    fn = self.score_mod_t if keys_major else self.score_mod
+    fn = self.score_mod_t if keys_major else self.sized_mods[bk or self.bk][0]
     mod = lambda score, *index: fn(score, *index, *consts)
-    index = self.mod_index(q_start, k_start)
+    index = self.mod_index(q_start, k_start, bk)
     if keys_major:
       index = index[:2] + tuple(jnp.swapaxes(i, -1, -2) for i in index[2:])
     if self.has_bias:        # a -inf bias must keep its key hidden
@@ -223,12 +268,12 @@ class _Static:
     return jnp.broadcast_to(jnp.asarray(mod(s, *index), s.dtype), s.shape)
 
   def valid(self, q_start, k_start, mask_blk, q_lengths, kv_lengths, mask_consts=(),
-            q_low=None, k_low=None):
+            q_low=None, k_low=None, bk=None):
     """Boolean ``[batch|1, heads|1, bq, bk]`` of visible (query, key) pairs;
     ``q_low`` / ``k_low``: positions below them are hidden (counted by the
-    block before, ``masks.Visits.lows``)."""
+    block before, ``masks.Visits.lows``); ``bk`` as in ``mod_index``."""
     q_pos = q_start + jnp.arange(self.bq)[:, None]
-    k_pos = k_start + jnp.arange(self.bk)[None, :]
+    k_pos = k_start + jnp.arange(bk or self.bk)[None, :]
     ok = k_pos < self.kv_len
     if k_low is not None:
       ok = ok & (k_pos >= k_low)
@@ -247,16 +292,17 @@ class _Static:
     if mask_blk is not None:
       ok = ok & mask_blk
     if self.mask_mod is not None:
-      ok = ok & jnp.asarray(self.mask_mod(*self.mod_index(q_start, k_start), *mask_consts),
-                            bool)
+      mask_mod = self.sized_mods[bk or self.bk][1]
+      ok = ok & jnp.asarray(mask_mod(*self.mod_index(q_start, k_start, bk), *mask_consts), bool)
     return ok
 
-  def keep(self, q_start, k_start, seeds):
+  def keep(self, q_start, k_start, seeds, bk=None):
     """Bool ``[batch|1, heads|1, bq, bk]``: the weights dropout keeps in a
     block (``dropout_keep`` of the absolute positions and the row
-    ``batch * heads + head``), the same bits in the forward and backward."""
+    ``batch * heads + head``), the same bits in the forward and backward
+    (whatever the blocks: a pair's bits depend on its positions only)."""
     q_pos = q_start + jnp.arange(self.bq, dtype=jnp.int32)[:, None]
-    k_pos = k_start + jnp.arange(self.bk, dtype=jnp.int32)[None, :]
+    k_pos = k_start + jnp.arange(bk or self.bk, dtype=jnp.int32)[None, :]
     row = None
     if not self.broadcast_dropout:
       row = jnp.arange(self.batch * self.heads, dtype=jnp.int32).reshape(
@@ -309,9 +355,11 @@ def _scores(st, qb, kb, bias_blk):
 
 
 def _walk(loops, body, carry):
-  """Runs ``body(t, carry, masked)`` over each ``(start, end, masked)`` range of ``loops``."""
-  for start, end, masked in loops:
-    carry = lax.fori_loop(start, end, functools.partial(body, masked=masked), carry)
+  """Runs ``body(t, carry, masked[, size])`` over each ``(start, end, masked[,
+  size])`` range of ``loops``."""
+  for start, end, masked, *size in loops:
+    kw = {"size": size[0]} if size else {}
+    carry = lax.fori_loop(start, end, functools.partial(body, masked=masked, **kw), carry)
   return carry
 
 
@@ -325,20 +373,20 @@ def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths,
   def query_block(qi):
     q_start = qi * st.bq
     qb = lax.dynamic_slice_in_dim(q, q_start, st.bq, axis=2)
-    loops, key_start_of, key_low_of = st.key_loops(qi, key_bounds)
+    loops, key_start_of, key_low_of = st.forward_loops(qi, key_bounds)
 
-    def body(t, carry, masked):
+    def body(t, carry, masked, size):
       m, l, acc = carry
       k_start = key_start_of(t)
-      kb = lax.dynamic_slice_in_dim(k, k_start, st.bk, axis=2)
-      vb = lax.dynamic_slice_in_dim(v, k_start, st.bk, axis=2)
-      s = _scores(st, qb, kb, _block(bias, q_start, st.bq, k_start, st.bk))
+      kb = lax.dynamic_slice_in_dim(k, k_start, size, axis=2)
+      vb = lax.dynamic_slice_in_dim(v, k_start, size, axis=2)
+      s = _scores(st, qb, kb, _block(bias, q_start, st.bq, k_start, size))
       if st.score_mod is not None:
-        s = st.apply_score_mod(s, q_start, k_start, score_consts)
+        s = st.apply_score_mod(s, q_start, k_start, score_consts, bk=size)
       if masked:
-        ok = st.valid(q_start, k_start, _block(mask, q_start, st.bq, k_start, st.bk),
+        ok = st.valid(q_start, k_start, _block(mask, q_start, st.bq, k_start, size),
                       q_lengths, kv_lengths, mask_consts,
-                      k_low=None if key_low_of is None else key_low_of(t))
+                      k_low=None if key_low_of is None else key_low_of(t), bk=size)
         s = jnp.where(ok, s, _NEG_INF)
       m_new = jnp.maximum(m, s.max(-1))
       # Also on unmasked paths: a -inf bias can leave a row without a finite
@@ -349,7 +397,7 @@ def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths,
       correction = jnp.exp(m - m_safe)                    # m = -inf -> 0
       l = correction * l + p.sum(-1)      # the normaliser sees every weight
       if st.keep_prob is not None:
-        p = st.drop(p, st.keep(q_start, k_start, seeds))
+        p = st.drop(p, st.keep(q_start, k_start, seeds, bk=size))
       acc = correction[..., None] * acc + _per_head(
           "bnqk,bnkd->bnqd", "bhgqk,bhkd->bhgqd", p.astype(v.dtype), vb, st.groups)
       return m_new, l, acc
@@ -713,6 +761,21 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
                                   exact=mask_mod is None)
   visits = None if table is None else _visits(table.state, block_q, block_k, grain_q,
                                                grain_k, shape.q_length, shape.kv_length)
+  sized_mods = {}
+  for size in () if visits is None else visits["fwd"].groups:
+    if size == block_k:
+      continue
+    # The forward's trimmed visits run the mods on shorter key blocks: each
+    # hoisted again at that length, with the same consts, or no trimming.
+    spec = index_spec[:3] + (jax.ShapeDtypeStruct((1, 1, 1, size), jnp.int32),)
+    score_at = score_fn and mods.rehoist(
+        score_mod, score_consts,
+        jax.ShapeDtypeStruct((flat, shape.heads, block_q, size), jnp.float32), *spec)
+    mask_at = mask_fn and mods.rehoist(mask_mod, mask_consts, *spec)
+    if (score_fn and not score_at) or (mask_fn and not mask_at):
+      visits, sized_mods = dict(visits, fwd=visits["kv"]), {}
+      break
+    sized_mods[size] = (score_at, mask_at)
   st = _Static(shape.q_length, shape.kv_length, block_q, block_k,
                shape.head_dim ** -0.5 if scale is None else scale, is_causal, window,
                has_mask=mask is not None,
@@ -722,7 +785,8 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
                groups=shape.heads // shape.kv_heads, keep_prob=keep_prob,
                broadcast_dropout=broadcast_dropout, score_mod_t=score_fn_t,
                length_bounds=(kv_lengths is not None and q_lengths is None and mask is None
-                              and mask_fn is None and visits is None))
+                              and mask_fn is None and visits is None),
+               sized_mods=sized_mods)
 
   # The scale goes on q (length x dim) rather than on every score block;
   # autodiff of this multiply scales dq, so the custom backward never does.

@@ -159,11 +159,20 @@ def hoist_keys_major(fn: Callable, consts: List, score, batch, head, q_idx, kv_i
   """
   swap = lambda a: jax.ShapeDtypeStruct(a.shape[:-2] + a.shape[-2:][::-1], a.dtype)
   args = (swap(score), batch, head, swap(q_idx), swap(kv_idx))
+  return rehoist(fn, consts, *args, check=_layout_free)
+
+
+def rehoist(fn: Callable, consts: List, *example_args, check=None) -> Optional[Callable]:
+  """``fn`` (a mod ``hoist`` gave ``consts``) hoisted again for other example shapes,
+  taking the same ``consts``; or None when it does not trace at those
+  shapes, closes over other arrays there, or its jaxpr fails ``check``.
+  A kernel that runs a mod on blocks of several shapes (``blockwise``'s
+  trimmed visits) passes the one set of consts to each."""
   try:
-    closed = jax.make_jaxpr(fn)(*args)
+    closed = jax.make_jaxpr(fn)(*example_args)
   except Exception:   # noqa: BLE001: a mod tied to the block's shape
     return None
-  if len(closed.consts) != len(consts) or not _layout_free(closed.jaxpr):
+  if len(closed.consts) != len(consts) or (check is not None and not check(closed.jaxpr)):
     return None
   for a, b in zip(closed.consts, consts):
     if a is b:
@@ -171,7 +180,7 @@ def hoist_keys_major(fn: Callable, consts: List, score, batch, head, q_idx, kv_i
     if (isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer)
         or np.shape(a) != np.shape(b) or not np.array_equal(np.asarray(a), np.asarray(b))):
       return None
-  return _converted(closed, len(args))
+  return _converted(closed, len(example_args))
 
 
 # ---------------------------------------------------------------- score mods
