@@ -328,8 +328,11 @@ def test_placed_blocks_match_float64(monkeypatch, form):
   keys, then of queries (a visit shifted back over the one before, its
   overlap masked, in the forward, then in the backward walking keys outer)
   and traced document ids under causal (the band on a grain, every visit
-  masked)."""
+  masked). Visits are trimmed where that pays, except for the two key
+  spans: a trimmed visit is never shifted, so they run on whole blocks."""
   monkeypatch.setattr(blockwise, "GRAIN", 8)
+  if form == "two_spans":
+    monkeypatch.setattr(blockwise, "TRIM_SAVES", 2.0)         # whole blocks
   q_len = kv_len = 128
   q, k, v = _inputs(5, q_len, kv_len, batch=1)
   cot = np.random.default_rng(6).normal(size=q.shape)
@@ -368,13 +371,13 @@ def test_placed_blocks_match_float64(monkeypatch, form):
     table = masks.block_mask(lambda b, h, qq, kk: jnp.asarray(pattern)[qq, kk], 1, 2, q_len,
                              kv_len, 8, 8)
     visits = blockwise._visits(table.state, 32, 64, 8, 8, q_len, kv_len)
-    queries_outer = visits["kv"].visited < visits["q"].visited
+    queries_outer = blockwise._queries_outer(visits, 64)
     assert {"two_spans": visits["kv"].shifted and not queries_outer,
             "two_query_spans": visits["q"].shifted and not queries_outer,
             "documents": queries_outer, "window": queries_outer}[form]
-    # The forward's visits trimmed (several lengths, one loop each), the
-    # backward's whole blocks.
-    assert (len(visits["fwd"].groups) > 1) == (form != "two_query_spans")
+    # The forward's visits trimmed (several lengths, one loop each), and
+    # the backward's when it walks queries outer.
+    assert (len(visits["fwd"].groups) > 1) == (form in ("documents", "window"))
   want, want_grads = _attention64(q, k, v, visible, cot)
   np.testing.assert_allclose(call(q, k, v), want, rtol=2e-5, atol=2e-5)
   grads = jax.grad(lambda q, k, v: jnp.sum(call(q, k, v) * cot), (0, 1, 2))(q, k, v)
@@ -401,8 +404,8 @@ def test_queries_outer_backward_with_bias_score_mod_and_grouped_heads(monkeypatc
   kw = dict(local_window_size=(5, 9), block_q=32, block_k=64)
   table = masks.band_block_mask(q_len, kv_len, 8, 8, window=(5, 9))
   visits = blockwise._visits(table.state, 32, 64, 8, 8, q_len, kv_len)
-  assert visits["kv"].visited < visits["q"].visited          # the queries-outer walk
-  assert len(visits["fwd"].groups) > 1                        # a trimmed forward
+  assert blockwise._queries_outer(visits, 64)                  # the queries-outer walk
+  assert len(visits["fwd"].groups) > 1                        # over trimmed visits
 
   def loss(q, k, v, bias, slopes):
     out = blockwise_attention(q, k, v, bias=bias, score_mod=mods.alibi(slopes), **kw)
@@ -433,14 +436,15 @@ def test_queries_outer_backward_with_bias_score_mod_and_grouped_heads(monkeypatc
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["trimmed", "mod_tied_to_block_shape"])
-def test_trimmed_forward_with_lengths_bias_score_mod_and_grouped_heads(monkeypatch, fallback):
-  """The forward's trimmed visits (keys of several lengths, every one masked:
-  key lengths and a dense bias leave no block unmasked) under causal
-  documents, with a dense bias, learned ALiBi slopes and two query heads per
-  K/V head, against float64 NumPy with every term written out, forward and
-  gradients (bias and slopes too). A mask_mod that builds an array from its
-  block's shape cannot run on shorter blocks: the forward keeps whole blocks
-  and gives the same answer."""
+def test_trimmed_visits_with_lengths_bias_score_mod_and_grouped_heads(monkeypatch, fallback):
+  """Trimmed visits (keys of several lengths, every one masked: key lengths
+  and a dense bias leave no block unmasked) in the forward and the
+  backward's queries-outer walk, under causal documents, with a dense bias,
+  learned ALiBi slopes (run keys-major in the backward) and two query heads
+  per K/V head, against float64 NumPy with every term written out, forward
+  and gradients (bias and slopes too). A mask_mod that builds an array from
+  its block's shape cannot run on shorter blocks: the kernel keeps whole
+  blocks and gives the same answer."""
   monkeypatch.setattr(blockwise, "GRAIN", 8)
   length, heads = 128, 2
   rng = np.random.default_rng(12)
@@ -461,7 +465,8 @@ def test_trimmed_forward_with_lengths_bias_score_mod_and_grouped_heads(monkeypat
     mask_mod = lambda b, h, qq, kk: document(b, h, qq, kk) & jnp.asarray(
         np.ones(kk.shape[-1], bool))
   table = masks.block_mask(document, 2, heads, length, length, 8, 8, is_causal=True)
-  assert len(blockwise._visits(table.state, 32, 64, 8, 8, length, length)["fwd"].groups) > 1
+  visits = blockwise._visits(table.state, 32, 64, 8, 8, length, length)
+  assert len(visits["fwd"].groups) > 1 and blockwise._queries_outer(visits, 64)
   spec = jax.ShapeDtypeStruct((1, 1, 1, 64), jnp.int32), jax.ShapeDtypeStruct(
       (1, 1, 1, 40), jnp.int32)
   index = [jax.ShapeDtypeStruct(x, jnp.int32) for x in ((2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 32, 1))]

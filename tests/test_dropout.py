@@ -112,7 +112,7 @@ def test_dispatch_keeps_long_dropout_on_the_fused_cpu_kernel():
 def test_blockwise_dropout_with_placed_blocks_and_the_queries_outer_walk(monkeypatch):
   """blockwise's visits placed on a grain of 8 under a causal window of 30
   keys (the backward then walks query blocks outer, over the forward's own
-  visits; the forward's trimmed, the backward's whole blocks), per-head
+  visits, trimmed to the keys they need), per-head
   dropout and grouped K/V heads: the regenerated mask must be the
   written-out one wherever the blocks start and end."""
   from attention_lab.kernels import blockwise
@@ -125,8 +125,8 @@ def test_blockwise_dropout_with_placed_blocks_and_the_queries_outer_walk(monkeyp
   k, v = (jnp.asarray(data.normal(size=(b, t, kvh, d)), jnp.float32) for _ in range(2))
   table = masks.band_block_mask(t, t, 8, 8, is_causal=True, window=(30, 0))
   visits = blockwise._visits(table.state, 32, 64, 8, 8, t, t)
-  assert visits["kv"].visited < visits["q"].visited           # the queries-outer walk
-  assert len(visits["fwd"].groups) > 1       # forward visits trimmed, the backward's whole
+  assert blockwise._queries_outer(visits, 64)                   # the queries-outer walk
+  assert len(visits["fwd"].groups) > 1                           # over trimmed visits
   f = lambda q, k, v: blockwise_attention(
       q, k, v, is_causal=True, local_window_size=(30, 0), dropout_rate=rate, dropout_rng=rng,
       broadcast_dropout=False, block_q=32, block_k=64)

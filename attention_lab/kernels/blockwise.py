@@ -16,8 +16,8 @@ full attention. The mask is known on a grain finer than the blocks
 a short document costs fewer blocks. The forward also ends each visit after
 the last grain of keys it needs (``TRIM_SAVES``), one loop per visit length.
 The backward walks key blocks outer (dQ added in place), or query blocks
-outer over the forward's visits as whole blocks (dK and dV added in place)
-when those are fewer: a window narrower than a key block.
+outer over the forward's trimmed visits (dK and dV added in place) when
+those cover fewer keys: a window narrower than a key block, documents.
 
 ``score_mod`` / ``mask_mod`` (``attention_lab.kernels.mods``) run on each
 block in the forward and again in the backward, which also returns the
@@ -114,10 +114,10 @@ TRIM_SAVES = 0.05
 
 
 def _visits(state, block_q, block_k, grain_q, grain_k, q_len, kv_len, trim=True):
-  """``{"fwd": the forward's visits, trimmed, "kv": the same whole blocks
-  long (the backward's queries-outer walk), "q": the backward's keys-outer
-  visits}`` of a block mask on the ``grain_q x grain_k`` grid
-  (``masks.place_visits``)."""
+  """``{"fwd": the forward's visits (and the backward's queries-outer
+  walk's), trimmed where that pays, "kv": the same whole blocks long, "q":
+  the backward's keys-outer visits}`` of a block mask on the ``grain_q x
+  grain_k`` grid (``masks.place_visits``)."""
   q_padded, kv_padded = _round_up(q_len, block_q), _round_up(kv_len, block_k)
   place_kv = functools.partial(masks.place_visits, state, block_q // grain_q,
                                q_padded // block_q, block_k, grain_k, kv_padded)
@@ -128,6 +128,13 @@ def _visits(state, block_q, block_k, grain_q, grain_k, q_len, kv_len, trim=True)
   return {"fwd": fwd, "kv": kv,
           "q": masks.place_visits(np.asarray(state).T, block_k // grain_k,
                                   kv_padded // block_k, block_q, grain_q, q_padded)}
+
+
+def _queries_outer(visits, block_k) -> bool:
+  """Whether the backward walks query blocks outer, over the forward's
+  (trimmed) visits: when those cover fewer keys than the keys-outer walk's
+  query visits of whole key blocks."""
+  return bool(visits["fwd"].sizes.sum() < visits["q"].visited * block_k)
 
 
 class _Static:
@@ -154,10 +161,10 @@ class _Static:
     # {"kv": forward visits per query block, "q": backward visits per key
     # block} (masks.Visits), or None: every block visited.
     self.mask_mod, self.visits = mask_mod, visits
-    # {key block length: (score_mod, mask_mod)} hoisted for the forward's
+    # {key block length: (score_mod, mask_mod, score_mod_t)} hoisted for the
     # trimmed visits shorter than block_k (visits["fwd"].groups).
     self.sized_mods = dict(sized_mods or {})
-    self.sized_mods[block_k] = (score_mod, mask_mod)
+    self.sized_mods[block_k] = (score_mod, mask_mod, score_mod_t)
     self.bq, self.bk = block_q, block_k
     self.q_padded = _round_up(q_len, block_q)
     self.kv_padded = _round_up(kv_len, block_k)
@@ -175,11 +182,12 @@ class _Static:
     # every sequence's length are never visited (key_bounds).
     self.length_bounds = length_bounds
     # The backward walks key blocks outer (each visiting its query blocks)
-    # unless the forward's query-outer walk visits fewer blocks: a sliding
-    # window narrower than a key block needs more query rows per key block
-    # than keys per query block (causal window of 256 keys at 4,096 tokens,
-    # 256 x 512 blocks: 24 visits keys outer, 16 queries outer).
-    self.queries_outer = visits is not None and (visits["kv"].visited < visits["q"].visited)
+    # unless the forward's query-outer walk, over its trimmed visits, covers
+    # fewer keys: a sliding window narrower than a key block needs more query
+    # rows per key block than keys per query block (causal window of 256 keys
+    # at 4,096 tokens, 256 x 512 blocks: 24 visits keys outer, 16 queries
+    # outer); documents and causal attention trim their visits.
+    self.queries_outer = visits is not None and _queries_outer(visits, block_k)
 
   def key_bounds(self, kv_lengths):
     """``(unmasked, live)``: the key blocks below every sequence's length
@@ -258,7 +266,8 @@ class _Static:
   def apply_score_mod(self, s, q_start, k_start, consts, keys_major=False, bk=None):
     """``score_mod`` on a float32 ``[b, n, bq, bk]`` score block (keys-major:
     ``[b, n, bk, bq]``, through ``score_mod_t``)."""
-    fn = self.score_mod_t if keys_major else self.sized_mods[bk or self.bk][0]
+    score_mod, _, score_mod_t = self.sized_mods[bk or self.bk]
+    fn = score_mod_t if keys_major else score_mod
     mod = lambda score, *index: fn(score, *index, *consts)
     index = self.mod_index(q_start, k_start, bk)
     if keys_major:
@@ -465,12 +474,12 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
             "dv": ("bnqk,bnqd->bnkd", "bhgqk,bhgqd->bhkd"),
             "dq": ("bnqk,bnkd->bnqd", "bhgqk,bhkd->bhgqd")}
 
-  def modded(raw, params, q_start, k_start):
+  def modded(raw, params, q_start, k_start, bk):
     """The score_mod on a block in the layout, as a function of the parameters."""
     consts = list(score_consts)
     for i, p in zip(param_at, params):
       consts[i] = p.astype(jnp.result_type(score_consts[i]))
-    return st.apply_score_mod(raw, q_start, k_start, consts, keys_major=keys_major)
+    return st.apply_score_mod(raw, q_start, k_start, consts, keys_major=keys_major, bk=bk)
 
   def reduce_to(x, shape):
     """Sums a ``[b, n, bq, bk]`` block over the dims a compact array broadcasts."""
@@ -480,30 +489,32 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
   def block_grads(q_start, k_start, qb, kb, vb, dob, lse_b, delta_b, d_params, masked,
                   q_low=None, k_low=None):
     """One block's terms: ``(d_qb [b, n, bq, d], d_kb [b, h, bk, d], d_vb,
-    the bias's gradient block or None, d_params)``, float32."""
+    the bias's gradient block or None, d_params)``, float32; ``bk``, the
+    block's keys, is ``kb``'s (a trimmed visit's or ``st.bk``)."""
+    bk = kb.shape[2]
     s_t = _per_head(*spec["s"], qb, kb, st.groups)              # in the block layout
-    bias_blk = _block(bias, q_start, st.bq, k_start, st.bk)
+    bias_blk = _block(bias, q_start, st.bq, k_start, bk)
     if bias_blk is not None:
       s_t = s_t + lay(bias_blk).astype(f32)
     if st.score_mod is not None:
       # The mod is recomputed, and its vjp carries ds back to the raw
       # score (for dq, dk, d bias) and to its parameters.
       params = tuple(score_consts[i].astype(acc_dtype(score_consts[i])) for i in param_at)
-      s_t, mod_vjp = jax.vjp(functools.partial(modded, q_start=q_start, k_start=k_start),
-                             s_t, params)
+      s_t, mod_vjp = jax.vjp(functools.partial(modded, q_start=q_start, k_start=k_start,
+                                               bk=bk), s_t, params)
     # Rows with no visible key (lse = -inf, from masks or a -inf bias) get
     # probabilities exp(s - 0) with s = -inf or masked below: zero, not NaN.
     lse_safe = jnp.where(lse_b == _NEG_INF, 0.0, lse_b)
     if masked:
-      ok = st.valid(q_start, k_start, _block(mask, q_start, st.bq, k_start, st.bk),
-                    q_lengths, kv_lengths, mask_consts, q_low=q_low, k_low=k_low)
+      ok = st.valid(q_start, k_start, _block(mask, q_start, st.bq, k_start, bk),
+                    q_lengths, kv_lengths, mask_consts, q_low=q_low, k_low=k_low, bk=bk)
       p_t = jnp.where(lay(ok), jnp.exp(s_t - row(lse_safe)), 0.0)
     else:
       p_t = jnp.exp(s_t - row(lse_safe))
     dp_t = _per_head(*spec["s"], dob, vb, st.groups)
     pd_t = p_t
     if st.keep_prob is not None:
-      keep_t = lay(st.keep(q_start, k_start, seeds))
+      keep_t = lay(st.keep(q_start, k_start, seeds, bk=bk))
       pd_t, dp_t = st.drop(p_t, keep_t), st.drop(dp_t, keep_t)
     d_vb = _summed_over_group(*spec["dv"], pd_t.astype(dob.dtype), dob, st.groups)
     ds_t = p_t * (dp_t - row(delta_b))
@@ -533,8 +544,8 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
   key_bounds = st.key_bounds(kv_lengths) if st.length_bounds else None
   query_rows = lambda q_start: tuple(lax.dynamic_slice_in_dim(x, q_start, st.bq, axis=2)
                                      for x in (q, d_out, lse, delta))
-  key_rows = lambda k_start: tuple(lax.dynamic_slice_in_dim(x, k_start, st.bk, axis=2)
-                                   for x in (k, v))
+  key_rows = lambda k_start, bk=st.bk: tuple(lax.dynamic_slice_in_dim(x, k_start, bk, axis=2)
+                                             for x in (k, v))
 
   def key_block(kj, carry):
     """Keys outer: the query blocks that see key block ``kj``; dK and dV
@@ -565,17 +576,17 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
     return d_q, d_k, d_v, d_bias, d_params
 
   def query_block(qi, carry):
-    """Queries outer: the forward's key visits of query block ``qi``; dQ
-    carried, dK and dV added in place."""
+    """Queries outer: the forward's key visits of query block ``qi`` (trimmed
+    as the forward's); dQ carried, dK and dV added in place."""
     d_q, d_k, d_v, d_bias, d_params = carry
     q_start = qi * st.bq
     qb, dob, lse_b, delta_b = query_rows(q_start)
-    loops, key_start_of, key_low_of = st.key_loops(qi)
+    loops, key_start_of, key_low_of = st.forward_loops(qi)
 
-    def visit(t, inner, masked):
+    def visit(t, inner, masked, size):
       d_qb, d_k, d_v, d_bias, d_params = inner
       k_start = key_start_of(t)
-      kb, vb = key_rows(k_start)
+      kb, vb = key_rows(k_start, size)
       dq, d_kb, d_vb, grad, d_params = block_grads(
           q_start, k_start, qb, kb, vb, dob, lse_b, delta_b, d_params, masked,
           k_low=None if key_low_of is None else key_low_of(t))
@@ -765,17 +776,20 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
   for size in () if visits is None else visits["fwd"].groups:
     if size == block_k:
       continue
-    # The forward's trimmed visits run the mods on shorter key blocks: each
-    # hoisted again at that length, with the same consts, or no trimming.
+    # Trimmed visits run the mods on shorter key blocks: each hoisted again
+    # at that length, with the same consts, or no trimming.
     spec = index_spec[:3] + (jax.ShapeDtypeStruct((1, 1, 1, size), jnp.int32),)
     score_at = score_fn and mods.rehoist(
         score_mod, score_consts,
         jax.ShapeDtypeStruct((flat, shape.heads, block_q, size), jnp.float32), *spec)
+    score_t_at = score_fn_t and mods.hoist_keys_major(
+        score_mod, score_consts,
+        jax.ShapeDtypeStruct((flat, shape.heads, block_q, size), jnp.float32), *spec)
     mask_at = mask_fn and mods.rehoist(mask_mod, mask_consts, *spec)
-    if (score_fn and not score_at) or (mask_fn and not mask_at):
+    if (score_fn and not score_at) or (mask_fn and not mask_at) or (score_fn_t and not score_t_at):
       visits, sized_mods = dict(visits, fwd=visits["kv"]), {}
       break
-    sized_mods[size] = (score_at, mask_at)
+    sized_mods[size] = (score_at, mask_at, score_t_at)
   st = _Static(shape.q_length, shape.kv_length, block_q, block_k,
                shape.head_dim ** -0.5 if scale is None else scale, is_causal, window,
                has_mask=mask is not None,
