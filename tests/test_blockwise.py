@@ -292,6 +292,25 @@ def test_place_visits_counts_every_visible_pair_once(pattern, q_len, kv_len, blo
     assert fwd.shifted and bwd.visited == fwd.visited
 
 
+def test_trimming_keeps_whole_blocks_where_loops_are_static_or_little_is_saved():
+  """Trimmed visits only where they pay (``blockwise.TRIM_SAVES``): not when
+  whole blocks give every query block the same trip counts (XLA folds those
+  into static loops; causal over one key block), nor when trimming saves
+  under 5% of the keys (a window with one trimmed visit), but for causal
+  attention over several key blocks."""
+  def visits(q_len, kv_len, bq, bk, **band):
+    table = masks.band_block_mask(q_len, kv_len, 128, 128, **band)
+    return blockwise._visits(table.state, bq, bk, 128, 128, q_len, kv_len)
+
+  one_key_block = visits(512, 512, 256, 512, is_causal=True)
+  assert one_key_block["fwd"] is one_key_block["kv"]
+  window = visits(4096, 4096, 256, 512, is_causal=True, window=(256, 0))
+  assert window["fwd"] is window["kv"]
+  causal = visits(1024, 1024, 256, 512, is_causal=True)
+  assert causal["fwd"] is not causal["kv"] and causal["fwd"].groups == (512, 256)
+  assert causal["fwd"].sizes.sum() == 2560 < 512 * causal["kv"].visited
+
+
 def _attention64(q, k, v, visible, cot, bias=None):
   """Float64 NumPy attention under ``visible`` (broadcast to ``[b, h, Tq,
   Tk]``; ``[b, t, h, d]`` inputs, default scale, plus a ``bias [b, h, Tq,

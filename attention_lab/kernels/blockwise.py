@@ -103,11 +103,13 @@ def _grain(block: int) -> int:
 
 
 # The forward trims its visits (masks.place_visits(trim=True)) only when that
-# saves at least this fraction of the keys visited. Loops whose trip counts
-# are the same for every query block (a table of equal entries) become
-# static for XLA, which removes one-trip loops; a few trimmed visits break
-# that: a causal window of 256 at 4,096 tokens, one visit in 16 trimmed
-# (3% of the keys), ran its forward 1.14x slower trimmed. Where it pays:
+# saves at least this fraction of the keys visited, and never when whole
+# blocks give every query block the same trip counts: XLA folds a table of
+# equal entries into static loop bounds and removes one-trip loops, which
+# trimmed visits of several lengths break. A causal window of 256 at 4,096
+# tokens, one visit in 16 trimmed (3% of the keys), ran its forward 1.14x
+# slower trimmed; causal at 512 tokens (two query blocks, one key block)
+# forward+backward 2.4x slower (19.7 vs 8.3 ms). Where it pays:
 # benchmarks/flex.py's 8 documents at 1,024 tokens visit a third fewer keys,
 # forward 0.77-0.79x the time of whole blocks; at 8,192 tokens 11% fewer, 0.94-0.95x.
 TRIM_SAVES = 0.05
@@ -123,7 +125,8 @@ def _visits(state, block_q, block_k, grain_q, grain_k, q_len, kv_len, trim=True)
                                q_padded // block_q, block_k, grain_k, kv_padded)
   kv = place_kv()
   fwd = place_kv(trim=True) if trim else kv
-  if fwd.sizes.sum() > (1 - TRIM_SAVES) * kv.visited * block_k:
+  same_trips = (kv.count == kv.count[0]).all() and (kv.full == kv.full[0]).all()
+  if same_trips or fwd.sizes.sum() > (1 - TRIM_SAVES) * kv.visited * block_k:
     fwd = kv
   return {"fwd": fwd, "kv": kv,
           "q": masks.place_visits(np.asarray(state).T, block_k // grain_k,
