@@ -347,11 +347,10 @@ def test_placed_blocks_match_float64(monkeypatch, form):
   keys, then of queries (a visit shifted back over the one before, its
   overlap masked, in the forward, then in the backward walking keys outer)
   and traced document ids under causal (the band on a grain, every visit
-  masked). Visits are trimmed where that pays, except for the two key
-  spans: a trimmed visit is never shifted, so they run on whole blocks."""
+  masked). Visits are trimmed, except for the two key spans: a trimmed
+  visit is never shifted, so they run on whole blocks."""
   monkeypatch.setattr(blockwise, "GRAIN", 8)
-  if form == "two_spans":
-    monkeypatch.setattr(blockwise, "TRIM_SAVES", 2.0)         # whole blocks
+  monkeypatch.setattr(blockwise, "_trim_pays", lambda *_: form != "two_spans")
   q_len = kv_len = 128
   q, k, v = _inputs(5, q_len, kv_len, batch=1)
   cot = np.random.default_rng(6).normal(size=q.shape)
@@ -411,6 +410,7 @@ def test_queries_outer_backward_with_bias_score_mod_and_grouped_heads(monkeypatc
   heads), against float64 NumPy with the ALiBi term, the bias and the head
   groups written out."""
   monkeypatch.setattr(blockwise, "GRAIN", 8)
+  monkeypatch.setattr(blockwise, "_trim_pays", lambda *_: True)
   q_len = kv_len = 128
   rng = np.random.default_rng(11)
   q = jnp.asarray(rng.normal(size=(2, q_len, 2, 8)), jnp.float32)
@@ -465,6 +465,7 @@ def test_trimmed_visits_with_lengths_bias_score_mod_and_grouped_heads(monkeypatc
   its block's shape cannot run on shorter blocks: the kernel keeps whole
   blocks and gives the same answer."""
   monkeypatch.setattr(blockwise, "GRAIN", 8)
+  monkeypatch.setattr(blockwise, "_trim_pays", lambda *_: True)
   length, heads = 128, 2
   rng = np.random.default_rng(12)
   q = jnp.asarray(rng.normal(size=(2, length, heads, 8)), jnp.float32)

@@ -115,6 +115,14 @@ def _grain(block: int) -> int:
 TRIM_SAVES = 0.05
 
 
+def _trim_pays(whole, trimmed, block_k) -> bool:
+  """Whether to walk ``trimmed`` visits rather than ``whole`` blocks
+  (``TRIM_SAVES``)."""
+  same_trips = (whole.count == whole.count[0]).all() and (whole.full == whole.full[0]).all()
+  return bool(not same_trips
+              and trimmed.sizes.sum() <= (1 - TRIM_SAVES) * whole.visited * block_k)
+
+
 def _visits(state, block_q, block_k, grain_q, grain_k, q_len, kv_len, trim=True):
   """``{"fwd": the forward's visits (and the backward's queries-outer
   walk's), trimmed where that pays, "kv": the same whole blocks long, "q":
@@ -124,10 +132,10 @@ def _visits(state, block_q, block_k, grain_q, grain_k, q_len, kv_len, trim=True)
   place_kv = functools.partial(masks.place_visits, state, block_q // grain_q,
                                q_padded // block_q, block_k, grain_k, kv_padded)
   kv = place_kv()
-  fwd = place_kv(trim=True) if trim else kv
-  same_trips = (kv.count == kv.count[0]).all() and (kv.full == kv.full[0]).all()
-  if same_trips or fwd.sizes.sum() > (1 - TRIM_SAVES) * kv.visited * block_k:
-    fwd = kv
+  fwd = kv
+  if trim:
+    trimmed = place_kv(trim=True)
+    fwd = trimmed if _trim_pays(kv, trimmed, block_k) else kv
   return {"fwd": fwd, "kv": kv,
           "q": masks.place_visits(np.asarray(state).T, block_k // grain_k,
                                   kv_padded // block_k, block_q, grain_q, q_padded)}
