@@ -292,12 +292,12 @@ def test_place_visits_counts_every_visible_pair_once(pattern, q_len, kv_len, blo
     assert fwd.shifted and bwd.visited == fwd.visited
 
 
-def test_trimming_keeps_whole_blocks_where_loops_are_static_or_little_is_saved():
-  """Trimmed visits only where they pay (``blockwise.TRIM_SAVES``): not when
-  whole blocks give every query block the same trip counts (XLA folds those
-  into static loops; causal over one key block), nor when trimming saves
-  under 5% of the keys (a window with one trimmed visit), but for causal
-  attention over several key blocks."""
+def test_trimming_keeps_whole_blocks_where_loops_are_static_or_lengths_many():
+  """Trimmed visits wherever they save keys (``blockwise._trim_pays``),
+  except when whole blocks give every query block the same trip counts (XLA
+  folds those into static loops: causal over one key block, a sliding
+  window) or trimming would need more than ``TRIM_LENGTHS`` visit lengths
+  (many short documents, a grain of 8 in blocks of 128 keys)."""
   def visits(q_len, kv_len, bq, bk, **band):
     table = masks.band_block_mask(q_len, kv_len, 128, 128, **band)
     return blockwise._visits(table.state, bq, bk, 128, 128, q_len, kv_len)
@@ -309,6 +309,16 @@ def test_trimming_keeps_whole_blocks_where_loops_are_static_or_little_is_saved()
   causal = visits(1024, 1024, 256, 512, is_causal=True)
   assert causal["fwd"] is not causal["kv"] and causal["fwd"].groups == (512, 256)
   assert causal["fwd"].sizes.sum() == 2560 < 512 * causal["kv"].visited
+  long_causal = visits(8192, 8192, 256, 512, is_causal=True)     # 3% of the keys saved
+  assert long_causal["fwd"] is not long_causal["kv"]
+
+  cuts = np.sort(np.random.default_rng(3).choice(np.arange(1, 1024), 11, replace=False))
+  ids = np.searchsorted(cuts, np.arange(1024), side="right")      # 12 documents
+  table = masks.block_mask(mods.document(ids[None]), 1, 1, 1024, 1024, 8, 8)
+  many = blockwise._visits(table.state, 32, 128, 8, 8, 1024, 1024)
+  trimmed = masks.place_visits(table.state, 4, 32, 128, 8, 1024, trim=True)
+  assert len(trimmed.groups) > blockwise.TRIM_LENGTHS
+  assert trimmed.sizes.sum() < many["kv"].sizes.sum() and many["fwd"] is many["kv"]
 
 
 def _attention64(q, k, v, visible, cot, bias=None):
@@ -454,18 +464,27 @@ def test_queries_outer_backward_with_bias_score_mod_and_grouped_heads(monkeypatc
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("fallback", [False, True], ids=["trimmed", "mod_tied_to_block_shape"])
-def test_trimmed_visits_with_lengths_bias_score_mod_and_grouped_heads(monkeypatch, fallback):
+@pytest.mark.parametrize("tied", [None, "mask_mod", "score_mod"])
+def test_trimmed_visits_with_lengths_bias_score_mod_and_grouped_heads(monkeypatch, tied):
   """Trimmed visits (keys of several lengths, every one masked: key lengths
   and a dense bias leave no block unmasked) in the forward and the
   backward's queries-outer walk, under causal documents, with a dense bias,
   learned ALiBi slopes (run keys-major in the backward) and two query heads
   per K/V head, against float64 NumPy with every term written out, forward
-  and gradients (bias and slopes too). A mask_mod that builds an array from
-  its block's shape cannot run on shorter blocks: the kernel keeps whole
-  blocks and gives the same answer."""
+  and gradients (bias and slopes too). A mask_mod or score_mod that reads
+  an array as long as its key block (``tied``) is not hoisted again for
+  shorter blocks (its constant differs there): the kernel keeps whole blocks
+  and gives the same answer."""
   monkeypatch.setattr(blockwise, "GRAIN", 8)
   monkeypatch.setattr(blockwise, "_trim_pays", lambda *_: True)
+  calls = []
+
+  class Recorded(blockwise._Static):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      calls.append(self)
+
+  monkeypatch.setattr(blockwise, "_Static", Recorded)
   length, heads = 128, 2
   rng = np.random.default_rng(12)
   q = jnp.asarray(rng.normal(size=(2, length, heads, 8)), jnp.float32)
@@ -480,26 +499,27 @@ def test_trimmed_visits_with_lengths_bias_score_mod_and_grouped_heads(monkeypatc
       ki[None, None] < np.asarray(kv_lengths)[:, None, None, None])
   document = mods.document(ids[None])
   mask_mod = document
-  if fallback:
-    # Reads a constant as long as its key block: tied to the block's shape.
+  if tied == "mask_mod":
     mask_mod = lambda b, h, qq, kk: document(b, h, qq, kk) & jnp.asarray(
         np.ones(kk.shape[-1], bool))
-  table = masks.block_mask(document, 2, heads, length, length, 8, 8, is_causal=True)
-  visits = blockwise._visits(table.state, 32, 64, 8, 8, length, length)
-  assert len(visits["fwd"].groups) > 1 and blockwise._queries_outer(visits, 64)
-  spec = jax.ShapeDtypeStruct((1, 1, 1, 64), jnp.int32), jax.ShapeDtypeStruct(
-      (1, 1, 1, 40), jnp.int32)
-  index = [jax.ShapeDtypeStruct(x, jnp.int32) for x in ((2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 32, 1))]
-  hoisted, consts = mods.hoist(mask_mod, *index, spec[0])
-  assert (mods.rehoist(mask_mod, consts, *index, spec[1]) is None) == fallback
+  score_mod = lambda slopes: mods.alibi(slopes)
+  if tied == "score_mod":
+    score_mod = lambda slopes: (lambda s, b, h, qq, kk: mods.alibi(slopes)(s, b, h, qq, kk)
+                                + jnp.asarray(np.zeros(kk.shape[-1], np.float32)))
 
   def loss(q, k, v, bias, slopes):
     out = blockwise_attention(q, k, v, bias=bias, is_causal=True, mask_mod=mask_mod,
-                              kv_lengths=kv_lengths, score_mod=mods.alibi(slopes),
+                              kv_lengths=kv_lengths, score_mod=score_mod(slopes),
                               block_q=32, block_k=64)
     return jnp.sum(out * cot), out
 
   grads, out = jax.grad(loss, (0, 1, 2, 3, 4), has_aux=True)(q, k, v, bias, slopes)
+  # What the kernel itself walked: trimmed visits of several lengths, queries
+  # outer in the backward; or whole blocks for a mod tied to the block shape.
+  (st,) = calls
+  assert st.queries_outer
+  assert (st.visits["fwd"] is not st.visits["kv"]) == (tied is None)
+  assert len(st.visits["fwd"].groups) > 1 or tied is not None
 
   distance = (ki - qi).astype(np.float64)
   extra = (np.asarray(bias, np.float64)

@@ -14,7 +14,7 @@ full attention. The mask is known on a grain finer than the blocks
 (``GRAIN``) and each visited block starts where the needed keys start
 (``masks.place_visits``), not at a multiple of its size: a sliding window or
 a short document costs fewer blocks. The forward also ends each visit after
-the last grain of keys it needs (``TRIM_SAVES``), one loop per visit length.
+the last grain of keys it needs (``_trim_pays``), one loop per visit length.
 The backward walks key blocks outer (dQ added in place), or query blocks
 outer over the forward's trimmed visits (dK and dV added in place) when
 those cover fewer keys: a window narrower than a key block, documents.
@@ -87,11 +87,18 @@ def _block(x, q_start, bq, k_start, bk):
 
 
 # Key blocks (query blocks in the backward) start at any multiple of this
-# many positions, not only at multiples of the block (masks.place_visits):
-# a band or a document visits fewer blocks. At 4,096 tokens, 256 x 512
-# blocks: a causal window of 128-256 keys visits 16 key blocks instead of
-# 23, the benchmark's 8 documents 36 instead of 44.
-GRAIN = 128
+# many positions, not only at multiples of the block (masks.place_visits),
+# and trimmed visits end at one: a band or a document visits fewer blocks
+# and fewer keys. At 4,096 tokens, 256 x 512 blocks: a causal window of
+# 128-256 keys visits 16 key blocks instead of 23, the benchmark's 8
+# documents 36 instead of 44, trimmed to 24% of the score area. 64 rather
+# than 128: the documents' trimmed visits cover 45% / 24% / 20% of the area
+# at 1,024 / 4,096 / 8,192 tokens instead of 50% / 26% / 21%; side by side,
+# two runs, forward 0.92-0.97x / 0.96-0.99x / 0.96-0.97x the time; causal
+# and the window unchanged (0.95-1.03x); compiling the 8,192-token
+# documents' forward+backward 4.0 s instead of 2.9. A grain of 32 gained
+# no more (forward 0.90 / 1.03 / 0.97x the time of 128's).
+GRAIN = 64
 
 
 def _grain(block: int) -> int:
@@ -102,40 +109,41 @@ def _grain(block: int) -> int:
   return grain if 4 * grain >= GRAIN or grain == block else block
 
 
-# The forward trims its visits (masks.place_visits(trim=True)) only when that
-# saves at least this fraction of the keys visited, and never when whole
-# blocks give every query block the same trip counts: XLA folds a table of
-# equal entries into static loop bounds and removes one-trip loops, which
-# trimmed visits of several lengths break. A causal window of 256 at 4,096
-# tokens, one visit in 16 trimmed (3% of the keys), ran its forward 1.14x
-# slower trimmed; causal at 512 tokens (two query blocks, one key block)
-# forward+backward 2.4x slower (19.7 vs 8.3 ms). Where it pays:
-# benchmarks/flex.py's 8 documents at 1,024 tokens visit a third fewer keys,
-# forward 0.77-0.79x the time of whole blocks; at 8,192 tokens 11% fewer, 0.94-0.95x.
-TRIM_SAVES = 0.05
+# At most this many visit lengths: each costs a loop (two, full and masked)
+# in the forward and in the backward's queries-outer walk, and the mods are
+# hoisted again per length. 512-key blocks on a grain of 64 have at most 8.
+TRIM_LENGTHS = 8
 
 
-def _trim_pays(whole, trimmed, block_k) -> bool:
-  """Whether to walk ``trimmed`` visits rather than ``whole`` blocks
-  (``TRIM_SAVES``)."""
+def _trim_pays(whole, trimmed) -> bool:
+  """Whether the forward (and the backward's queries-outer walk) visits
+  ``trimmed`` visits rather than ``whole`` blocks (``masks.Visits``).
+
+  Where they save keys, unless whole blocks give every query block the same
+  trip counts: XLA folds a table of equal entries into static loop bounds
+  and removes one-trip loops, which visits of several lengths break (causal
+  at 512 tokens, two query blocks over one key block: forward+backward
+  19.7 ms trimmed against 8.3 whole), or they have more than
+  ``TRIM_LENGTHS`` lengths. Where it pays: benchmarks/flex.py's 8 documents
+  at 1,024 tokens visit a third fewer keys, forward 0.77-0.79x the time of
+  whole blocks; at 8,192 tokens 11% fewer, 0.94-0.95x; causal at 8,192
+  tokens, 3% fewer, forward 0.99x and forward+backward 0.97x.
+  """
   same_trips = (whole.count == whole.count[0]).all() and (whole.full == whole.full[0]).all()
-  return bool(not same_trips
-              and trimmed.sizes.sum() <= (1 - TRIM_SAVES) * whole.visited * block_k)
+  return bool(not same_trips and len(trimmed.groups) <= TRIM_LENGTHS
+              and trimmed.sizes.sum() < whole.sizes.sum())
 
 
-def _visits(state, block_q, block_k, grain_q, grain_k, q_len, kv_len, trim=True):
+def _visits(state, block_q, block_k, grain_q, grain_k, q_len, kv_len):
   """``{"fwd": the forward's visits (and the backward's queries-outer
-  walk's), trimmed where that pays, "kv": the same whole blocks long, "q":
-  the backward's keys-outer visits}`` of a block mask on the ``grain_q x
-  grain_k`` grid (``masks.place_visits``)."""
+  walk's), trimmed where that pays (``_trim_pays``), "kv": the same whole
+  blocks long, "q": the backward's keys-outer visits}`` of a block mask on
+  the ``grain_q x grain_k`` grid (``masks.place_visits``)."""
   q_padded, kv_padded = _round_up(q_len, block_q), _round_up(kv_len, block_k)
   place_kv = functools.partial(masks.place_visits, state, block_q // grain_q,
                                q_padded // block_q, block_k, grain_k, kv_padded)
-  kv = place_kv()
-  fwd = kv
-  if trim:
-    trimmed = place_kv(trim=True)
-    fwd = trimmed if _trim_pays(kv, trimmed, block_k) else kv
+  kv, trimmed = place_kv(), place_kv(trim=True)
+  fwd = trimmed if _trim_pays(kv, trimmed) else kv
   return {"fwd": fwd, "kv": kv,
           "q": masks.place_visits(np.asarray(state).T, block_k // grain_k,
                                   kv_padded // block_k, block_q, grain_q, q_padded)}
@@ -169,8 +177,9 @@ class _Static:
     self.score_mod, self.score_params = score_mod, tuple(score_params)
     # The same mod hoisted for keys-major blocks (mods.hoist_keys_major), or None.
     self.score_mod_t = score_mod_t
-    # {"kv": forward visits per query block, "q": backward visits per key
-    # block} (masks.Visits), or None: every block visited.
+    # _visits: {"fwd": the forward's visits per query block (trimmed or
+    # whole blocks), "kv": whole blocks, "q": the keys-outer backward's
+    # visits per key block} (masks.Visits), or None: every block visited.
     self.mask_mod, self.visits = mask_mod, visits
     # {key block length: (score_mod, mask_mod, score_mod_t)} hoisted for the
     # trimmed visits shorter than block_k (visits["fwd"].groups).
@@ -226,6 +235,8 @@ class _Static:
     if self.visits is None or self.visits["fwd"] is self.visits["kv"]:
       loops, start_of, low_of = self.key_loops(qi, bounds)
       return [loop + (self.bk,) for loop in loops], start_of, low_of
+    # Key-length bounds come only without a block mask (length_bounds).
+    assert bounds is None
     visits = self.visits["fwd"]
     starts = jnp.asarray(visits.starts)[qi]
     ranges = jnp.asarray(visits.ranges)[qi]

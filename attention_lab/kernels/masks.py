@@ -197,7 +197,8 @@ class Visits:
 
   Attributes:
     starts: int32 ``[n_outer, width]``: per outer block, the first position
-      of each inner block to visit, full ones first (the rest is padding).
+      of each inner block to visit, longest first and full ones first
+      within a length (``ranges``; the rest is padding).
     lows: int32 ``[n_outer, width]``: the first position each visit counts;
       above ``starts`` only for a block shifted back over the one before it
       to stay inside the padded length (the overlap is masked, never
@@ -262,12 +263,13 @@ def place_visits(state, rows: int, n_outer: int, block: int, grain: int,
   """
   state = np.asarray(state)
   n_inner = padded // grain
-  per = block // grain
   starts, lows, fulls, sizes, flags = [], [], [], [], []
   for o in range(n_outer):
     part = state[o * rows:(o + 1) * rows]
-    need = np.zeros(n_inner + per, bool)
-    full = np.zeros(n_inner + per, bool)
+    # Every visit ends inside the padded length: whole blocks start at most
+    # a block before it, trimmed ones end at their last needed grain.
+    need = np.zeros(n_inner, bool)
+    full = np.zeros(n_inner, bool)
     if len(part):
       need[:state.shape[1]] = (part != EMPTY).any(0)
       full[:state.shape[1]] = (part == FULL).all(0)
