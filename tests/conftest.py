@@ -23,6 +23,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# pytest-xdist workers inherit the directory: each takes its own part of it.
+# JAX writes a cache entry in place, so a worker reading the entry another is
+# writing found it truncated ("Error reading persistent compilation cache
+# entry ... incomplete or truncated stream", a warning, then a recompile).
+if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("ATTENTION_LAB_CACHE_SPLIT"):
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"])
+  os.environ["ATTENTION_LAB_CACHE_SPLIT"] = "1"
+  os.makedirs(os.environ["JAX_COMPILATION_CACHE_DIR"], exist_ok=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
