@@ -120,8 +120,8 @@ def _trim_pays(whole, trimmed) -> bool:
   ``trimmed`` visits rather than ``whole`` blocks (``masks.Visits``).
 
   Where they save keys, unless whole blocks give every query block the same
-  trip counts: XLA folds a table of equal entries into static loop bounds
-  and removes one-trip loops, which visits of several lengths break (causal
+  trip counts: those are static loop bounds (``_Static._loops``), and XLA
+  removes one-trip loops, which visits of several lengths break (causal
   at 512 tokens, two query blocks over one key block: forward+backward
   19.7 ms trimmed against 8.3 whole), or they have more than
   ``TRIM_LENGTHS`` lengths. Where it pays: benchmarks/flex.py's 8 documents
@@ -218,43 +218,24 @@ class _Static:
             jnp.minimum((jnp.max(lengths) + self.bk - 1) // self.bk, self.nk))
 
   def key_loops(self, qi, bounds=None):
-    """``([(start, end, masked)], start_of, low_of)``: the loop counter's
-    ranges for query block ``qi`` (whether each masks), the map from counter
-    to a key block's first position, and to the first key it counts (None
-    when always its start). With a block mask (causal, window, mask_mod) the
-    full key blocks come first, unmasked, then the partial ones, placed on a
-    finer grain than the block (``masks.place_visits``); empty ones are
-    never visited."""
-    return self._loops(qi, "kv", self.nk, self.bk, bounds)
-
-  def forward_loops(self, qi, bounds=None):
-    """``([(start, end, masked, length)], start_of, low_of)``: as
-    ``key_loops`` for the forward, whose visits may be trimmed
-    (``masks.place_visits(trim=True)``): a range per visit length, longest
-    first."""
-    if self.visits is None or self.visits["fwd"] is self.visits["kv"]:
-      loops, start_of, low_of = self.key_loops(qi, bounds)
-      return [loop + (self.bk,) for loop in loops], start_of, low_of
-    # Key-length bounds come only without a block mask (length_bounds).
-    assert bounds is None
-    visits = self.visits["fwd"]
-    starts = jnp.asarray(visits.starts)[qi]
-    ranges = jnp.asarray(visits.ranges)[qi]
-    loops = []
-    for g, size in enumerate(visits.groups):
-      begin, mid, end = ranges[g, 0], ranges[g, 1], ranges[g, 2]
-      if self.full_unmasked:
-        loops += [(begin, mid, False, size), (mid, end, True, size)]
-      else:
-        loops.append((begin, end, True, size))
-    return loops, lambda t: starts[t], None
+    """``([(start, end, masked, length)], start_of, low_of)``: the loop
+    counter's ranges for query block ``qi`` (whether each masks, and the key
+    length of its visits), the map from counter to a key block's first
+    position, and to the first key it counts (None when always its start).
+    With a block mask (causal, window, mask_mod) they walk the forward's
+    visits (``visits["fwd"]``, trimmed where ``_trim_pays``): per visit
+    length, longest first, the full ones unmasked, then the partial ones,
+    placed on a finer grain than the block (``masks.place_visits``); empty
+    ones are never visited. The backward's queries-outer walk walks the same."""
+    return self._loops(qi, "fwd", self.nk, self.bk, bounds)
 
   def query_loops(self, kj, bounds=None):
-    """As ``key_loops`` for the backward: query blocks that see key block ``kj``."""
+    """As ``key_loops`` for the backward: query blocks that see key block
+    ``kj`` (whole blocks: ``length`` is ``bq``)."""
     return self._loops(kj, "q", self.nq, self.bq, bounds)
 
   def _loops(self, i, side, n, size, bounds=None):
-    """``key_loops`` (side ``"kv"``) or ``query_loops`` (``"q"``) of block
+    """``key_loops`` (side ``"fwd"``) or ``query_loops`` (``"q"``) of block
     ``i``; ``bounds``: ``(unmasked, end)`` counts from ``key_bounds``."""
     if self.visits is None:
       # Not over a single block: XLA removes a one-trip loop with static
@@ -262,20 +243,33 @@ class _Static:
       # keys 1.18x slower (a cond on the block, 1.11x).
       if bounds is not None and n > 1:
         unmasked, end = bounds
-        return [(0, unmasked, False), (unmasked, end, True)], lambda t: t * size, None
-      return [(0, n, self.needs_mask)], lambda t: t * size, None
+        return ([(0, unmasked, False, size), (unmasked, end, True, size)],
+                lambda t: t * size, None)
+      return [(0, n, self.needs_mask, size)], lambda t: t * size, None
+    # Key-length bounds come only without a block mask (length_bounds).
+    assert bounds is None
     visits = self.visits[side]
     starts = jnp.asarray(visits.starts)[i]
-    count = jnp.asarray(visits.count)[i]
     start_of = lambda t: starts[t]
     low_of = None
     if visits.shifted:
       lows = jnp.asarray(visits.lows)[i]
       low_of = lambda t: lows[t]
-    if self.full_unmasked:
-      mid = jnp.asarray(visits.full)[i]
-      return [(0, mid, False), (mid, count, True)], start_of, low_of
-    return [(0, count, True)], start_of, low_of
+
+    def bound(g, c):
+      """A loop bound from ``visits.ranges``; static when the same for every
+      outer block (a one-trip loop is then removed)."""
+      values = visits.ranges[:, g, c]
+      return int(values[0]) if (values == values[0]).all() else jnp.asarray(values)[i]
+
+    loops = []
+    for g, length in enumerate(visits.groups):
+      begin, mid, end = bound(g, 0), bound(g, 1), bound(g, 2)
+      if self.full_unmasked:
+        loops += [(begin, mid, False, length), (mid, end, True, length)]
+      else:
+        loops.append((begin, end, True, length))
+    return loops, start_of, low_of
 
   def mod_index(self, q_start, k_start, bk=None):
     """A block's index arrays for the mods (``masks.mod_index_grid``); padded
@@ -386,11 +380,10 @@ def _scores(st, qb, kb, bias_blk):
 
 
 def _walk(loops, body, carry):
-  """Runs ``body(t, carry, masked[, size])`` over each ``(start, end, masked[,
-  size])`` range of ``loops``."""
-  for start, end, masked, *size in loops:
-    kw = {"size": size[0]} if size else {}
-    carry = lax.fori_loop(start, end, functools.partial(body, masked=masked, **kw), carry)
+  """Runs ``body(t, carry, masked, size)`` over each ``(start, end, masked,
+  size)`` range of ``loops``."""
+  for start, end, masked, size in loops:
+    carry = lax.fori_loop(start, end, functools.partial(body, masked=masked, size=size), carry)
   return carry
 
 
@@ -404,7 +397,7 @@ def _forward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths,
   def query_block(qi):
     q_start = qi * st.bq
     qb = lax.dynamic_slice_in_dim(q, q_start, st.bq, axis=2)
-    loops, key_start_of, key_low_of = st.forward_loops(qi, key_bounds)
+    loops, key_start_of, key_low_of = st.key_loops(qi, key_bounds)
 
     def body(t, carry, masked, size):
       m, l, acc = carry
@@ -581,7 +574,7 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
       bounds = (jnp.where(kj < unmasked, st.nq, 0), jnp.where(kj < live, st.nq, 0))
     loops, query_start_of, query_low_of = st.query_loops(kj, bounds)
 
-    def visit(t, inner, masked):
+    def visit(t, inner, masked, size):        # size: bq, query visits are whole blocks
       d_q, d_kb, d_vb, d_bias, d_params = inner
       q_start = query_start_of(t)
       qb, dob, lse_b, delta_b = query_rows(q_start)
@@ -603,7 +596,7 @@ def _backward(st: _Static, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse,
     d_q, d_k, d_v, d_bias, d_params = carry
     q_start = qi * st.bq
     qb, dob, lse_b, delta_b = query_rows(q_start)
-    loops, key_start_of, key_low_of = st.forward_loops(qi)
+    loops, key_start_of, key_low_of = st.key_loops(qi)
 
     def visit(t, inner, masked, size):
       d_qb, d_k, d_v, d_bias, d_params = inner
@@ -801,12 +794,9 @@ def blockwise_attention(query, key, value, bias=None, mask=None, *,
     # Trimmed visits run the mods on shorter key blocks: each hoisted again
     # at that length, with the same consts, or no trimming.
     spec = index_spec[:3] + (jax.ShapeDtypeStruct((1, 1, 1, size), jnp.int32),)
-    score_at = score_fn and mods.rehoist(
-        score_mod, score_consts,
-        jax.ShapeDtypeStruct((flat, shape.heads, block_q, size), jnp.float32), *spec)
-    score_t_at = score_fn_t and mods.hoist_keys_major(
-        score_mod, score_consts,
-        jax.ShapeDtypeStruct((flat, shape.heads, block_q, size), jnp.float32), *spec)
+    scores = jax.ShapeDtypeStruct((flat, shape.heads, block_q, size), jnp.float32)
+    score_at = score_fn and mods.rehoist(score_mod, score_consts, scores, *spec)
+    score_t_at = score_fn_t and mods.hoist_keys_major(score_mod, score_consts, scores, *spec)
     mask_at = mask_fn and mods.rehoist(mask_mod, mask_consts, *spec)
     if (score_fn and not score_at) or (mask_fn and not mask_at) or (score_fn_t and not score_t_at):
       visits, sized_mods = dict(visits, fwd=visits["kv"]), {}

@@ -263,7 +263,7 @@ def place_visits(state, rows: int, n_outer: int, block: int, grain: int,
   """
   state = np.asarray(state)
   n_inner = padded // grain
-  starts, lows, fulls, sizes, flags = [], [], [], [], []
+  starts, lows, sizes, flags = [], [], [], []
   for o in range(n_outer):
     part = state[o * rows:(o + 1) * rows]
     # Every visit ends inside the padded length: whole blocks start at most
@@ -292,7 +292,6 @@ def place_visits(state, rows: int, n_outer: int, block: int, grain: int,
     row.sort(key=lambda visit: (-visit[3], not visit[2]))   # by length, full ones first
     starts.append([v[0] for v in row])
     lows.append([v[1] for v in row])
-    fulls.append(sum(v[2] for v in row))
     sizes.append([v[3] for v in row])
     flags.append([v[2] for v in row])
   width = max(1, max(len(r) for r in starts) if starts else 1)
@@ -307,7 +306,7 @@ def place_visits(state, rows: int, n_outer: int, block: int, grain: int,
       n = sum(1 for x in r if x == size)
       ranges[o, g] = (at, at + sum(full_of[at:at + n]), at + n)
       at += n
-  return Visits(starts_a, lows_a, np.array(fulls, np.int32),
+  return Visits(starts_a, lows_a, np.array([sum(f) for f in flags], np.int32),
                 np.array([len(r) for r in starts], np.int32),
                 bool((lows_a > starts_a).any()), sizes_a, groups, ranges)
 
