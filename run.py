@@ -128,9 +128,13 @@ def main(argv):
   run_mode = {"train": train.train_and_evaluate, "eval": train.evaluate_checkpoint,
               "visualize": train.visualize_checkpoint,
               "predict": _predict}[flags.FLAGS.mode]
+  from attention_lab.data.sources import SplitError
   try:
     run_mode(config, workdir)
-  except (FileNotFoundError, train.WorkdirError, train.CheckpointError,
+  except train.ConfigError as e:
+    # What only the devices show (the mesh, a kernel for another platform).
+    _exit_config_errors(e.lines)
+  except (FileNotFoundError, SplitError, train.WorkdirError, train.CheckpointError,
           train.NonFiniteError) as e:
     # Faults with a clear cause end in one line, not a traceback: saved
     # checkpoints are untouched (see docs/running.md, "Faults").
@@ -143,6 +147,8 @@ def _predict(config, workdir):
   texts = flags.FLAGS.inputs
   try:
     translations = train.predict_checkpoint(config, workdir, texts)
+  except train.ConfigError:
+    raise                              # main's handler: one line per problem
   except ValueError as e:
     sys.exit(f"error: {e}")
   for text, translation in zip(texts, translations):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import experiments
+from conftest import override
 from attention_lab import layers
 from attention_lab import models
 from attention_lab.layers import AttentionConfig
@@ -185,3 +186,68 @@ def test_t5_buckets_from_the_config():
   used = np.abs(np.asarray(grads["t5_relative_bias"])).sum(0) > 0
   # 12 tokens: distances up to 11 each way; 8 buckets a direction, 4 exact.
   assert used.sum() > 8
+
+
+def _with(name, **overrides):
+  """``name``'s config with ``model__attention__window=4``-style overrides
+  (``__`` for the dots keyword names cannot hold)."""
+  config = experiments.get_config(name)
+  with config.unlocked():
+    return override(config, **{path.replace("__", "."): v for path, v in overrides.items()})
+
+
+@pytest.mark.parametrize("experiment, overrides, line", [
+    ("listops_transformer", {"model__attention__score_mod": "softcap"},
+     "config.model.attention.score_mod_args={}: score_mod_args for softcap: missing a "
+     "required argument: 'cap'; softcap takes (cap)"),
+    ("listops_transformer", {"model__attention__score_mod": "alibi",
+                             "model__attention__score_mod_args": {"slope": 1.0}},
+     "config.model.attention.score_mod_args={'slope': 1.0}: score_mod_args for alibi: got an "
+     "unexpected keyword argument 'slope'; alibi takes (learned=False, symmetric=None)"),
+    ("listops_transformer", {"model__attention__mask_mod": "sliding_window"},
+     "config.model.attention.mask_mod_args={}: mask_mod_args for sliding_window: missing a "
+     "required argument"),
+    ("listops_transformer", {"model__attention__window": -3},
+     "config.model.attention.window=-3: window must be a number of keys w >= 0"),
+    ("listops_transformer", {"model__attention__window": (4, "x")},
+     "config.model.attention.window=(4, 'x'): window must be"),
+    ("mnist_vit", {"model__attention__num_kv_heads": 3},
+     "config.model.attention.num_kv_heads=3: must divide model.num_heads (4)"),
+    ("listops_transformer", {"model__attention__rotary": "2d"},
+     "config.model.attention.rotary='2d': '2d' turns queries and keys by their row and column "
+     "in a patch grid, which model 'text_transformer' does not have (models with one: vit)"),
+    ("numbers_transformer", {"model__attention__window": 4},
+     "config.model.attention.window=4: is not supported by the cached decoder"),
+])
+def test_settings_the_layers_cannot_build_are_one_line_each(experiment, overrides, line):
+  """Each used to pass validation and fail while the model was traced."""
+  problems = validation.problems(_with(experiment, **overrides))
+  assert len(problems) == 1 and problems[0].startswith(line), problems
+
+
+def test_settings_the_layers_can_build_pass():
+  assert validation.problems(_with("mnist_vit", model__attention__rotary="2d",
+                                   model__attention__num_kv_heads=2,
+                                   model__attention__window=(3, 0))) == []
+  assert validation.problems(_with(
+      "listops_transformer", model__attention__score_mod="softcap",
+      model__attention__score_mod_args={"cap": 30.0}, model__attention__mask_mod="sliding_window",
+      model__attention__mask_mod_args={"window": 8})) == []
+  with pytest.raises(ValueError, match="score_mod_args for softcap: missing a required"):
+    AttentionConfig(score_mod="softcap")
+
+
+def test_device_problems_name_the_mesh_and_a_kernel_for_another_platform():
+  devices = jax.device_count()
+  config = _with("mnist_vit", mesh__sequence=devices + 1,
+                 model__attention__kernel="splash")
+  assert validation.problems(config) == []              # fields alone are fine
+  assert validation.device_problems(config) == [
+      f"config.mesh.sequence={devices + 1}: must divide the device count ({devices})",
+      "config.model.attention.kernel='splash': attention kernel 'splash' does not run on cpu "
+      "(platforms: tpu); pin it to its platform instead, e.g. 'tpu=splash'"]
+  config = _with("mnist_vit", mesh__data=devices + 1, model__attention__kernel="tpu=splash")
+  assert validation.device_problems(config) == [
+      f"config.mesh.data={devices + 1}: times config.mesh.sequence (1) must equal the device "
+      f"count ({devices}); -1 takes every device the sequence axis leaves"]
+  assert validation.device_problems(_with("mnist_vit")) == []

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -212,6 +213,9 @@ def test_overrides_reach_the_run(tmp_path, data_dir):
   with open(tmp_path / "config.json") as f:
     saved = json.load(f)
   assert saved["model"]["attention"]["kernel"] == "reference" and saved["total_steps"] == 2
+  # The flag reached the layers: the kernel that ran is the one named.
+  ran = re.findall(r"attention kernel on cpu for [^:]*: (\S+)", proc.stderr)
+  assert ran and set(ran) == {"reference"}, ran
   with open(tmp_path / "results.json") as f:
     assert json.load(f)["step"] == 2
 
@@ -227,3 +231,26 @@ def test_overrides_reach_the_run(tmp_path, data_dir):
   assert not any(n.startswith("example3_") for n in drawn)
   index = (tmp_path / "attention" / "index.html").read_text()
   assert all(n in index for n in drawn if n.endswith(".png"))
+
+
+@pytest.mark.parametrize("override, status, line, workdir_left", [
+    ("--config.model.attention.kernel=splash", 2,
+     "error: config.model.attention.kernel='splash': attention kernel 'splash' does not run "
+     "on cpu (platforms: tpu); pin it to its platform instead, e.g. 'tpu=splash'", False),
+    ("--config.data.train_split=trian", 1,
+     "error: config.data.train_split='trian': dataset 'mnist_offline': Unknown split "
+     "'trian'. Should be one of", True),
+])
+def test_what_only_the_devices_or_the_data_show_is_one_line_too(tmp_path, override, status,
+                                                                 line, workdir_left):
+  """Checked once JAX or the dataset is up (after TensorFlow has logged its
+  own lines): the last line names the field, no traceback, nothing written."""
+  workdir = tmp_path / "run"
+  proc = _run("--experiment=mnist_vit", f"--workdir={workdir}", *SHORT_RUN, override)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == status and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert lines[-1].startswith(line), lines[-1]
+  if workdir_left:     # made (and proved writable) before the data is read: left empty
+    assert not workdir.exists() or not any(workdir.iterdir())
+  else:
+    assert not workdir.exists()

@@ -115,11 +115,17 @@ def build(config) -> Data:
   """
   spec = get_spec(config.data.name)
   example_map = spec.example_map(config.data) if spec.example_map is not None else None
-  train, evaluation = (
-      spec.to_inputs(sources.load_split(spec.source, split, config.data.data_dir,
-                                        fixed_lengths=spec.fixed_lengths,
-                                        example_map=example_map), config.data)
-      for split in (config.data.train_split, config.data.eval_split))
+
+  def load(field):
+    split = config.data[field]
+    try:
+      arrays = sources.load_split(spec.source, split, config.data.data_dir,
+                                  fixed_lengths=spec.fixed_lengths, example_map=example_map)
+    except sources.SplitError as e:
+      raise sources.SplitError(f"config.data.{field}={split!r}: {e}") from None
+    return spec.to_inputs(arrays, config.data)
+
+  train, evaluation = load("train_split"), load("eval_split")
   if config.data.grayscale:
     train, evaluation = images.to_grayscale(train), images.to_grayscale(evaluation)
   transform = spec.augment(config.data) if spec.augment is not None else None

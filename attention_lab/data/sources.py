@@ -52,6 +52,10 @@ def local_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.Datase
   return builder_class(data_dir=data_dir, config=config)
 
 
+class SplitError(ValueError):
+  """A split string the dataset cannot read, in one line."""
+
+
 def load_split(name: str, split: str, data_dir: Optional[str] = None,
                download: bool = True,
                fixed_lengths: Optional[Dict[str, int]] = None,
@@ -75,13 +79,21 @@ def load_split(name: str, split: str, data_dir: Optional[str] = None,
   tfds.disable_progress_bar()
   data_dir = data_dir or None
   batch_size = -1 if not (fixed_lengths or example_map) else None
-  if name.partition("/")[0] in LOCAL_BUILDERS:
-    builder = local_builder(name, data_dir)
-    builder.download_and_prepare()
-    dataset = builder.as_dataset(split=split, batch_size=batch_size)
-  else:
-    dataset = tfds.load(name, split=split, data_dir=data_dir, batch_size=batch_size,
-                        download=download)
+  try:
+    if name.partition("/")[0] in LOCAL_BUILDERS:
+      builder = local_builder(name, data_dir)
+      builder.download_and_prepare()
+      dataset = builder.as_dataset(split=split, batch_size=batch_size)
+    else:
+      dataset = tfds.load(name, split=split, data_dir=data_dir, batch_size=batch_size,
+                          download=download)
+  except ValueError as e:
+    # TFDS's words for a split it cannot read ("Unknown split 'trian'. Should
+    # be one of [...]", "Error parsing split ..."), as one line.
+    message = str(e).strip()
+    if message.startswith(("Unknown split", "Error parsing split")):
+      raise SplitError(f"dataset {name!r}: " + " ".join(message.split())) from None
+    raise
   if fixed_lengths:
     dataset = _stack_fixed(dataset, fixed_lengths)
   elif example_map is not None:

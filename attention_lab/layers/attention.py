@@ -84,6 +84,12 @@ class AttentionConfig:
     # tuples, mappings to sorted pairs) so equal settings hash equal.
     if isinstance(self.window, list):
       object.__setattr__(self, "window", tuple(self.window))
+    # NumPy integers from a config become ints: the kernels check for int.
+    as_int = lambda w: int(w) if isinstance(w, np.integer) else w
+    if isinstance(self.window, tuple):
+      object.__setattr__(self, "window", tuple(as_int(w) for w in self.window))
+    else:
+      object.__setattr__(self, "window", as_int(self.window))
     for name in ("score_mod_args", "mask_mod_args", "options"):
       object.__setattr__(self, name, _frozen(getattr(self, name)))
     for problem in self.problems():
@@ -98,7 +104,11 @@ class AttentionConfig:
       found.append(f"rotary must be one of None, '1d', '2d', got {self.rotary!r}")
     if self.num_kv_heads is not None and int(self.num_kv_heads) <= 0:
       found.append(f"num_kv_heads must be positive, got {self.num_kv_heads}")
-    for hook, name in (("score_mod", self.score_mod), ("mask_mod", self.mask_mod)):
+    if self.window is not None and not _is_window(self.window):
+      found.append(f"window must be a number of keys w >= 0 (each side) or a pair "
+                   f"(left, right) of them, got {self.window!r}")
+    for hook, name, args in (("score_mod", self.score_mod, self.score_mod_args),
+                             ("mask_mod", self.mask_mod, self.mask_mod_args)):
       if name is None:
         continue
       try:
@@ -108,6 +118,10 @@ class AttentionConfig:
         continue
       if kind != hook:
         found.append(f"{hook} {name!r} is a {kind}; set it as attention.{kind}")
+        continue
+      problem = _mod_args_problem(name, dict(args))
+      if problem:
+        found.append(f"{hook}_args for {name}: {problem}")
     if self.kernel is not None:
       try:
         kernels.registry.parse_choice(self.kernel)
@@ -130,6 +144,34 @@ class AttentionConfig:
       raise ValueError(f"attention config has no field(s) {unknown}; "
                        f"its fields: {', '.join(sorted(known))}")
     return cls(**fields)
+
+
+def _is_window(window) -> bool:
+  """``w`` or ``(left, right)``, each an integer >= 0 (what ``masks`` takes)."""
+  sides = window if isinstance(window, tuple) else (window,)
+  return (len(sides) in (1, 2) and (len(sides) == 2 or not isinstance(window, tuple))
+          and all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in sides))
+
+
+def _mod_args_problem(name: str, args: Dict[str, Any]) -> Optional[str]:
+  """Why ``args`` cannot build mod ``name`` (a missing or unknown keyword), or
+  None. A layer-built mod (``LAYER_MODS``) gets its module, heads and causal
+  flag from the layer; the config gives only the rest."""
+  import inspect
+  layer_built = name in LAYER_MODS
+  factory = LAYER_MODS[name] if layer_built else mods.get(name)
+  signature = inspect.signature(factory)
+  try:
+    if layer_built:
+      signature.bind(None, 1, False, **args)
+    else:
+      signature.bind(**args)
+  except TypeError as e:
+    params = list(signature.parameters.values())[3 if layer_built else 0:]
+    takes = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+                      for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return f"{e}; {name} takes ({takes or 'nothing'})"
+  return None
 
 
 def _alibi(module, heads, is_causal, learned=False, symmetric=None):

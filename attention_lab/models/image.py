@@ -25,6 +25,8 @@ class ViT(TokenClassifier):
   """
   patch_size: int = 4
   stem: str = "patch"
+  # Its tokens lie on a patch grid: attention.rotary='2d' has rows and columns.
+  PATCH_GRID = True
 
   def _embed(self, images):
     """images -> ``[batch, grid_h, grid_w, hidden_dim]``."""

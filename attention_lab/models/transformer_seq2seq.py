@@ -28,7 +28,7 @@ translation the model wrote, not of the reference target.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -50,15 +50,20 @@ Cache = Dict[str, jax.Array]   # {"key", "value"}: [batch, max_length, heads, he
 DECODER_ATTENTION_FIELDS = ("kernel", "dropout_rate", "options")
 
 
+def decoder_attention_problems(config: AttentionConfig) -> List[Tuple[str, str]]:
+  """``(field, why)`` for each ``AttentionConfig`` setting the decoder lacks."""
+  default = AttentionConfig()
+  return [(field.name, f"is not supported by the cached decoder; it takes "
+                       f"{', '.join(DECODER_ATTENTION_FIELDS)}")
+          for field in dataclasses.fields(AttentionConfig)
+          if field.name not in DECODER_ATTENTION_FIELDS
+          and getattr(config, field.name) != getattr(default, field.name)]
+
+
 def check_decoder_attention(config: AttentionConfig) -> None:
   """Raises ValueError naming an ``AttentionConfig`` setting the decoder lacks."""
-  default = AttentionConfig()
-  for field in dataclasses.fields(AttentionConfig):
-    value = getattr(config, field.name)
-    if field.name not in DECODER_ATTENTION_FIELDS and value != getattr(default, field.name):
-      raise ValueError(
-          f"TransformerSeq2Seq: attention.{field.name}={value!r} is not supported by the "
-          f"cached decoder; it takes {', '.join(DECODER_ATTENTION_FIELDS)}")
+  for field, why in decoder_attention_problems(config)[:1]:
+    raise ValueError(f"TransformerSeq2Seq: attention.{field}={getattr(config, field)!r} {why}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -195,6 +200,8 @@ class TransformerSeq2Seq(nn.Module):
   dropout_rate: float = 0.0
   attention: AttentionConfig = AttentionConfig()
   dtype: Any = None
+  # The config validator asks the model which attention settings it refuses.
+  attention_problems = staticmethod(decoder_attention_problems)
 
   def setup(self):
     check_decoder_attention(self.attention)

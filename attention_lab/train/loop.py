@@ -217,6 +217,7 @@ def train_and_evaluate(config, workdir: str, *,
       before anything is created in ``workdir``.
   """
   validation.validate(config)
+  validation.validate_devices(config)
   check_workdir(workdir)
   with jax.debug_nans(bool(config.debug_nans)):
     return _train_and_evaluate(config, workdir, stop_after)
@@ -411,6 +412,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, float]:
     FileNotFoundError: when ``workdir`` has no checkpoint.
   """
   validation.validate(config)
+  validation.validate_devices(config)
   trainer, state = _restore_latest(config, workdir)
   metrics = trainer.evaluate(state)
   logging.info("eval of step %d: %s", int(state.step), _fmt(metrics))
@@ -433,6 +435,7 @@ def visualize_checkpoint(config, workdir: str):
     FileNotFoundError: when ``workdir`` has no checkpoint (nothing is written).
   """
   validation.validate(config)
+  validation.validate_devices(config)
   trainer, state = _restore_latest(config, workdir)
   out_dir = _attention_dir(workdir)
   pictures = _draw_eval_examples(trainer, state, out_dir)
@@ -458,6 +461,7 @@ def predict_checkpoint(config, workdir: str, texts: Sequence[str]) -> List[str]:
     FileNotFoundError: when ``workdir`` has no checkpoint.
   """
   validation.validate(config)
+  validation.validate_devices(config)
   if config.task not in ("seq2seq", "captioning", "speech_recognition"):
     raise ValueError(f"--mode=predict translates text, captions images or transcribes "
                      f"speech: it needs a seq2seq, captioning or speech_recognition "

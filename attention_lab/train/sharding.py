@@ -25,6 +25,17 @@ from attention_lab.kernels.ring import DATA_AXIS
 from attention_lab.kernels.ring import SEQUENCE_AXIS
 
 
+def mesh_misfit(data: int, sequence: int, devices: int):
+  """Which mesh axis does not fit ``devices``: ``"sequence"`` (it does not
+  divide them), ``"data"`` (times the sequence axis it is not all of them;
+  -1 always fits), or None."""
+  if sequence < 1 or devices % sequence:
+    return "sequence"
+  if data != -1 and data * sequence != devices:
+    return "data"
+  return None
+
+
 def make_mesh(mesh_config) -> jax.sharding.Mesh:
   """A ``(data, sequence)`` mesh over all devices of all processes.
 
@@ -35,15 +46,14 @@ def make_mesh(mesh_config) -> jax.sharding.Mesh:
   """
   devices = jax.device_count()
   sequence = mesh_config.sequence
-  data = mesh_config.data
-  if sequence < 1 or devices % sequence:
+  misfit = mesh_misfit(mesh_config.data, sequence, devices)
+  if misfit == "sequence":
     raise ValueError(f"config.mesh.sequence={sequence} does not divide the {devices} devices")
-  if data == -1:
-    data = devices // sequence
-  if data * sequence != devices:
+  if misfit == "data":
     raise ValueError(
         f"config.mesh.data={mesh_config.data} x config.mesh.sequence={sequence} must equal "
         f"the device count {devices}")
+  data = devices // sequence if mesh_config.data == -1 else mesh_config.data
   auto = (jax.sharding.AxisType.Auto,) * 2   # XLA places what the code does not say
   return jax.make_mesh((data, sequence), (DATA_AXIS, SEQUENCE_AXIS), axis_types=auto)
 
@@ -107,5 +117,5 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-__all__ = ["check_batch_size", "is_writer", "make_mesh", "param_sharding", "process_slice",
+__all__ = ["check_batch_size", "mesh_misfit", "is_writer", "make_mesh", "param_sharding", "process_slice",
            "put_batch", "replicated", "round_up_to_devices"]

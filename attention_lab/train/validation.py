@@ -28,6 +28,7 @@ from attention_lab.data import sources
 from attention_lab.layers.conv_attention import CONV_ATTENTIONS
 from attention_lab.layers import AttentionConfig
 from attention_lab.models.seq2seq import SCORES as SEQ2SEQ_SCORES
+from attention_lab.train import sharding
 from attention_lab.train import tasks as tasks_lib
 from attention_lab.viz import drawers
 
@@ -61,6 +62,46 @@ def validate(config) -> None:
   lines = problems(config)
   if lines:
     raise ConfigError(lines)
+
+
+def validate_devices(config) -> None:
+  """Raises ``ConfigError`` listing ``device_problems(config)``."""
+  lines = device_problems(config)
+  if lines:
+    raise ConfigError(lines)
+
+
+def device_problems(config) -> List[str]:
+  """The problems only the devices show, once JAX has started: the mesh
+  against the device count, and a kernel named for every platform against
+  the one this process runs on. Same line format as ``problems``."""
+  import jax
+  found: List[str] = []
+  check = _Checker(config, found)
+  devices = jax.device_count()
+  sequence, data = check.value("mesh.sequence"), check.value("mesh.data")
+  # Only sizes problems() accepts: the rest are named there.
+  misfit = (sharding.mesh_misfit(data, sequence, devices)
+            if _is_int(sequence) and sequence >= 1 and _is_int(data) and (data >= 1 or data == -1)
+            else None)
+  if misfit == "sequence":
+    check.problem("mesh.sequence", f"must divide the device count ({devices})")
+  elif misfit == "data":
+    check.problem("mesh.data", f"times config.mesh.sequence ({sequence}) must equal the "
+                  f"device count ({devices}); -1 takes every device the sequence axis leaves")
+  kernel = check.value("model.attention.kernel")
+  try:
+    choice = kernels.registry.parse_choice(kernel)
+  except ValueError:
+    choice = None                     # problems() names it
+  platform = jax.default_backend()
+  if isinstance(choice, str):
+    spec = kernels.registry.get(choice)
+    if platform not in spec.platforms:
+      check.problem("model.attention.kernel", f"attention kernel {choice!r} does not run on "
+                    f"{platform} (platforms: {', '.join(spec.platforms)}); pin it to its "
+                    f"platform instead, e.g. '{spec.platforms[0]}={choice}'")
+  return found
 
 
 def problems(config) -> List[str]:
@@ -184,6 +225,7 @@ def _model(check: "_Checker") -> None:
   present = lambda key: key in given and key in fields
   if present("attention") and models.takes_attention_config(models.MODELS[name]):
     _attention(check)
+    _model_attention(check, name)
   if present("score") and name == "seq2seq":
     check.one_of("model.score", SEQ2SEQ_SCORES)
   if present("conv_attention"):
@@ -244,6 +286,32 @@ def _attention(check: "_Checker") -> None:
     field = problem.split(":")[0].split(" ")[0]
     path = f"model.attention.{field}" if field in known else "model.attention"
     check.problem(path, problem)
+
+
+def _model_attention(check: "_Checker", name: str) -> None:
+  """The attention settings that depend on the model: grouped K/V heads must
+  split its heads evenly, 2-D rotary needs its tokens on a patch grid, and a
+  model may refuse settings its layers lack (``attention_problems``)."""
+  cls = models.MODELS[name]
+  heads = check.value("model.num_heads")
+  kv_heads = check.value("model.attention.num_kv_heads")
+  if (_is_int(heads) and heads >= 1 and _is_int(kv_heads) and kv_heads >= 1
+      and heads % kv_heads):
+    check.problem("model.attention.num_kv_heads", f"must divide model.num_heads ({heads}): "
+                  "each K/V head serves an equal group of query heads")
+  if check.value("model.attention.rotary") == "2d" and not getattr(cls, "PATCH_GRID", False):
+    on_grid = sorted(n for n, c in models.MODELS.items() if getattr(c, "PATCH_GRID", False))
+    check.problem("model.attention.rotary", f"'2d' turns queries and keys by their row and "
+                  f"column in a patch grid, which model {name!r} does not have (models "
+                  f"with one: {', '.join(on_grid)}); use '1d' for sequences")
+  refuse = getattr(cls, "attention_problems", None)
+  if refuse is not None:
+    try:
+      settings = AttentionConfig.from_config(check.value("model.attention"))
+    except (TypeError, ValueError):
+      return                          # _attention has named what is wrong
+    for field, problem in refuse(settings):
+      check.problem(f"model.attention.{field}", problem)
 
 
 def dotted_keys(config, prefix: str = "", sections: bool = False) -> List[str]:
@@ -353,7 +421,10 @@ class _Checker:
     return self._node(path)
 
   def problem(self, path: str, allowed: str) -> None:
-    self.found.append(f"config.{path}={self.value(path)!r}: {allowed}")
+    value = self.value(path)
+    if _is_section(value) and hasattr(value, "to_dict"):
+      value = value.to_dict()        # a ConfigDict's own repr spans lines
+    self.found.append(f"config.{path}={value!r}: {allowed}")
 
   def missing(self, path: str, why: str) -> None:
     self.found.append(f"config.{path} is missing: {why}")
@@ -395,4 +466,5 @@ class _Checker:
       self.problem(path, "must be True or False")
 
 
-__all__ = ["ConfigError", "dotted_keys", "has_key", "problems", "unknown_key", "validate"]
+__all__ = ["ConfigError", "device_problems", "dotted_keys", "has_key", "problems", "unknown_key",
+           "validate", "validate_devices"]
