@@ -289,3 +289,51 @@ def test_jax_implementation_names(monkeypatch):
   with pytest.raises(ValueError, match=r"unknown attention kernel 'triton'; known kernels: "
                                        r"blockwise, cudnn, jax_nn"):
     kernels.dot_product_attention(q, k, v, implementation="triton")
+
+
+def test_cudnn_kernel_gives_cudnn_only_windows_it_takes(monkeypatch):
+  """jax.nn's cuDNN path takes a window's left side only (a right side just
+  beside a plain causal mask, and not with padding). Causal windows reach it
+  with the right side dropped (causal hides those keys anyway); a window
+  looking right without causal runs on jax.nn's XLA formulation. Recorded at
+  the call into jax.nn, and the outputs against the float64 reference."""
+  asked = []
+  jax_nn_attention = jax.nn.dot_product_attention
+
+  def recording(*args, implementation=None, local_window_size=None, **kw):
+    asked.append((implementation, local_window_size))
+    return jax_nn_attention(*args, implementation=None, local_window_size=local_window_size,
+                            **kw)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  q, k, v, _ = _inputs(jnp.float32)
+  mask = jnp.asarray(np.random.default_rng(3).random((B, 1, T, S)) < 0.8)
+  cudnn = kernels.get("cudnn").fn
+  for kwargs, want_call in [
+      (dict(is_causal=True, local_window_size=3, mask=mask), ("cudnn", (3, 0))),
+      (dict(is_causal=True, local_window_size=(2, 5)), ("cudnn", (2, 0))),
+      (dict(local_window_size=(4, 0), mask=mask), ("cudnn", (4, 0))),
+      (dict(local_window_size=(4, 2)), (None, (4, 2))),
+  ]:
+    asked.clear()
+    out = cudnn(q, k, v, **kwargs)
+    assert asked == [want_call], (kwargs, asked)
+    with jax.enable_x64(True):
+      want = kernels.reference_attention(*(jnp.asarray(np.asarray(x, np.float64))
+                                           for x in (q, k, v)), **kwargs)
+    np.testing.assert_allclose(out, want, atol=2e-5, err_msg=str(kwargs))
+
+
+def test_dispatch_skips_cudnn_for_windows_it_takes_only_in_part(monkeypatch):
+  """cuDNN (where jaxlib has it) is GPU dispatch's first choice in half
+  precision; a window that looks right without causal goes to the next
+  kernel (pallas runs it fused) instead of cudnn's XLA fallback."""
+  monkeypatch.setattr(kernels, "cudnn_available", lambda: True)
+  shape = kernels.checks.AttentionShape((2,), 512, 512, 4, 4, 64, 64)
+  bf16 = jnp.dtype(jnp.bfloat16)
+  window = frozenset({"window"})
+  pick = lambda features, sides: kernels.select(features, "gpu", bf16, shape, window=sides).name
+  assert pick(window, (4, 2)) == "pallas"
+  assert pick(window, (4, 0)) == "cudnn"
+  assert pick(window | {"causal"}, (4, 4)) == "cudnn"
+  assert kernels.get("cudnn").limit("gpu", shape, bf16, window, window=(4, 2)) == (
+      "no window looking right without causal (2 keys)")

@@ -48,9 +48,10 @@ def _broken_shape(draw, target):
 
 
 @st.composite
-def attention_case(draw):
+def attention_case(draw, min_length=0, max_length=6):
   batch = tuple(draw(st.lists(st.integers(1, 2), max_size=2)))
-  q_len, kv_len = draw(st.integers(0, 6)), draw(st.integers(0, 6))
+  q_len = draw(st.integers(min_length, max_length))
+  kv_len = draw(st.integers(min_length, max_length))
   kv_heads = draw(st.sampled_from([1, 2]))
   heads = kv_heads * draw(st.sampled_from([1, 2]))
   head_dim, value_dim = draw(st.integers(1, 6)), draw(st.integers(1, 6))
@@ -115,13 +116,19 @@ def _float64_answer(case, q, k, v, bias):
 @FUZZ
 @given(case=attention_case())
 def test_kernel_is_right_or_names_the_problem(kernel, case):
+  _right_or_named(case, implementation=kernel)
+
+
+def _right_or_named(case, **kernel_args):
+  """The call on ``case`` returns the float64 answer, or (for a broken case
+  only) raises a ValueError naming the array that does not broadcast."""
   dtype = jnp.dtype(case["dtype"])
   q, k, v = (jnp.asarray(case[n], dtype) for n in ("query", "key", "value"))
   bias = None if case["bias"] is None else jnp.asarray(case["bias"], dtype)
   mask = None if case["mask"] is None else jnp.asarray(case["mask"])
   try:
     out = kernels.dot_product_attention(q, k, v, bias, mask, is_causal=case["is_causal"],
-                                        implementation=kernel)
+                                        **kernel_args)
   except ValueError as e:
     assert case["broken"] is not None, f"valid input refused: {e}"
     assert case["broken"] in str(e) and "broadcast" in str(e), str(e)
@@ -136,6 +143,19 @@ def test_kernel_is_right_or_names_the_problem(kernel, case):
   tol = TOLERANCE[case["dtype"]]
   np.testing.assert_allclose(out, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max(
       initial=0.0)))
+
+
+# blockwise over several blocks: 8 x 16 blocks and lengths up to 40 (5 query
+# and 3 key blocks), so that skipped, partly masked and padded blocks, the
+# masks' block tables and the lengths' loop bounds all run. At the default
+# blocks every length above is a single block.
+MULTI_BLOCK = settings(FUZZ, max_examples=25)
+
+
+@MULTI_BLOCK
+@given(case=attention_case(min_length=1, max_length=40))
+def test_blockwise_over_several_blocks_is_right_or_names_the_problem(case):
+  _right_or_named(case, implementation="blockwise", block_q=8, block_k=16)
 
 
 @st.composite

@@ -57,6 +57,8 @@ CASES = {
     "value_dim_differs": {"value_dim": 5},
     "length_one": {"q_len": 1, "kv_len": 1},
     "two_batch_dims": {"batch": (2, 3), "mask": "padding"},
+    # The same without a dense mask, for kernels that take none (pallas).
+    "two_batch_dims_causal": {"batch": (2, 3), "is_causal": True},
 }
 
 

@@ -140,6 +140,11 @@ def test_bad_input_gets_one_line_naming_it():
     linear_attention(q[:, :8], k, v, is_causal=True)
   with pytest.raises(ValueError, match="attention kernel 'linear' does not support 'window'"):
     kernels.dot_product_attention(q, k, v, local_window_size=4, implementation="linear")
+  from attention_lab.kernels.linear import linear_attention_weights
+  with pytest.raises(ValueError, match="linear_attention_weights: .*head_dim differ"):
+    linear_attention_weights(q, k[..., :3])
+  with pytest.raises(ValueError, match="linear_attention_weights: mask .* broadcast"):
+    linear_attention_weights(q, k, mask=jnp.ones((3, 16), bool))
 
 
 def test_a_transformer_runs_it_from_the_config():

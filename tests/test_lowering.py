@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from attention_lab import kernels
+from attention_lab.kernels import dispatch
 from attention_lab.kernels import lowering
 from attention_lab.kernels import masks
 from attention_lab.kernels.pallas import pallas_attention
@@ -95,13 +96,23 @@ def test_default_dispatch_lowers_triton_on_gpu(form, dtype):
   assert {"attention_lab_flash_dkdv", "attention_lab_flash_dq"} <= lowering.kernel_names(grad_text)
 
 
-def test_what_no_fused_kernel_expresses_lowers_through_xla():
+def test_what_no_fused_kernel_expresses_lowers_through_xla(monkeypatch):
   """A dense boolean mask goes to jax.nn's XLA formulation on both accelerators."""
+  chosen = {}
+  select = dispatch.select
+
+  def spy(features, platform=None, *args, **kwargs):
+    spec = select(features, platform, *args, **kwargs)
+    chosen[platform] = spec.name
+    return spec
+
+  monkeypatch.setattr(dispatch, "select", spy)
   mask = jnp.tril(jnp.ones((256, 256), bool))[None] & (jnp.arange(256) % 3 > 0)
   fn = lambda q, k, v: kernels.dot_product_attention(q, k, v, mask=mask)
   for platform in ("tpu", "cuda"):
     text = lowering.lower_for(fn, _abstract(jnp.float32), platform)
     assert not lowering.custom_calls(text), platform
+  assert chosen["tpu"] == chosen["gpu"] == "jax_nn", chosen
 
 
 @pytest.mark.parametrize("bias_shape", [(1, 4, 256, 256), (2, 1, 256, 256)],
@@ -254,3 +265,43 @@ def test_score_mods_lower_our_pallas_kernel_with_their_gradients(mods_form):
   grad = jax.grad(fn, (0, 1, 2, 3))
   for platform, names in lowering.fused_kernels(grad, args).items():
     assert lowering.FLASH_KERNELS <= names, (platform, names)
+
+
+def test_pallas_blocks_that_overflow_a_tpu_cores_vmem_send_dispatch_elsewhere(caplog,
+                                                                              monkeypatch):
+  """The dK/dV kernel holds Q, dO and the two row statistics for the whole
+  sequence, double-buffered; at 4,096 bfloat16 tokens with a bias (head dims
+  padded to 128 lanes, 128-row blocks) that is, written out:"""
+  from attention_lab.kernels import checks
+  from attention_lab.kernels import pallas
+  mib = 2 ** 20
+  q_and_do = 2 * 4096 * 128 * 2                     # bfloat16
+  statistics = 2 * 4096 * 128 * 4                   # lse and delta, float32 x 128 lanes
+  k_v_dk_dv = 4 * 128 * 128 * 2
+  bias_and_grad = 2 * 4096 * 128 * 4
+  want = 2 * (q_and_do + statistics + k_v_dk_dv + bias_and_grad)
+  long = checks.AttentionShape((2,), 4096, 4096, 4, 4, 64, 64)
+  assert pallas.tpu_vmem_bytes(long, jnp.bfloat16, bias=True) == want == 20.25 * mib
+  assert pallas.tpu_vmem_bytes(long, jnp.bfloat16, bias=False) == want - 2 * bias_and_grad
+  # A relative-position table read per block offset: 16 x 16 blocks of 128
+  # at 2,048 tokens have 31 offsets, one float32 tile each, in every kernel.
+  mid = checks.AttentionShape((2,), 2048, 2048, 4, 4, 64, 64)
+  relative = kernels.mods.relative_bias(jnp.zeros((4, 65)), 32)
+  assert (pallas.tpu_vmem_bytes(mid, jnp.bfloat16, False, score_mod=relative)
+          - pallas.tpu_vmem_bytes(mid, jnp.bfloat16, False)) == 2 * 31 * 128 * 128 * 4
+
+  bias, bf16 = frozenset({"bias"}), jnp.dtype(jnp.bfloat16)
+  monkeypatch.setattr(dispatch, "_LOGGED_CHOICES", set())      # log this choice afresh
+  assert kernels.select(bias, "tpu", bf16,
+                        checks.AttentionShape((2,), 2048, 2048, 4, 4, 64, 64)).name == "pallas"
+  with caplog.at_level("INFO"):
+    assert kernels.select(bias, "tpu", bf16, long).name == "jax_nn"
+  assert any("pallas (its whole-sequence blocks would take 20 MiB of VMEM at 4096 tokens"
+             in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+  assert kernels.select(bias, "gpu", bf16, long).name == "pallas"    # Triton: no VMEM
+  # Named, it runs as asked (and lowers: only Mosaic's compile on a chip would object).
+  text = lowering.lower_for(
+      lambda q, k, v, b: kernels.dot_product_attention(q, k, v, bias=b, implementation="pallas"),
+      (jax.ShapeDtypeStruct((1, 4096, 1, 64), jnp.bfloat16),) * 3
+      + (jax.ShapeDtypeStruct((1, 1, 4096, 4096), jnp.bfloat16),), "tpu")
+  assert "attention_lab_flash_forward" in lowering.kernel_names(text)

@@ -217,17 +217,7 @@ def matching_in_the_graph(monkeypatch):
       jnp.arange(valid.shape[-1], dtype=jnp.int32), valid.shape))
 
 
-def fused_calls(text):
-  """Names of the Mosaic / Triton kernels called in a lowered module (their
-  ``kernel_name`` / ``name`` attribute; source locations would also match a
-  bare 'splash')."""
-  names = []
-  for line in text.splitlines():
-    if "custom_call @tpu_custom_call" in line:
-      names += re.findall(r'kernel_name = "([^"]+)"', line)
-    elif f"custom_call @{lowering.TRITON_CALL}" in line:
-      names += re.findall(r'\bname = "([^"]+)"', line)
-  return names
+fused_calls = lowering.called_kernels
 
 
 def check_step(text, platform, step, expected, kernels):

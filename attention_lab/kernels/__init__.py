@@ -40,10 +40,12 @@ from attention_lab.kernels.dispatch import dot_product_attention
 from attention_lab.kernels.dispatch import requested_features
 from attention_lab.kernels.dispatch import select
 from attention_lab.kernels.dispatch import attention_weights
+from attention_lab.kernels.jax_nn import cudnn_window_problem
 from attention_lab.kernels.jax_nn import jax_nn_attention
 from attention_lab.kernels.linear import linear_attention
 from attention_lab.kernels.linear import linear_attention_weights
 from attention_lab.kernels.pallas import pallas_attention
+from attention_lab.kernels.pallas import pallas_limit
 from attention_lab.kernels.pallas import pallas_refusal
 from attention_lab.kernels.reference import reference_attention
 from attention_lab.kernels.registry import FEATURES
@@ -65,6 +67,13 @@ def preference(platform=None):
 
 
 _CUDNN_HEAD_DIMS = frozenset(range(8, 257, 8))  # cuDNN's fused attention limits
+
+
+def _cudnn_limit(platform, shape, dtype, features, *, window=None, options=None,
+                 score_mod=None):
+  """A window jax.nn's cuDNN path cannot take (``cudnn_window_problem``)."""
+  del platform, shape, dtype, options, score_mod
+  return cudnn_window_problem(window, "causal" in features)
 
 
 @functools.cache
@@ -99,7 +108,7 @@ register(KernelSpec(
 register(KernelSpec(
     name="pallas", fn=pallas_attention,
     features=frozenset({"bias", "causal", "window", "residual", "dropout", "score_mod",
-                        "mask_mod"}), refuses=pallas_refusal,
+                        "mask_mod"}), refuses=pallas_refusal, limit=pallas_limit,
     dtypes=("float32", "bfloat16", "float16"), per_device=True,
     description="our Pallas flash kernel: Triton on GPU, Mosaic on TPU, interpreted on CPU; "
                 "kv_lengths for padding, hashed dropout, additive bias, score_mod / mask_mod "
@@ -114,7 +123,7 @@ register(KernelSpec(
 register(KernelSpec(
     name="cudnn", fn=functools.partial(jax_nn_attention, jax_implementation="cudnn"),
     features=frozenset({"mask", "bias", "causal", "window"}),
-    platforms=("gpu",), dtypes=("bfloat16", "float16"),
+    platforms=("gpu",), dtypes=("bfloat16", "float16"), limit=_cudnn_limit,
     applies=lambda s: (s.head_dim == s.value_dim and s.head_dim in _CUDNN_HEAD_DIMS
                        and cudnn_available()),
     description="cuDNN fused attention through jax.nn (GPU, half precision)"))

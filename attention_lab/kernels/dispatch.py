@@ -46,8 +46,10 @@ def requested_features(*, mask=None, bias=None, is_causal=False,
 
 
 def _why_not(spec: registry.KernelSpec, features, dtype, shape,
-             kv_lengths: bool = False, mask_mod=None, score_mod=None) -> Optional[str]:
-  """None if ``spec`` can run this call, else the reason it cannot."""
+             kv_lengths: bool = False, mask_mod=None, score_mod=None,
+             platform: Optional[str] = None, window=None, options=None) -> Optional[str]:
+  """None if ``spec`` can run this call (on ``platform``, when given), else
+  the reason it cannot."""
   if not spec.automatic:
     return "only when named"
   needed = set(features)
@@ -61,8 +63,13 @@ def _why_not(spec: registry.KernelSpec, features, dtype, shape,
   if shape is not None and spec.applies is not None and not spec.applies(shape):
     faster = registry.get(spec.yields_to) if spec.yields_to else None
     if faster is None or not _why_not(faster, features, dtype, shape, kv_lengths,
-                                      mask_mod, score_mod):
+                                      mask_mod, score_mod, platform, window, options):
       return "not for this shape" if faster is None else f"{faster.name} is faster here"
+  if shape is not None and spec.limit is not None and platform is not None:
+    reason = spec.limit(platform, shape, dtype, frozenset(features), window=window,
+                        options=options or {}, score_mod=score_mod)
+    if reason:
+      return reason
   if (shape is not None and spec.refuses is not None
       and (mask_mod is not None or score_mod is not None)):
     return spec.refuses(shape, mask_mod, score_mod)
@@ -71,29 +78,37 @@ def _why_not(spec: registry.KernelSpec, features, dtype, shape,
 
 def select(features: FrozenSet[str], platform: Optional[str] = None, dtype=None,
            shape: Optional[checks.AttentionShape] = None,
-           kv_lengths: bool = False, mask_mod=None, score_mod=None) -> registry.KernelSpec:
+           kv_lengths: bool = False, mask_mod=None, score_mod=None,
+           window=None, options=None) -> registry.KernelSpec:
   """The preferred kernel on ``platform`` (default: the lowering target) that
   can run this call (``mask_mod`` / ``score_mod``: the call's, for kernels
-  that take only some). Every skipped kernel is named, with the reason, in
-  the (once per choice) log."""
+  that take only some; ``window``: its ``(left, right)`` sides; ``options``:
+  its kernel options, block sizes). Every skipped kernel is named, with the
+  reason, in the (once per choice) log."""
   platform = platform or target_platform()
   skipped = []
   for name in registry.preference(platform):
     spec = registry.get(name)
-    reason = _why_not(spec, features, dtype, shape, kv_lengths, mask_mod, score_mod)
+    reason = _why_not(spec, features, dtype, shape, kv_lengths, mask_mod, score_mod, platform,
+                      window, options)
     if reason:
       skipped.append(f"{name} ({reason})")
       continue
-    key = (platform, features, str(dtype), kv_lengths, name, tuple(skipped))
-    if key not in _LOGGED_CHOICES:
-      _LOGGED_CHOICES.add(key)
-      logging.info("attention kernel on %s for %s: %s%s", platform,
-                   sorted(features) or "plain attention", name,
-                   f"; skipped {', '.join(skipped)}" if skipped else "")
+    _log_choice(platform, features, dtype, name,
+                f"; skipped {', '.join(skipped)}" if skipped else "", kv_lengths)
     return spec
   raise ValueError(
       f"no registered kernel on {platform} supports {sorted(features)}; "
       f"kernels: {', '.join(registry.names())}")
+
+
+def _log_choice(platform, features, dtype, name, note, kv_lengths=False) -> None:
+  """Logs, once per distinct choice, which kernel runs this kind of call."""
+  key = (platform, features, str(dtype), kv_lengths, name, note)
+  if key not in _LOGGED_CHOICES:
+    _LOGGED_CHOICES.add(key)
+    logging.info("attention kernel on %s for %s: %s%s", platform,
+                 sorted(features) or "plain attention", name, note)
 
 
 def target_platform() -> str:
@@ -336,6 +351,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
                                 mask_mod=mask_mod)
 
   kwargs = {k: v for k, v in options.items() if not (k == "return_weights" and not v)}
+  window_sides = None if local_window_size is None else masks._window_sides(local_window_size)
   if local_window_size is not None:
     kwargs["local_window_size"] = local_window_size
   if return_residual:
@@ -362,6 +378,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
                     dtype=query.dtype)
     _check_refusal(spec, shape, mask_mod, score_mod)
     choices = {p: spec for p in registry.PLATFORMS}
+    _log_choice(target_platform(), features, query.dtype, spec.name, " (named)")
   else:
     choices = {}
     for p in registry.PLATFORMS:
@@ -371,9 +388,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
                         dtype=query.dtype)
         _check_refusal(spec, shape, mask_mod, score_mod)
         choices[p] = spec
+        _log_choice(p, features, query.dtype, spec.name, " (pinned)")
       else:
         choices[p] = select(features, p, query.dtype, shape, kv_lengths is not None,
-                            mask_mod, score_mod)
+                            mask_mod, score_mod, window=window_sides, options=kwargs)
   for spec in set(choices.values()):
     unknown = [k for k in kwargs if not spec.takes(k)]
     if unknown:

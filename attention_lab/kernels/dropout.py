@@ -45,6 +45,17 @@ def dropout_keep(seed0, seed1, q_pos, k_pos, row, keep_prob):
 
   in uint32 arithmetic, ``mix`` being lowbias32. Plain integer ops, so the
   same code runs in Triton, Mosaic and the interpreter.
+
+  Args:
+    seed0, seed1: int32 scalars (``dropout_seed``).
+    q_pos, k_pos: int32 query and key positions, broadcastable to each other
+      (in a kernel: ``[block_q, 1]`` and ``[1, block_k]``).
+    row: int32 broadcastable to them (``flat_batch * heads + head``), or None
+      for one mask shared by every sequence and head.
+    keep_prob: Python float in (0, 1].
+
+  Returns:
+    bool of the broadcast shape of ``q_pos``, ``k_pos`` (and ``row``).
   """
   h = _mix(seed0 ^ (q_pos * jnp.int32(_GOLDEN)))
   h = _mix(h ^ (k_pos * jnp.int32(_SILVER)) ^ seed1)

@@ -13,21 +13,57 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from attention_lab.kernels import checks
+from attention_lab.kernels import masks
 from attention_lab.kernels.reference import attention_logits
 from attention_lab.kernels.reference import full_mask
 from attention_lab.kernels.softmax import masked_logsumexp
+
+
+def cudnn_window_problem(window, is_causal) -> Optional[str]:
+  """Why jax.nn's cuDNN path cannot take ``window`` (``(left, right)``), or
+  None: it takes a window's left side only, and a right side just beside a
+  plain causal mask. Causal hides every key to the right anyway, so the
+  cudnn kernel drops the right side there (``_cudnn_window``)."""
+  if window is not None and window[1] > 0 and not is_causal:
+    return f"no window looking right without causal ({window[1]} keys)"
+  return None
+
+
+def _cudnn_window(window, is_causal):
+  """``(window, implementation)`` for jax.nn's cuDNN path: the right side
+  dropped where causal hides it; a window cuDNN cannot take
+  (``cudnn_window_problem``) goes to jax.nn's XLA formulation instead
+  (named in the log once)."""
+  left, right = masks._window_sides(window)
+  if cudnn_window_problem((left, right), is_causal) is None:
+    return (left, 0), "cudnn"
+  if (left, right) not in _LOGGED_WINDOWS:
+    _LOGGED_WINDOWS.add((left, right))
+    logging.info("cudnn: a window with %d keys to the right (not causal) is not in cuDNN's "
+                 "fused attention; jax.nn's XLA formulation runs it", right)
+  return (left, right), None
+
+
+_LOGGED_WINDOWS = set()
 
 
 def jax_nn_attention(query, key, value, bias=None, mask=None, *,
                      scale: Optional[float] = None, is_causal: bool = False,
                      local_window_size=None, return_residual: bool = False,
                      jax_implementation: Optional[str] = None):
-  """Same arguments and shapes as ``reference_attention`` (no dropout).
+  """Same arguments and shapes as ``reference_attention`` (no dropout):
+  query ``[batch..., q_length, heads, head_dim]``, key / value
+  ``[batch..., kv_length, kv_heads, head_dim / value_dim]``, mask and bias
+  broadcastable to ``[batch..., heads, q_length, kv_length]``; returns
+  ``[batch..., q_length, heads, value_dim]``.
 
   ``return_residual``: also the float32 log-sum-exp ``[batch..., q, heads]``
   (``-inf`` for a query with no key), with gradients.
+  ``jax_implementation``: ``jax.nn.dot_product_attention``'s own
+  ``implementation`` (``"xla"``, ``"cudnn"`` or None for its choice).
   """
   shape = checks.check_inputs(query, key, value, mask, bias,
                               who="jax_nn_attention")
@@ -38,6 +74,8 @@ def jax_nn_attention(query, key, value, bias=None, mask=None, *,
     hidden = jnp.isneginf(bias)
     mask = ~hidden if mask is None else mask & ~hidden
     bias = jnp.where(hidden, jnp.zeros((), bias.dtype), bias)
+  if jax_implementation == "cudnn" and local_window_size is not None:
+    local_window_size, jax_implementation = _cudnn_window(local_window_size, is_causal)
   batch = shape.batch
   flat = math.prod(batch) if batch else 1
 

@@ -16,7 +16,7 @@ chunks before it enter through their accumulated ``S`` and ``z`` (carried by
 This is a different function from softmax attention, so the registry
 declares its semantics (``"linear_elu"``) and its own weights for pictures;
 the suite checks it against its own float64 definition, not softmax.
-Automatic dispatch never picks it: name it (``config.model.kernel=linear``).
+Automatic dispatch never picks it: name it (``config.model.attention.kernel=linear``).
 """
 
 from __future__ import annotations
@@ -141,11 +141,15 @@ def linear_attention_weights(query, key, bias=None, mask=None, *, scale=None,
                              is_causal: bool = False, local_window_size=None, **unused):
   """The weights linear attention gives, ``[batch..., heads, q_length, kv_length]``:
   ``phi(q_i) . phi(k_j)`` over the visible keys, normalised per query (what
-  pictures show; quadratic, so for drawing only). ``mask`` (e.g. padding)
-  hides keys; rows with no visible key are zero."""
+  pictures show; quadratic, so for drawing only). ``query``
+  ``[batch..., q_length, heads, head_dim]``, ``key``
+  ``[batch..., kv_length, kv_heads, head_dim]``; ``mask`` (e.g. padding, bool
+  broadcastable to the weights) hides keys; rows with no visible key are zero."""
   del unused
   if scale is not None or bias is not None or local_window_size is not None:
     raise ValueError("linear_attention_weights: no scale, bias or window in linear attention")
+  # The key stands in for the value: the weights need none, the checks one.
+  checks.check_inputs(query, key, key, mask, None, who="linear_attention_weights")
   heads = query.shape[-2]
   scores = jnp.einsum("...qnd,...knd->...nqk", feature_map(query),
                       feature_map(repeat_kv_heads(key, heads)))

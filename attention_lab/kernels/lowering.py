@@ -15,7 +15,7 @@ Usage::
 from __future__ import annotations
 
 import re
-from typing import Dict, Sequence, Set
+from typing import Dict, List, Sequence, Set
 
 import jax
 from jax import export
@@ -60,11 +60,26 @@ def custom_calls(text: str) -> Set[str]:
   return set(re.findall(r"custom_call @([\w$.]+)", text))
 
 
+def called_kernels(text: str) -> List[str]:
+  """The Mosaic and Triton kernels a lowered module calls, by the name each
+  custom call carries (``kernel_name`` on TPU, ``name`` for Triton), one
+  entry per call. Only the calls are read: the module's source locations
+  name functions too, and would match a test called ``..._splash_...``."""
+  names = []
+  for line in text.splitlines():
+    if "custom_call @tpu_custom_call" in line:
+      names += re.findall(r'kernel_name = "([^"]+)"', line)
+    elif f"custom_call @{TRITON_CALL}" in line:
+      names += re.findall(r'\bname = "([^"]+)"', line)
+  return names
+
+
 def kernel_names(text: str) -> Set[str]:
-  """Names of the Pallas / splash kernels in a lowered module."""
-  found = set(re.findall(r"(attention_lab_flash_\w+)", text))
-  found |= {"splash"} if "splash" in text else set()
-  return found
+  """The kernels a lowered module calls (``called_kernels``), with
+  ``"splash"`` added when any of them is one of splash attention's
+  (``splash_mha_fwd...``, ``splash_mqa_dkv...``)."""
+  found = set(called_kernels(text))
+  return found | ({"splash"} if any(n.startswith("splash_") for n in found) else set())
 
 
 def fused_kernels(fn, args) -> Dict[str, Set[str]]:

@@ -111,7 +111,11 @@ def sliding_window_mask(q_length: int, kv_length: Optional[int] = None,
 
 
 def combine_masks(*masks):
-  """Logical AND of masks, skipping ``None``; ``None`` if all are ``None``."""
+  """Logical AND of masks, skipping ``None``; ``None`` if all are ``None``.
+
+  Each mask is bool (True = attend), e.g. ``[batch..., 1, q, kv]`` padding and
+  ``[q, kv]`` causal; the result has their broadcast shape.
+  """
   masks = [jnp.asarray(m, bool) for m in masks if m is not None]
   if not masks:
     return None
@@ -334,6 +338,11 @@ def block_mask(mask_mod, batch: int, heads: int, q_length: int, kv_length: int,
   afterwards (NumPy ids edited between calls would keep the old block mask).
   Keys past ``kv_length`` count as hidden, so a block holding padded keys is
   never full.
+
+  Returns:
+    None, or a ``BlockMask`` whose ``state`` is int8
+    ``[ceil(q_length / block_q), ceil(kv_length / block_k)]``: per block
+    empty, partial or full.
   """
   cache_key = (mask_mod, batch, heads, q_length, kv_length, block_q, block_k,
                bool(is_causal), window)

@@ -279,6 +279,9 @@ def t5_bucket(relative_position, bidirectional: bool = True, num_buckets: int = 
   log scale up to ``max_distance``, beyond which all share the last bucket.
   Keys after the query get buckets of their own when ``bidirectional``;
   otherwise they share bucket 0 (a causal decoder never sees them).
+
+  ``relative_position``: int, any shape (``kv_idx - q_idx``); returns int32
+  buckets in ``[0, num_buckets)`` of the same shape.
   """
   n = -jnp.asarray(relative_position, jnp.int32)            # query minus key
   offset = jnp.zeros_like(n)

@@ -60,6 +60,13 @@ DEFAULT_BLOCK_K = 64
 TPU_BLOCK = 128        # TPU tiles: 8 sublanes x 128 lanes
 TPU_LANES = 128
 TARGETS = ("interpret", "triton", "tpu", "tpu_interpret")
+# What automatic dispatch lets the kernel's blocks take of a TPU core's VMEM:
+# a v4 core's whole VMEM (pltpu.get_tpu_info_for_chip; v5e and v6e have 128
+# MiB, but the kernel sets no vmem_limit_bytes above Mosaic's default scoped
+# limit, and that default is not verified on a chip here). Each kernel
+# holds some operands for the whole sequence (K and V in the forward and dQ
+# kernels; Q, dO and the row statistics in dK/dV), double-buffered.
+TPU_VMEM_BUDGET = 16 * 2 ** 20
 _MASKED = -1e30  # finite: see module docstring
 
 
@@ -221,6 +228,17 @@ class _Setting:
     init = lax.fori_loop(f_lo, f_hi, unmasked, init)
     return lax.fori_loop(f_hi, hi, masked, init)
 
+  def scores(self, q, k, bias, qi, kj, kv_valid, masked, score_refs, mask_refs,
+             with_vjp=False):
+    """Block ``(qi, kj)``'s scores as all three kernels start from them:
+    ``(s, ok, back)`` of ``mods`` over ``q k^T * scale`` plus the ``bias``
+    tile (or None). ``ok`` is None exactly for a block visited unmasked."""
+    ok = self.visible(qi * self.bq, kj * self.bk, kv_valid) if masked else None
+    s = _qk(q, k) * self.scale
+    if bias is not None:
+      s = s + bias.astype(jnp.float32)
+    return self.mods(s, ok, qi, kj, score_refs, mask_refs, with_vjp=with_vjp)
+
   def mods(self, s, ok, qi, kj, score_refs, mask_refs, with_vjp=False):
     """The mods on one ``[bq, bk]`` block: ``(s, ok, back)`` with ``ok``
     narrowed by the mask_mod, ``s`` the score_mod's score and ``back`` (with
@@ -273,6 +291,11 @@ def _take(rest, n):
   return [rest.pop(0) for _ in range(n)]
 
 
+def _hide(p, ok):
+  """Zero weight where ``ok`` is False (None: an unmasked block, as it is)."""
+  return p if ok is None else jnp.where(ok, p, 0.0)
+
+
 def _qk(q, k):
   """``q [m, d] @ k[n, d]^T -> [m, n]`` in float32."""
   return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -299,17 +322,12 @@ def _forward_kernel(*refs, st: _Setting):
     m, l, acc = carry
     cols = st.rows(kj, st.bk)
     k, v = k_ref[cols, :], v_ref[cols, :]
-    ok = st.visible(qi * st.bq, kj * st.bk, kv_valid) if masked else None
-    s = _qk(q, k) * st.scale
-    if bias_ref is not None:
-      s = s + bias_ref[:, cols].astype(jnp.float32)
-    s, ok, _ = st.mods(s, ok, qi, kj, score_refs, mask_refs)
-    if masked:
+    s, ok, _ = st.scores(q, k, None if bias_ref is None else bias_ref[:, cols], qi, kj,
+                         kv_valid, masked, score_refs, mask_refs)
+    if ok is not None:
       s = jnp.where(ok, s, _MASKED)
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-    p = jnp.exp(s - m_new)
-    if masked:
-      p = jnp.where(ok, p, 0.0)
+    p = _hide(jnp.exp(s - m_new), ok)
     correction = jnp.exp(m - m_new)
     l = correction * l + p.sum(axis=1, keepdims=True)      # the normaliser sees every weight
     p = st.drop(p, dropout, qi * st.bq, kj * st.bk)
@@ -346,14 +364,9 @@ def _dkdv_kernel(*refs, st: _Setting):
     rows = st.rows(qi, st.bq)
     q, do = q_ref[rows, :], do_ref[rows, :]
     lse, delta = lse_ref[rows, :][:, :1], delta_ref[rows, :][:, :1]
-    ok = st.visible(qi * st.bq, kj * st.bk, kv_valid) if masked else None
-    s = _qk(q, k) * st.scale
-    if bias_ref is not None:
-      s = s + bias_ref[rows, :].astype(jnp.float32)
-    s, ok, back = st.mods(s, ok, qi, kj, score_refs, mask_refs, with_vjp=True)
-    p = jnp.exp(s - lse)                                                # [bq, bk]
-    if masked:
-      p = jnp.where(ok, p, 0.0)
+    s, ok, back = st.scores(q, k, None if bias_ref is None else bias_ref[rows, :], qi, kj,
+                            kv_valid, masked, score_refs, mask_refs, with_vjp=True)
+    p = _hide(jnp.exp(s - lse), ok)                                     # [bq, bk]
     dv = dv + _tq(st.drop(p, dropout, qi * st.bq, kj * st.bk).astype(do.dtype), do)
     # delta = rowsum(dO * O) with O the dropped output: FlashAttention's
     # dropout backward, dS = P * (drop(dP) - delta).
@@ -403,14 +416,9 @@ def _dq_kernel(*refs, st: _Setting):
     dq, *dmods = carry
     cols = st.rows(kj, st.bk)
     k, v = k_ref[cols, :], v_ref[cols, :]
-    ok = st.visible(qi * st.bq, kj * st.bk, kv_valid) if masked else None
-    s = _qk(q, k) * st.scale
-    if bias_ref is not None:
-      s = s + bias_ref[:, cols].astype(jnp.float32)
-    s, ok, back = st.mods(s, ok, qi, kj, score_refs, mask_refs, with_vjp=True)
-    p = jnp.exp(s - lse)
-    if masked:
-      p = jnp.where(ok, p, 0.0)
+    s, ok, back = st.scores(q, k, None if bias_ref is None else bias_ref[:, cols], qi, kj,
+                            kv_valid, masked, score_refs, mask_refs, with_vjp=True)
+    p = _hide(jnp.exp(s - lse), ok)
     ds = p * (st.drop(_qk(do, v), dropout, qi * st.bq, kj * st.bk) - delta)
     if back is not None:
       ds, d_values = back(ds)
@@ -719,6 +727,62 @@ def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, 
   lse = jnp.where(lse <= _MASKED, -jnp.inf, lse)          # no key: the log of an empty sum
   lse = jnp.swapaxes(lse, 1, 2)                          # [b, t, n]
   return out, lse.reshape(batch + lse.shape[1:])
+
+
+def tpu_vmem_bytes(shape: checks.AttentionShape, dtype, bias: bool,
+                   block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
+                   score_mod=None) -> int:
+  """Bytes of VMEM the largest of the three kernels' blocks take on a TPU
+  (every block double-buffered, as Mosaic's pipeline holds them), for the
+  blocks and padding ``_attend_on`` uses there. A ``score_mod``'s values
+  count as stored: every block's for a sequence and head (one tile per block
+  offset for a value of the relative position), and the dQ kernel's
+  cotangent tiles of a learned one."""
+  item = jnp.dtype(dtype).itemsize
+  bq = min(_round_up(block_q, TPU_BLOCK), _round_up(shape.q_length, TPU_BLOCK))
+  bk = min(_round_up(block_k, TPU_BLOCK), _round_up(shape.kv_length, TPU_BLOCK))
+  qp, kp = _round_up(shape.q_length, bq), _round_up(shape.kv_length, bk)
+  nq, nk = qp // bq, kp // bk
+  d, dv = _round_up(shape.head_dim, TPU_LANES), _round_up(shape.value_dim, TPU_LANES)
+  row = TPU_LANES * 4                                 # a float32 statistic per row
+  values = tiles = 0
+  if score_mod is not None:
+    try:
+      split = fused_mods.split(score_mod, "score_mod", bq, bk, shape.q_length, shape.kv_length)
+    except fused_mods.Refused:
+      split = None                                    # pallas_refusal says why
+    for v in [] if split is None else split.values:
+      a, c = v.shape
+      blocks = (fused_mods.offset_layout(nq, nk, bq, bk)[0] if v.per_offset else
+                (nq if v.per_q else 1) * (nk if v.per_k else 1))
+      values += blocks * a * c * jnp.dtype(v.stored_dtype).itemsize
+      tiles += nk * a * c * 4 if v.per_offset and v.grad else 0
+  forward = ((bq * d + kp * d + kp * dv + bq * dv) * item + bq * row + bias * bq * kp * 4
+             + values)
+  dq = ((2 * bq * d + kp * d + kp * dv + bq * dv) * item + 2 * bq * row + bias * bq * kp * 4
+        + values + tiles)
+  dkdv = ((qp * d + qp * dv + 2 * bk * d + 2 * bk * dv) * item + 2 * qp * row
+          + 2 * bias * qp * bk * 4 + values)
+  return 2 * max(forward, dq, dkdv)
+
+
+def pallas_limit(platform: str, shape: checks.AttentionShape, dtype, features, *,
+                 window=None, options=None, score_mod=None) -> Optional[str]:
+  """Why automatic dispatch should not run this call on ``platform``'s
+  Pallas kernel: on a TPU, blocks over ``TPU_VMEM_BUDGET`` (Mosaic would
+  fail to compile them). None elsewhere, and when they fit."""
+  del window
+  if platform != "tpu" or dtype is None:
+    return None
+  options = options or {}
+  need = tpu_vmem_bytes(shape, dtype, "bias" in features,
+                        options.get("block_q", DEFAULT_BLOCK_Q),
+                        options.get("block_k", DEFAULT_BLOCK_K), score_mod)
+  if need <= TPU_VMEM_BUDGET:
+    return None
+  return (f"its whole-sequence blocks would take {need / 2 ** 20:.0f} MiB of VMEM at "
+          f"{max(shape.q_length, shape.kv_length)} tokens, over the "
+          f"{TPU_VMEM_BUDGET // 2 ** 20} MiB a TPU core gives them")
 
 
 def pallas_refusal(shape: checks.AttentionShape, mask_mod, score_mod=None) -> Optional[str]:

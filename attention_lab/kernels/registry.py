@@ -27,7 +27,7 @@ class KernelSpec:
   """A registered kernel and what it can do.
 
   Attributes:
-    name: registry name, used by ``config.model.kernel``.
+    name: registry name, used by ``config.model.attention.kernel``.
     fn: the pure function (kernel contract, see ``attention_lab.kernels``).
     features: subset of ``FEATURES`` it supports.
     platforms: platforms it lowers for.
@@ -54,6 +54,12 @@ class KernelSpec:
     weights: for non-softmax kernels, ``fn(query, key, bias, mask, *,
       is_causal, ...) -> [batch..., heads, q_length, kv_length]``, the
       weights it gives (what pictures show).
+    limit: optional ``fn(platform, AttentionShape, dtype, features, *,
+      window, options, score_mod) -> reason or None``: a call the kernel
+      cannot run well on that platform though it has the features (pallas's
+      whole-sequence blocks over a TPU core's VMEM; a window cuDNN takes
+      only in part). Automatic dispatch skips the kernel with the reason;
+      naming it does not.
     refuses: optional ``fn(AttentionShape, mask_mod, score_mod) -> reason or
       None`` (either mod may be None), for a feature the kernel has only in
       some forms (splash takes a static mask_mod, not one that reads traced
@@ -73,6 +79,7 @@ class KernelSpec:
   semantics: str = SOFTMAX
   weights: Optional[Callable] = None
   refuses: Optional[Callable] = None
+  limit: Optional[Callable] = None
 
   def supports(self, feature: str) -> bool:
     return feature in self.features
@@ -146,7 +153,7 @@ JAX_IMPLEMENTATIONS = {"xla": "jax_nn", "cudnn": "cudnn"}
 
 
 def parse_choice(choice):
-  """A kernel choice (``implementation=``, ``config.model.kernel``) as data.
+  """A kernel choice (``implementation=``, ``config.model.attention.kernel``) as data.
 
   Accepts None (automatic everywhere), a kernel name (that kernel on every
   platform; jax.nn's ``"xla"`` / ``"cudnn"`` included), or a per-platform pin

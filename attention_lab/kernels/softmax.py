@@ -53,6 +53,11 @@ def masked_logsumexp(scores, mask=None, axis: int = -1):
   ``promote(scores.dtype, float32)``; a row with no attended entry (masked, or
   all ``-inf``) gives ``-inf``, the log of an empty sum, with zero gradient.
 
+  Args:
+    scores: any shape, e.g. ``[batch..., heads, q_length, kv_length]``.
+    mask: bool (True = attend), broadcastable to ``scores.shape``; or None.
+    axis: the axis summed over (the keys).
+
   Returns:
     ``scores.shape`` without ``axis``.
   """
