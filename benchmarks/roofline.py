@@ -2,6 +2,7 @@
 
     python benchmarks/roofline.py                     # 2,048 tokens, 8 heads, head_dim 64
     python benchmarks/roofline.py --length=4096 --head_dim=32
+    python benchmarks/roofline.py --layouts           # and the products in other operand layouts
     python benchmarks/roofline.py --quick             # tiny sizes: checks the script runs
 
 ``benchmarks/kernels.py`` gives each kernel as a fraction of a square
@@ -17,7 +18,10 @@ loop as ``blockwise`` with:
 - ``blockwise``: the kernel itself (online softmax, rescaling, masking
   bookkeeping) at the same blocks;
 - ``one product pair``: the two products on the whole ``[length, length]``
-  score matrix (no blocks).
+  score matrix (no blocks);
+- with ``--layouts``, the first two again with the block products' operands
+  laid out otherwise (``LAYOUTS``): whether the products' ceiling is a
+  matter of layout.
 
 GFLOP/s count the forward's ``4 * heads * length^2 * head_dim``; ``of peak``
 divides by the square matmul measured in the same process.
@@ -36,6 +40,8 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
+from benchmarks.block_loops import LAYOUTS  # noqa: E402
+from benchmarks.block_loops import block_loop  # noqa: E402
 
 flags.DEFINE_integer("length", 2048, "sequence length (queries = keys)")
 flags.DEFINE_integer("heads", 8, "attention heads")
@@ -45,37 +51,13 @@ flags.DEFINE_integer("block_k", 1024, "key block")
 flags.DEFINE_integer("repeats", 9, "timed rounds (median, min-max)")
 flags.DEFINE_integer("peak_size", 2048, "side of the square matmul that measures the peak")
 flags.DEFINE_integer("threads", 0, "CPUs to pin the process to; 0: all it may use")
+flags.DEFINE_bool("layouts", False, "also time the block products in the other operand layouts "
+                  "(LAYOUTS), products only and with the max/exp")
 flags.DEFINE_bool("quick", False, "tiny sizes and few rounds (seconds): checks the script runs")
 FLAGS = flags.FLAGS
 
 QUICK = {"length": 256, "heads": 2, "head_dim": 16, "block_q": 64, "block_k": 128,
          "repeats": 3, "peak_size": 256}
-
-
-def block_loop(q, k, v, block_q: int, block_k: int, with_exp: bool):
-  """blockwise's loop structure (``lax.map`` over query blocks, ``fori_loop``
-  over key blocks) with only the two products (and optionally the max/exp).
-
-  q, k, v: ``[1, heads, length, head_dim]``; returns ``[n_q_blocks, 1, heads, block_q, head_dim]``.
-  """
-  import jax.numpy as jnp
-  from jax import lax
-  length = q.shape[2]
-
-  def query_block(qi):
-    qb = lax.dynamic_slice_in_dim(q, qi * block_q, block_q, axis=2)
-
-    def body(t, acc):
-      kb = lax.dynamic_slice_in_dim(k, t * block_k, block_k, axis=2)
-      vb = lax.dynamic_slice_in_dim(v, t * block_k, block_k, axis=2)
-      s = jnp.einsum("bnqd,bnkd->bnqk", qb, kb)
-      if with_exp:
-        s = jnp.exp(s - s.max(-1, keepdims=True))
-      return acc + jnp.einsum("bnqk,bnkd->bnqd", s, vb)
-
-    return lax.fori_loop(0, length // block_k, body, jnp.zeros(qb.shape, jnp.float32))
-
-  return lax.map(query_block, jnp.arange(length // block_q))
 
 
 def main(argv):
@@ -104,6 +86,11 @@ def main(argv):
       "one product pair": jax.jit(lambda q, k, v: jnp.einsum(
           "bnqk,bnkd->bnqd", jnp.einsum("bnqd,bnkd->bnqk", q, k), v)),
   }
+  for layout in LAYOUTS[1:] if FLAGS.layouts else ():
+    for with_exp in (False, True):
+      name = f"{layout}{' + max/exp' if with_exp else ''}"
+      fns[name] = jax.jit(lambda q, k, v, layout=layout, with_exp=with_exp: block_loop(
+          q, k, v, bq, bk, with_exp, layout))
   spreads, failed = timing.time_rotating(
       {name: (lambda f=f: jax.block_until_ready(f(q, k, v))) for name, f in fns.items()},
       FLAGS.repeats)

@@ -144,7 +144,10 @@ def test_train_benchmark_experiments_mode_prints_every_share():
   assert all(0.0 <= shares[name] <= 1.0 for name in ("input share", "attention share")), shares
   for name, column in (("step", "step ms"), ("input", "input ms"), ("attention", "attention ms")):
     ms = float(cells[column].split()[0])      # the median
-    assert abs(shares[f"{name} share"] - ms / loop_ms) <= 0.006 + 0.06 / loop_ms, (name, cells)
+    # Both times are printed to 0.05 ms and the share to 0.005: a share up to
+    # about 1 moves by 0.05 / loop_ms for each time's rounding (seen: step
+    # 4.8 of loop 4.9 ms printed with a share of 0.96).
+    assert abs(shares[f"{name} share"] - ms / loop_ms) <= 0.006 + 0.11 / loop_ms, (name, cells)
   # The step alone, timed in short bursts between the other candidates, may
   # run a little slower than in the loop's continuous run (seen: 1.09 at
   # these sizes on a busy machine): not a bound at 1.0.
@@ -162,15 +165,38 @@ def test_model_flops_formula():
 
 @pytest.mark.slow   # a script check; kernels.py's runs in the default suite
 def test_roofline_benchmark_quick_mode_prints_every_candidate():
-  proc = subprocess.run([sys.executable, os.path.join("benchmarks", "roofline.py"), "--quick"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+  proc = subprocess.run([sys.executable, os.path.join("benchmarks", "roofline.py"), "--quick",
+                         "--layouts"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
           for line in proc.stdout.splitlines() if line.startswith("| ") and " ms " not in line}
-  assert set(rows) >= {"products only", "products + max/exp", "blockwise", "one product pair"}
+  assert set(rows) >= {"products only", "products + max/exp", "blockwise", "one product pair",
+                       "keys pre-blocked", "keys pre-blocked + max/exp", "keys-major scores",
+                       "keys-major scores + max/exp"}
   assert rows["products only"][4].strip(" |") == "1.00"      # the baseline against itself
   assert all(0.0 < float(row[3]) < 10.0 for name, row in rows.items() if name != "candidate")
   bad = subprocess.run([sys.executable, os.path.join("benchmarks", "roofline.py"), "--quick",
                         "--block_k=100"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--length=256 must be a multiple" in bad.stderr
+
+
+@pytest.mark.parametrize("layout", ["as stored", "keys pre-blocked", "keys-major scores"])
+def test_roofline_block_loop_computes_the_same_products_in_every_layout(layout):
+  """The roofline's layouts time the same arithmetic: the per-block
+  ``exp(s - rowmax) @ v`` summed over key blocks, written out in float64."""
+  import numpy as np
+  sys.path.insert(0, ROOT)
+  from benchmarks.block_loops import block_loop
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((1, 2, 256, 16)).astype(np.float32) for _ in range(3))
+  out = np.asarray(block_loop(q, k, v, 64, 128, True, layout), np.float64)
+  if layout == "keys-major scores":
+    out = out.swapaxes(-1, -2)
+  q64, k64, v64 = (x.astype(np.float64)[0] for x in (q, k, v))
+  for qi in range(4):
+    want = np.zeros((2, 64, 16))
+    for kj in range(2):
+      s = q64[:, qi * 64:(qi + 1) * 64] @ k64[:, kj * 128:(kj + 1) * 128].transpose(0, 2, 1)
+      want += np.exp(s - s.max(-1, keepdims=True)) @ v64[:, kj * 128:(kj + 1) * 128]
+    np.testing.assert_allclose(out[qi, 0], want, rtol=2e-5, atol=2e-4)
