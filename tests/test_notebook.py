@@ -72,3 +72,25 @@ def test_colab_quickstart_runs_on_cpu_and_shows_pictures(tmp_path, data_dir, mon
   assert any("tensorboard" in str(o.get("data", {}).get("text/html", "")).lower()
              or "tensorboard" in str(o.get("data", {}).get("application/javascript", "")).lower()
              for o in tensorboard), tensorboard
+
+
+def test_on_a_tpu_runtime_the_notebook_stops_when_jax_does_not_see_the_tpu(tmp_path,
+                                                                         monkeypatch):
+  """A TPU runtime (here only its environment variable) whose JAX runs on
+  the CPU: the devices cell stops with the fix, before any training."""
+  from nbclient.exceptions import CellExecutionError
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  cells = [_cell(notebook, tag) for tag in ("parameters", "install", "devices")]
+  cells.insert(1, nbformat.v4.new_code_cell("INSTALL = False"))
+  notebook.cells = cells
+  monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  client = NotebookClient(notebook, timeout=120, kernel_name="python3",
+                          resources={"metadata": {"path": str(tmp_path)}})
+  try:
+    client.execute()
+  except CellExecutionError as e:
+    assert "this runtime has a TPU but JAX does not run on it" in str(e), str(e)[-2000:]
+  else:
+    raise AssertionError("the devices cell let a TPU runtime run on the CPU")
+  assert "cpu" in "".join(o.get("text", "") for o in cells[-1].outputs)
