@@ -131,6 +131,39 @@ def test_a_dense_bias_lowers_our_pallas_kernel_with_its_gradient(bias_shape):
   assert lowering.TRITON_CALL in lowering.custom_calls(lowering.lower_for(grad, args, "cuda"))
 
 
+def test_the_backward_writes_only_the_gradients_asked_for():
+  """A bias or a relative-position table that is not differentiated (a fixed
+  table, a padding bias) costs the backward no writes: the dK/dV kernel
+  writes the bias's ``[b, n, q, kv]`` float32 gradient, and the dQ kernel
+  the table's per-block tiles, only when the caller differentiates them."""
+  from attention_lab.kernels import mods
+
+  def with_bias(q, k, v, bias):
+    return jnp.sum(kernels.dot_product_attention(q, k, v, bias=bias))
+
+  def with_table(q, k, v, table):
+    return jnp.sum(kernels.dot_product_attention(
+        q, k, v, score_mod=mods.relative_bias(table, 32)))
+
+  qkv = _abstract(jnp.float32)             # [2, 256, 4, 64]
+  cases = [(with_bias, jax.ShapeDtypeStruct((1, 4, 256, 256), jnp.float32), {
+      "tpu": ("attention_lab_flash_dkdv", ["2x4x256x256xf32"]),
+      "cuda": ("attention_lab_flash_dkdv", ["2x4x256x256xf32"])}),
+           (with_table, jax.ShapeDtypeStruct((4, 65), jnp.float32), {
+      # [b, n, query blocks, key blocks, block_q, block_k]: 128-wide on
+      # TPU, the GPU's 64-wide blocks on CUDA.
+      "tpu": ("attention_lab_flash_dq", ["2x4x2x2x128x128xf32"]),
+      "cuda": ("attention_lab_flash_dq", ["2x4x4x4x64x64xf32"])})]
+  for fn, extra, expected in cases:
+    for platform, (kernel, extra_results) in expected.items():
+      d = "128" if platform == "tpu" else "64"        # head dims padded to TPU lanes
+      own = ["2x4x256x%sxf32" % d] * (2 if kernel.endswith("dkdv") else 1)
+      for argnums, want in (((0, 1, 2), own), ((0, 1, 2, 3), own + extra_results)):
+        text = lowering.lower_for(jax.grad(fn, argnums), qkv + (extra,), platform)
+        assert lowering.kernel_results(text, kernel) == [want], (fn.__name__, platform,
+                                                                 argnums)
+
+
 def test_one_jitted_function_carries_each_platforms_kernel():
   """The choice follows the platform being lowered, not the default backend."""
   step = jax.jit(_grad(_attention({"is_causal": True})))

@@ -74,6 +74,17 @@ def called_kernels(text: str) -> List[str]:
   return names
 
 
+def kernel_results(text: str, name: str) -> List[List[str]]:
+  """What each call of kernel ``name`` (``called_kernels``) writes: its
+  result types, e.g. ``["2x4x256x128xf32", "2x4x256x256xf32"]``."""
+  results = []
+  for line in text.splitlines():
+    if "custom_call @" in line and name in called_kernels(line):
+      # The call's signature ends the line: `: (operands) -> (results)`.
+      results.append(re.findall(r"tensor<([^>]+)>", line.rpartition("->")[2]))
+  return results
+
+
 def kernel_names(text: str) -> Set[str]:
   """The kernels a lowered module calls (``called_kernels``), with
   ``"splash"`` added when any of them is one of splash attention's

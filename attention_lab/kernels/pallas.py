@@ -34,6 +34,8 @@ at exactly zero through the explicit ``where`` on the probabilities.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import math
 from typing import Optional
@@ -42,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import CustomVJPPrimal
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
@@ -90,6 +94,8 @@ class _Setting:
     self.keep_prob, self.broadcast_dropout, self.heads = keep_prob, broadcast_dropout, heads
     # A dense bias [bias_batch, bias_heads, Tp, Sp] (each 1 or full), or None.
     self.bias_shape = bias_shape
+    # Whether the backward writes the bias's gradient (``for_backward``).
+    self.bias_grad = True
     self.bq, self.bk = block_q, block_k
     self.q_padded, self.kv_padded = _round_up(q_len, block_q), _round_up(kv_len, block_k)
     self.nq, self.nk = self.q_padded // block_q, self.kv_padded // block_k
@@ -101,6 +107,20 @@ class _Setting:
     # Per-row statistics are stored [.., length, lanes]: 128 lanes on TPU
     # (a lane-dense store), one elsewhere.
     self.lanes = TPU_LANES if tpu else 1
+
+  def for_backward(self, bias_grad: bool, score_grads) -> "_Setting":
+    """This setting for the backward kernels, writing cotangents only for
+    what is differentiated: the bias (``bias_grad``; its gradient is a
+    ``[b, n, Tp, Sp]`` float32 array) and the score_mod values whose indices
+    are in ``score_grads`` (a fixed relative-position table's tiles are
+    ``[b, n, nq, nk, bq, bk]``)."""
+    st = copy.copy(self)
+    st.bias_grad = bool(self.bias_shape) and bias_grad
+    if self.score_split is not None:
+      values = [dataclasses.replace(v, grad=v.grad and i in score_grads)
+                for i, v in enumerate(self.score_split.values)]
+      st.score_split = dataclasses.replace(self.score_split, values=values)
+    return st
 
   def key_blocks(self, qi):
     lo, hi = 0, self.nk
@@ -349,7 +369,7 @@ def _dkdv_kernel(*refs, st: _Setting):
   score_refs, mask_refs = _take(rest, st.n_score), _take(rest, st.n_mask)
   table_refs = _take(rest, 6 if st.block_table else 0)
   dk_ref, dv_ref = _take(rest, 2)
-  dbias_ref = rest.pop(0) if st.bias_shape else None
+  dbias_ref = rest.pop(0) if st.bias_shape and st.bias_grad else None
   grads = st.grads_in("dkdv")
   dmod_refs = rest                                  # one per index in grads
   if dbias_ref is not None:
@@ -483,6 +503,7 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
   with ``with_lse`` it also returns the per-row statistics ``[b, n, Tp, lanes]``
   (the log-sum-exp, broadcast over lanes)."""
   options = _call_options(target)
+  backward_setting = st.for_backward      # bwd's own ``st``: what is differentiated
 
   def rows_shape(b, n):
     return jax.ShapeDtypeStruct((b, n, st.q_padded, st.lanes), jnp.float32)
@@ -527,13 +548,22 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
     out, lse = forward(q, k, v, lengths, seed, bias, score_values, mask_values, tables)
     return (out, lse) if with_lse else out
 
-  def fwd(q, k, v, lengths, seed, bias, score_values, mask_values, tables):
-    out, lse = forward(q, k, v, lengths, seed, bias, score_values, mask_values, tables)
+  def fwd(*primals):
+    # symbolic_zeros: each array comes as CustomVJPPrimal(value, perturbed),
+    # so the backward learns which of the bias and the score_mod values are
+    # differentiated (told by the residuals' structure: () wanted, None not).
+    args = jax.tree.map(lambda p: p.value, primals,
+                        is_leaf=lambda x: isinstance(x, CustomVJPPrimal))
+    q, k, v, lengths, seed, bias, score_values, mask_values, tables = args
+    wanted = lambda p: () if p is not None and p.perturbed else None
+    wants = (wanted(primals[5]), tuple(wanted(p) for p in primals[6]))
+    out, lse = forward(*args)
     return ((out, lse) if with_lse else out), (q, k, v, lengths, seed, bias, score_values,
-                                               mask_values, tables, out, lse)
+                                               mask_values, tables, out, lse, wants)
 
-  def d_value_outputs(kernel, b, n, count):
-    """Per-program partial cotangents of the score_mod values ``kernel`` sums:
+  def d_value_outputs(st, kernel, b, n, count):
+    """Per-program partial cotangents of the score_mod values ``kernel`` sums
+    (``st``: the backward's setting):
     ``[b, n, count, a, c]`` float32 each (``count`` its programs' blocks);
     a value of the relative position ``[b, n, nq, nk, bq, bk]``, one tile
     per block pair."""
@@ -550,8 +580,14 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
     return shapes, specs
 
   def bwd(res, cotangent):
-    q, k, v, lengths, seed, bias, score_values, mask_values, tables, out, lse = res
+    q, k, v, lengths, seed, bias, score_values, mask_values, tables, out, lse, wants = res
     d_out, d_lse = cotangent if with_lse else (cotangent, None)
+    if isinstance(d_out, SymbolicZero):          # only the statistics are used
+      d_out = jnp.zeros(d_out.shape, d_out.dtype)
+    if isinstance(d_lse, SymbolicZero):
+      d_lse = None
+    st = backward_setting(wants[0] is not None,
+                          {i for i, w in enumerate(wants[1]) if w is not None})
     b, n, _, d = q.shape
     dv = v.shape[-1]
     sp = _specs(st, d, dv)
@@ -562,7 +598,7 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
       delta = delta - jnp.sum(d_lse, axis=-1, keepdims=True)
     delta = jnp.broadcast_to(delta, lse.shape)
     mods_in = mod_specs(score_values, mask_values, tables)
-    d_shapes, d_specs = d_value_outputs("dkdv", b, n, st.nk)
+    d_shapes, d_specs = d_value_outputs(st, "dkdv", b, n, st.nk)
     grads = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st),
         grid=(b, n, st.nk),
@@ -570,22 +606,22 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
                   sp["o_full"], sp["row_full"], sp["row_full"]]
         + ([sp["bias_cols"]] if st.bias_shape else []) + mods_in,
         out_specs=[sp["k_block"], sp["v_block"]]
-        + ([sp["dbias_cols"]] if st.bias_shape else []) + d_specs,
+        + ([sp["dbias_cols"]] if st.bias_grad else []) + d_specs,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
         + ([jax.ShapeDtypeStruct((b, n, st.q_padded, st.kv_padded), jnp.float32)]
-           if st.bias_shape else []) + d_shapes,
+           if st.bias_grad else []) + d_shapes,
         name="attention_lab_flash_dkdv", **options,
     )(lengths, seed, q, k, v, d_out, lse, delta, *biased(bias), *score_values, *mask_values,
       *tables)
     d_k, d_v, *rest = grads
     d_bias = None
-    if bias is not None:
+    if st.bias_grad:
       # Per (sequence, head) score gradients, summed where the bias is shared.
       d_scores = rest.pop(0)
       axes = tuple(i for i in (0, 1) if bias.shape[i] == 1 and d_scores.shape[i] != 1)
       d_bias = d_scores.sum(axis=axes, keepdims=True).astype(bias.dtype)
     d_per_key = rest
-    d_shapes, d_specs = d_value_outputs("dq", b, n, st.nq)
+    d_shapes, d_specs = d_value_outputs(st, "dq", b, n, st.nq)
     d_q, *d_per_query = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid=(b, n, st.nq),
@@ -606,7 +642,7 @@ def _make(st: _Setting, target: str, with_lse: bool = False):
     return (d_q, d_k, d_v, None, None, d_bias, tuple(d_score_values),
             tuple(None for _ in mask_values), tuple(None for _ in tables))
 
-  attend.defvjp(fwd, bwd)
+  attend.defvjp(fwd, bwd, symbolic_zeros=True)
   return attend
 
 
