@@ -94,8 +94,9 @@ class _Setting:
     self.keep_prob, self.broadcast_dropout, self.heads = keep_prob, broadcast_dropout, heads
     # A dense bias [bias_batch, bias_heads, Tp, Sp] (each 1 or full), or None.
     self.bias_shape = bias_shape
-    # Whether the backward writes the bias's gradient (``for_backward``).
-    self.bias_grad = True
+    # Whether the backward writes the bias's gradient: set by ``for_backward``,
+    # the only setting the backward kernels run with.
+    self.bias_grad = False
     self.bq, self.bk = block_q, block_k
     self.q_padded, self.kv_padded = _round_up(q_len, block_q), _round_up(kv_len, block_k)
     self.nq, self.nk = self.q_padded // block_q, self.kv_padded // block_k
@@ -369,7 +370,7 @@ def _dkdv_kernel(*refs, st: _Setting):
   score_refs, mask_refs = _take(rest, st.n_score), _take(rest, st.n_mask)
   table_refs = _take(rest, 6 if st.block_table else 0)
   dk_ref, dv_ref = _take(rest, 2)
-  dbias_ref = rest.pop(0) if st.bias_shape and st.bias_grad else None
+  dbias_ref = rest.pop(0) if st.bias_grad else None
   grads = st.grads_in("dkdv")
   dmod_refs = rest                                  # one per index in grads
   if dbias_ref is not None:
@@ -692,6 +693,15 @@ def _bias_4d(bias, shape, q_padded, kv_padded):
   return jnp.pad(bias.astype(jnp.float32), pads)
 
 
+def _tpu_tiles(shape: checks.AttentionShape, block_q: int, block_k: int):
+  """``(block_q, block_k, head_dim, value_dim)`` as the TPU kernels use them:
+  blocks multiples of the 128-wide tile, no longer than the padded sequence;
+  head dims padded to 128 lanes."""
+  return (min(_round_up(block_q, TPU_BLOCK), _round_up(shape.q_length, TPU_BLOCK)),
+          min(_round_up(block_k, TPU_BLOCK), _round_up(shape.kv_length, TPU_BLOCK)),
+          _round_up(shape.head_dim, TPU_LANES), _round_up(shape.value_dim, TPU_LANES))
+
+
 def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, is_causal,
                window, block_q, block_k, return_residual=False, keep_prob=None,
                broadcast_dropout=True, score_mod=None, mask_mod=None, has_lengths=True):
@@ -699,11 +709,7 @@ def _attend_on(target, query, key, value, lengths, seed, bias, *, shape, scale, 
   tpu = target in ("tpu", "tpu_interpret")
   batch = shape.batch
   if tpu:
-    # Multiples of the 128-wide TPU tile, no longer than the padded sequence.
-    block_q = min(_round_up(block_q, TPU_BLOCK), _round_up(shape.q_length, TPU_BLOCK))
-    block_k = min(_round_up(block_k, TPU_BLOCK), _round_up(shape.kv_length, TPU_BLOCK))
-    d_pad = _round_up(shape.head_dim, TPU_LANES)
-    dv_pad = _round_up(shape.value_dim, TPU_LANES)
+    block_q, block_k, d_pad, dv_pad = _tpu_tiles(shape, block_q, block_k)
   else:
     # Tiles no longer than the (power-of-two rounded) sequence, at least 16;
     # head dims padded to a power of two >= 16 (what GPU tiles want).
@@ -775,11 +781,9 @@ def tpu_vmem_bytes(shape: checks.AttentionShape, dtype, bias: bool,
   offset for a value of the relative position), and the dQ kernel's
   cotangent tiles of a learned one."""
   item = jnp.dtype(dtype).itemsize
-  bq = min(_round_up(block_q, TPU_BLOCK), _round_up(shape.q_length, TPU_BLOCK))
-  bk = min(_round_up(block_k, TPU_BLOCK), _round_up(shape.kv_length, TPU_BLOCK))
+  bq, bk, d, dv = _tpu_tiles(shape, block_q, block_k)
   qp, kp = _round_up(shape.q_length, bq), _round_up(shape.kv_length, bk)
   nq, nk = qp // bq, kp // bk
-  d, dv = _round_up(shape.head_dim, TPU_LANES), _round_up(shape.value_dim, TPU_LANES)
   row = TPU_LANES * 4                                 # a float32 statistic per row
   values = tiles = 0
   if score_mod is not None:
